@@ -1,0 +1,178 @@
+"""SignRound: tune each layer's rounding offset V and clip scales alpha/beta, one block at a time.
+
+For a block with fp inputs X_fp (fp chain) and inputs X_q (quantized chain):
+    target = block_fp(X_fp)                                  (computed by the caller)
+    loss   = mean( (mask * (block_q(X_q; V, alpha, beta) - target))^2 )
+    theta <- theta - lr_t * sign(grad theta)                  signed SGD, lr_t linear decay to 0
+The mask drops padding and the last position of every sample. The parameters with the lowest loss
+seen are kept (unless `not_use_best_mse`).
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import random
+from dataclasses import dataclass
+from typing import Callable, Optional, Sequence
+
+import torch
+from torch import nn
+
+from ..schemes import QuantScheme
+from .tunable import LayerQuantResult, TunableLayer
+
+logger = logging.getLogger("auto_round")
+
+
+@dataclass(frozen=True)
+class SignRoundConfig:
+    """Tuning knobs (reference defaults). lr / minmax_lr None mean 1/iters."""
+
+    iters: int = 200
+    lr: Optional[float] = None
+    minmax_lr: Optional[float] = None
+    batch_size: int = 8
+    gradient_accumulate_steps: int = 1
+    enable_minmax_tuning: bool = True
+    not_use_best_mse: bool = False
+    dynamic_max_gap: int = -1
+    seed: int = 42
+
+    @property
+    def resolved_lr(self) -> float:
+        return self.lr if self.lr is not None else 1.0 / self.iters
+
+    @property
+    def resolved_minmax_lr(self) -> float:
+        return self.minmax_lr if self.minmax_lr is not None else self.resolved_lr
+
+
+class IndexSampler:
+    """Yields batches of sample indices from seeded shuffles; reshuffles when too few remain."""
+
+    def __init__(self, n: int, batch: int, seed: int):
+        self.n, self.batch = n, min(batch, n)
+        self.rng = random.Random(seed)
+        self.order: list[int] = []
+
+    def next(self) -> list[int]:
+        if len(self.order) < self.batch:
+            self.order = list(range(self.n))
+            self.rng.shuffle(self.order)
+        out, self.order = self.order[: self.batch], self.order[self.batch :]
+        return out
+
+
+@dataclass
+class BlockTuneStats:
+    loss_first: float
+    loss_best: float
+    best_iter: int
+    iters_run: int
+
+
+def loss_mask_from_attention(attention_mask: torch.Tensor) -> torch.Tensor:
+    """[n, T] attention mask -> [n, T, 1] float mask of tokens that count in the loss.
+
+    Padding is excluded, and so is the last position of each sample (reference behaviour).
+    """
+    mask = attention_mask.clone().float()
+    mask[:, -1] = 0.0
+    return mask.unsqueeze(-1)
+
+
+def _signed_step(params: Sequence[torch.Tensor], lr: float) -> None:
+    with torch.no_grad():
+        for p in params:
+            if p.grad is not None:
+                p.add_(p.grad.sign(), alpha=-lr)
+                p.grad = None
+
+
+def tune_block(
+    layers: dict[str, tuple[nn.Module, QuantScheme]],
+    run_block: Callable[[list[int]], torch.Tensor],
+    targets: torch.Tensor,
+    loss_mask: torch.Tensor,
+    config: SignRoundConfig,
+    *,
+    scale_dtype: torch.dtype = torch.float16,
+    device: torch.device | str = "cpu",
+    block_name: str = "",
+) -> tuple[dict[str, LayerQuantResult], BlockTuneStats]:
+    """Tune the quantized layers of one block in place; returns per-layer results and loss stats.
+
+    layers: name -> (module, scheme) of the block's layers to quantize.
+    run_block(indices) -> block output [len(indices), T, H] for those calibration samples, computed on
+        the tuning inputs (quantized chain) with the patched layers.
+    targets: [n, T, H] fp outputs; loss_mask: [n, T, 1].
+    """
+    tunables = {
+        name: TunableLayer(m, s, scale_dtype=scale_dtype, enable_minmax_tuning=config.enable_minmax_tuning, device=device)
+        for name, (m, s) in layers.items()
+    }
+    round_params = [p for t in tunables.values() for p in t.round_params()]
+    minmax_params = [p for t in tunables.values() for p in t.minmax_params()]
+    n = targets.shape[0]
+    sampler = IndexSampler(n, config.batch_size * config.gradient_accumulate_steps, config.seed)
+    micro = min(config.batch_size, n)
+    lr0, mm_lr0 = config.resolved_lr, config.resolved_minmax_lr
+
+    for t in tunables.values():
+        t.attach()
+    best_loss, best_iter, first_loss = math.inf, 0, None
+    best_params = None
+    iters_run = 0
+    try:
+        for it in range(config.iters):
+            for t in tunables.values():
+                t.clamp_()
+            indices = sampler.next()
+            total = 0.0
+            count = len(indices) * targets[0].numel()
+            for start in range(0, len(indices), micro):
+                idx = indices[start : start + micro]
+                out = run_block(idx).float()
+                m = loss_mask[idx].to(out.device)
+                diff = (out - targets[idx].to(out.device).float()) * m
+                loss = diff.pow(2).sum() / count  # summed over micro-batches = mean over the global batch
+                loss.backward()
+                total += loss.item()
+            if first_loss is None:
+                first_loss = total
+            is_last = it == config.iters - 1
+            if (not config.not_use_best_mse and total < best_loss) or (config.not_use_best_mse and is_last):
+                best_loss, best_iter = total, it
+                best_params = {name: t.snapshot() for name, t in tunables.items()}
+            iters_run = it + 1
+            if config.dynamic_max_gap > 0 and it - best_iter >= config.dynamic_max_gap:
+                break
+            decay = 1.0 - it / config.iters  # LinearLR(1 -> 0): factor used at step `it`
+            _signed_step(round_params, lr0 * decay)
+            _signed_step(minmax_params, mm_lr0 * decay)
+    finally:
+        for t in tunables.values():
+            t.detach()
+    results = {name: t.finalize(best_params[name] if best_params else None) for name, t in tunables.items()}
+    stats = BlockTuneStats(first_loss or 0.0, best_loss if best_params else math.nan, best_iter, iters_run)
+    logger.info(
+        "%s: quantized %d layers in the block, loss iter 0: %.6f -> iter %d: %.6f",
+        block_name, len(tunables), stats.loss_first, stats.best_iter, stats.loss_best,
+    )
+    return results, stats
+
+
+@torch.no_grad()
+def rtn_block(
+    layers: dict[str, tuple[nn.Module, QuantScheme]],
+    *,
+    scale_dtype: torch.dtype = torch.float16,
+    device: torch.device | str = "cpu",
+) -> dict[str, LayerQuantResult]:
+    """Round-to-nearest: V = 0, alpha = beta = 1; writes the fake-quantized weights in place."""
+    results = {}
+    for name, (module, scheme) in layers.items():
+        tunable = TunableLayer(module, scheme, scale_dtype=scale_dtype, enable_minmax_tuning=False, device=device)
+        results[name] = tunable.finalize()
+    return results

@@ -1,0 +1,140 @@
+"""Per-layer state for weight quantization: the tunable wrapper used by SignRound, and its result.
+
+A `TunableLayer` owns the rounding offset V (grouped shape, init 0) and the clip scales alpha/beta
+([rows, n_groups], init 1, clamped to [0, 1]) of one Linear/Conv1D, and temporarily replaces the module's
+forward with `F.linear(x, qdq(W; V, alpha, beta), bias)`. Group min/max of the fp weight are computed
+once, since W itself never changes during tuning.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Optional
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from ..layers import layer_weight, set_layer_weight
+from ..quant.int_qdq import GroupLayout, QdqResult, group_range, qdq_int
+from ..schemes import QuantScheme
+
+
+@dataclass
+class LayerQuantResult:
+    """What export needs from one quantized layer.
+
+    scale / zero_point: float32 [rows, n_groups] (zero points integer-valued; 2^(b-1) for sym);
+    codes: uint8 [out, in], the stored integers in [0, 2^b - 1]. Weight = scale * (codes - zero_point).
+    """
+
+    scheme: QuantScheme
+    layout: GroupLayout
+    scale: torch.Tensor
+    zero_point: torch.Tensor
+    codes: torch.Tensor
+
+
+def result_from_qdq(res: QdqResult, scheme: QuantScheme, layout: GroupLayout) -> LayerQuantResult:
+    codes = layout.from_groups(res.q).to(torch.uint8).cpu()
+    return LayerQuantResult(
+        scheme=scheme,
+        layout=layout,
+        scale=res.scale.detach().float().cpu(),
+        zero_point=res.zero_point.detach().float().cpu(),
+        codes=codes,
+    )
+
+
+class TunableLayer:
+    """SignRound parameters of one layer plus the qdq that uses them."""
+
+    def __init__(
+        self,
+        module: nn.Module,
+        scheme: QuantScheme,
+        *,
+        scale_dtype: torch.dtype = torch.float16,
+        enable_minmax_tuning: bool = True,
+        device: torch.device | str | None = None,
+    ):
+        self.module = module
+        self.scheme = scheme
+        self.scale_dtype = scale_dtype
+        weight = layer_weight(module).detach().to(device=device, dtype=torch.float32)
+        self.layout = GroupLayout(weight.shape[0], weight.shape[1], scheme.group_size)
+        self.grouped = self.layout.to_groups(weight)  # [rows, n_groups, group]
+        self.wmin, self.wmax = group_range(self.grouped)  # [rows, n_groups]
+        self.v = torch.zeros_like(self.grouped, requires_grad=True)
+        shape = self.wmin.shape
+        self.alpha = torch.ones(shape, device=weight.device, requires_grad=enable_minmax_tuning)
+        self.beta = torch.ones(shape, device=weight.device, requires_grad=enable_minmax_tuning)
+        self._own_forward = None
+
+    # ---- parameters -------------------------------------------------------------------------
+    def round_params(self) -> list[torch.Tensor]:
+        return [self.v]
+
+    def minmax_params(self) -> list[torch.Tensor]:
+        return [self.alpha, self.beta] if self.alpha.requires_grad else []
+
+    def snapshot(self) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        return self.v.detach().clone(), self.alpha.detach().clone(), self.beta.detach().clone()
+
+    def load(self, params: tuple[torch.Tensor, torch.Tensor, torch.Tensor]) -> None:
+        with torch.no_grad():
+            for dst, src in zip((self.v, self.alpha, self.beta), params):
+                dst.copy_(src)
+
+    def clamp_(self) -> None:
+        """alpha, beta stay in [0, 1] (reference bound)."""
+        with torch.no_grad():
+            self.alpha.clamp_(0.0, 1.0)
+            self.beta.clamp_(0.0, 1.0)
+
+    # ---- qdq ----------------------------------------------------------------------------------
+    def qdq(self) -> QdqResult:
+        return qdq_int(
+            self.grouped,
+            self.scheme.bits,
+            self.scheme.sym,
+            v=self.v,
+            alpha=self.alpha,
+            beta=self.beta,
+            wmin=self.wmin,
+            wmax=self.wmax,
+            scale_dtype=self.scale_dtype,
+        )
+
+    def qdq_weight(self) -> torch.Tensor:
+        """Differentiable fake-quantized weight [out, in] in fp32."""
+        return self.layout.from_groups(self.qdq().weight)
+
+    # ---- module patching ----------------------------------------------------------------------
+    def attach(self) -> None:
+        """Make the module compute with the fake-quantized weight (recomputed at every call)."""
+        module = self.module
+        self._own_forward = module.__dict__.get("forward")
+        bias = module.bias
+
+        def forward(x: torch.Tensor) -> torch.Tensor:
+            w = self.qdq_weight().to(x.dtype)
+            return F.linear(x, w, bias.to(x.dtype) if bias is not None else None)
+
+        module.forward = forward
+
+    def detach(self) -> None:
+        if self._own_forward is None:
+            self.module.__dict__.pop("forward", None)
+        else:
+            self.module.forward = self._own_forward
+
+    @torch.no_grad()
+    def finalize(self, params: Optional[tuple] = None) -> LayerQuantResult:
+        """Load `params` (best snapshot), write the fake-quantized weight into the module, return codes."""
+        if params is not None:
+            self.load(params)
+        self.clamp_()
+        res = self.qdq()
+        set_layer_weight(self.module, self.layout.from_groups(res.weight))
+        return result_from_qdq(res, self.scheme, self.layout)

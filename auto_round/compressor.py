@@ -1,0 +1,306 @@
+"""`AutoRound`: the public entry point. Validates everything up front, then walks the blocks.
+
+    ar = AutoRound("path/or/hub-id", scheme="W4A16")   # or AutoRound(model, tokenizer, ...)
+    ar.quantize_and_save("./out", format="auto_round")
+
+Block walk (SignRound, iters > 0): capture every block's inputs once; then for block i
+    targets_i = block_i(fp_in_i)                    fp chain (weights not yet quantized)
+    tune block_i on q_in_i against targets_i        q_in_0 = fp_in_0
+    q_in_{i+1} = block_i(q_in_i) (quantized)        fp_in_{i+1} = targets_i
+With iters == 0 the layers are rounded to nearest, with no data and no forward pass.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from pathlib import Path
+from typing import Any, Optional, Sequence
+
+import torch
+from torch import nn
+
+from .algorithms.signround import SignRoundConfig, loss_mask_from_attention, rtn_block, tune_block
+from .algorithms.tunable import LayerQuantResult
+from .export import ExportContext, export, parse_formats
+from .export.writer import check_output_dir
+from .model.block_inputs import BlockCall, block_output, capture_block_inputs
+from .model.blocks import find_block_groups, iter_blocks
+from .model.layer_config import LayerConfig, resolve_layer_schemes
+from .model.loading import load_model_and_tokenizer, parse_dtype
+from .schemes import QuantScheme, SchemeError, resolve_scheme
+
+logger = logging.getLogger("auto_round")
+
+_SCALE_DTYPES = {torch.float16: "torch.float16", torch.bfloat16: "torch.bfloat16", torch.float32: "torch.float32"}
+
+
+class AutoRound:
+    """Quantize a causal LM with SignRound (iters > 0) or round-to-nearest (iters == 0).
+
+    model: a local directory, a hub id, or an nn.Module (then pass `tokenizer` too when iters > 0).
+    scheme: preset name (W4A16, W2A16G64, ...), QuantScheme or dict; bits/group_size/sym override it.
+    layer_config: {layer name or regex: {"bits": 8, ...} | scheme}; fp_layers: "name1,name2" kept fp.
+    dataset: None (pile-10k, or bundled offline Wikipedia text when the hub is unreachable), a local
+        .txt/.json/.jsonl path, "a.json,b.jsonl:num=64", or a list of strings.
+    The remaining arguments are SignRound's (reference defaults).
+    """
+
+    def __init__(
+        self,
+        model: "str | nn.Module",
+        tokenizer: Any = None,
+        scheme: "str | QuantScheme | dict" = "W4A16",
+        *,
+        bits: Optional[int] = None,
+        group_size: Optional[int] = None,
+        sym: Optional[bool] = None,
+        data_type: Optional[str] = None,
+        act_bits: Optional[int] = None,
+        layer_config: Optional[LayerConfig] = None,
+        fp_layers: "str | Sequence[str] | None" = None,
+        quant_lm_head: bool = False,
+        to_quant_block_names: "str | Sequence[str] | None" = None,
+        dataset: Any = None,
+        iters: int = 200,
+        lr: Optional[float] = None,
+        minmax_lr: Optional[float] = None,
+        nsamples: int = 128,
+        seqlen: int = 2048,
+        batch_size: int = 8,
+        gradient_accumulate_steps: int = 1,
+        enable_minmax_tuning: bool = True,
+        enable_quanted_input: bool = True,
+        not_use_best_mse: bool = False,
+        dynamic_max_gap: int = -1,
+        seed: int = 42,
+        scale_dtype: "str | torch.dtype" = "fp16",
+        model_dtype: "str | torch.dtype | None" = None,
+        device: Optional[str] = None,
+        device_map: Any = None,
+        trust_remote_code: bool = True,
+        max_shard_size: "int | str" = "5GB",
+    ):
+        self.scheme = resolve_scheme(scheme, bits=bits, group_size=group_size, sym=sym, data_type=data_type, act_bits=act_bits)
+        _check_positive(iters=iters, nsamples=nsamples, seqlen=seqlen, batch_size=batch_size,
+                        gradient_accumulate_steps=gradient_accumulate_steps, allow_zero=("iters",))
+        self.device = _resolve_device(device, device_map)
+        self.scale_dtype = parse_dtype(scale_dtype)
+        if self.scale_dtype not in _SCALE_DTYPES:
+            raise SchemeError(f"scale_dtype must be fp16, bf16 or fp32, got {scale_dtype!r}")
+        self.tuning = SignRoundConfig(
+            iters=iters, lr=lr, minmax_lr=minmax_lr, batch_size=batch_size,
+            gradient_accumulate_steps=gradient_accumulate_steps, enable_minmax_tuning=enable_minmax_tuning,
+            not_use_best_mse=not_use_best_mse, dynamic_max_gap=dynamic_max_gap, seed=seed,
+        )
+        self.enable_quanted_input = enable_quanted_input
+        self.dataset, self.nsamples, self.seqlen, self.seed = dataset, nsamples, seqlen, seed
+        self.max_shard_size = max_shard_size
+        if isinstance(model, nn.Module):
+            self.model, self.tokenizer = model, tokenizer
+        else:
+            self.model, loaded_tok = load_model_and_tokenizer(
+                str(model), dtype=model_dtype, trust_remote_code=trust_remote_code, device=self.device
+            )
+            self.tokenizer = tokenizer if tokenizer is not None else loaded_tok
+        if iters > 0 and self.tokenizer is None:
+            raise ValueError("a tokenizer is needed to build calibration data (iters > 0); pass tokenizer=")
+        self.block_groups = _block_groups(self.model, to_quant_block_names)
+        self.layer_schemes = resolve_layer_schemes(
+            self.model, self.block_groups, self.scheme,
+            layer_config=layer_config, fp_layers=fp_layers, quant_lm_head=quant_lm_head,
+        )
+        n_quant = sum(s.is_quantized for s in self.layer_schemes.values())
+        if n_quant == 0:
+            raise SchemeError("no layer would be quantized with these settings (all fp or skipped by shape)")
+        self.results: dict[str, LayerQuantResult] = {}
+        self.block_stats: dict[str, Any] = {}
+        self.quantized = False
+
+    # ------------------------------------------------------------------------------------------
+    def quantize(self) -> tuple[nn.Module, dict[str, LayerQuantResult]]:
+        """Quantize in place (weights become their fake-quantized values). Returns (model, results)."""
+        if self.quantized:
+            return self.model, self.results
+        start = time.perf_counter()
+        self.model.eval()
+        for p in self.model.parameters():
+            p.requires_grad_(False)
+        if self.tuning.iters == 0:
+            self._quantize_rtn()
+        else:
+            self._quantize_signround()
+        self._quantize_outside_blocks()
+        self.quantized = True
+        logger.info("quantization done in %.1f s (%d layers)", time.perf_counter() - start, len(self.results))
+        return self.model, self.results
+
+    def _block_layers(self, block_name: str) -> dict[str, tuple[nn.Module, QuantScheme]]:
+        prefix = block_name + "."
+        return {
+            n: (self.model.get_submodule(n), s)
+            for n, s in self.layer_schemes.items()
+            if n.startswith(prefix) and s.is_quantized
+        }
+
+    def _quantize_rtn(self) -> None:
+        for name, block in iter_blocks(self.model, self.block_groups):
+            layers = self._block_layers(name)
+            if layers:
+                self.results.update(rtn_block(layers, scale_dtype=self.scale_dtype, device=self.device))
+        logger.info("RTN: rounded %d layers to nearest (iters=0)", len(self.results))
+
+    def _quantize_outside_blocks(self) -> None:
+        """Layers outside the blocks (lm_head with quant_lm_head) are rounded to nearest."""
+        outside = {
+            n: (self.model.get_submodule(n), s)
+            for n, s in self.layer_schemes.items()
+            if s.is_quantized and n not in self.results and not any(n.startswith(g + ".") for g in self.block_groups)
+        }
+        if outside:
+            logger.info("rounding %d layer(s) outside the blocks to nearest: %s", len(outside), ", ".join(outside))
+            self.results.update(rtn_block(outside, scale_dtype=self.scale_dtype, device=self.device))
+
+    def _calibration(self):
+        from .model.calib_data import build_calibration_set
+
+        seqlen = _clamp_seqlen(self.seqlen, self.model, self.tokenizer)
+        calib = build_calibration_set(self.tokenizer, self.dataset, seqlen=seqlen, nsamples=self.nsamples, seed=self.seed)
+        logger.info("calibration: %d samples x %d tokens from %s", *calib.input_ids.shape, calib.description)
+        return calib
+
+    def _quantize_signround(self) -> None:
+        if len(self.block_groups) != 1:
+            raise NotImplementedError(
+                f"SignRound over several block groups ({self.block_groups}) is not supported yet; "
+                "pass to_quant_block_names with one of them"
+            )
+        calib = self._calibration()
+        blocks = list(iter_blocks(self.model, self.block_groups))
+        captured = capture_block_inputs(
+            self.model, [b for _, b in blocks], calib.input_ids, calib.attention_mask,
+            chunk_size=self.tuning.batch_size, device=self.device,
+        )
+        loss_mask = loss_mask_from_attention(calib.attention_mask)
+        fp_in, q_in = captured.hidden_states, None
+        for (name, block), call in zip(blocks, captured.calls):
+            block.to(self.device)
+            targets = _run_batched(block, fp_in, call, self.tuning.batch_size, self.device)
+            tune_in = q_in if (self.enable_quanted_input and q_in is not None) else fp_in
+            layers = self._block_layers(name)
+            if layers:
+                run = _block_runner(block, tune_in, call, self.device)
+                results, stats = tune_block(
+                    layers, run, targets, loss_mask, self.tuning,
+                    scale_dtype=self.scale_dtype, device=self.device, block_name=name,
+                )
+                self.results.update(results)
+                self.block_stats[name] = stats
+            q_in = _run_batched(block, tune_in, call, self.tuning.batch_size, self.device) if self.enable_quanted_input else None
+            fp_in = targets
+
+    # ------------------------------------------------------------------------------------------
+    def _export_context(self) -> ExportContext:
+        t = self.tuning
+        tuning = {
+            "iters": t.iters, "lr": t.resolved_lr if t.iters else None, "minmax_lr": t.resolved_minmax_lr if t.iters else None,
+            "nsamples": self.nsamples if t.iters else None, "seqlen": self.seqlen if t.iters else None,
+            "batch_size": t.batch_size, "gradient_accumulate_steps": t.gradient_accumulate_steps,
+            "enable_minmax_tuning": t.enable_minmax_tuning, "enable_quanted_input": self.enable_quanted_input,
+            "amp": False, "low_gpu_mem_usage": False,
+        }
+        return ExportContext(
+            model=self.model, tokenizer=self.tokenizer, results=self.results, layer_schemes=self.layer_schemes,
+            scheme=self.scheme, block_groups=self.block_groups, tuning=tuning, max_shard_size=self.max_shard_size,
+            scale_dtype_name=_SCALE_DTYPES[self.scale_dtype],
+        )
+
+    def save_quantized(self, output_dir: "str | Path", format: str = "auto_round", overwrite: bool = False) -> list[Path]:
+        """Export the quantized model; several comma-separated formats go to output_dir/<format>."""
+        formats = parse_formats(format)
+        targets = _format_dirs(Path(output_dir), formats)
+        for d in targets.values():
+            check_output_dir(d, overwrite)
+        if not self.quantized:
+            self.quantize()
+        ctx = self._export_context()
+        return [export(ctx, d, fmt, overwrite=overwrite) for fmt, d in targets.items()]
+
+    def quantize_and_save(self, output_dir: "str | Path" = "./tmp_autoround", format: str = "auto_round",
+                          overwrite: bool = False) -> tuple[nn.Module, list[Path]]:
+        """Validate the output first (fail before minutes of tuning), quantize, export."""
+        formats = parse_formats(format)
+        for d in _format_dirs(Path(output_dir), formats).values():
+            check_output_dir(d, overwrite)
+        self.quantize()
+        return self.model, self.save_quantized(output_dir, format=format, overwrite=overwrite)
+
+
+# ---------------------------------------------------------------------------------------------
+def _check_positive(allow_zero: tuple = (), **values: int) -> None:
+    for key, value in values.items():
+        low = 0 if key in allow_zero else 1
+        if not isinstance(value, int) or value < low:
+            raise ValueError(f"{key} must be an integer >= {low}, got {value!r}")
+
+
+def _resolve_device(device: Optional[str], device_map: Any) -> str:
+    if device is None and device_map is not None:
+        if isinstance(device_map, int) or (isinstance(device_map, str) and device_map.isdigit()):
+            device = f"cuda:{device_map}" if torch.cuda.is_available() else "cpu"
+        elif isinstance(device_map, str) and device_map not in ("auto",):
+            device = device_map.split(",")[0]
+    if device in (None, "auto"):
+        device = "cuda" if torch.cuda.is_available() else "cpu"
+    return str(device)
+
+
+def _block_groups(model: nn.Module, names: "str | Sequence[str] | None") -> list[str]:
+    if names:
+        groups = [n.strip() for n in names.split(",")] if isinstance(names, str) else list(names)
+        for g in groups:
+            try:
+                module = model.get_submodule(g)
+            except AttributeError as err:
+                raise ValueError(f"to_quant_block_names: {g!r} is not a module of this model") from err
+            if not isinstance(module, nn.ModuleList):
+                raise ValueError(f"to_quant_block_names: {g!r} is not a ModuleList of blocks")
+        return groups
+    groups = find_block_groups(model)
+    if not groups:
+        raise ValueError("no block list (nn.ModuleList of layers with Linear weights) found in this model")
+    return groups
+
+
+def _clamp_seqlen(seqlen: int, model: nn.Module, tokenizer: Any) -> int:
+    limit = getattr(model.config, "max_position_embeddings", None) or seqlen
+    tok_limit = getattr(tokenizer, "model_max_length", None)
+    if isinstance(tok_limit, int) and 0 < tok_limit < 10**8:
+        limit = min(limit, tok_limit)
+    if seqlen > limit:
+        logger.warning("seqlen %d exceeds the model's limit %d; using %d", seqlen, limit, limit)
+        return limit
+    return seqlen
+
+
+def _format_dirs(output_dir: Path, formats: list[str]) -> dict[str, Path]:
+    if len(formats) == 1:
+        return {formats[0]: output_dir}
+    return {f: output_dir / f.replace(":", "-") for f in formats}
+
+
+def _block_runner(block: nn.Module, inputs: torch.Tensor, call: BlockCall, device: str):
+    def run(indices: list[int]) -> torch.Tensor:
+        idx = torch.tensor(indices, dtype=torch.long)
+        args, kwargs = call.select(idx, device)
+        return block_output(block(inputs[idx].to(device), *args, **kwargs))
+
+    return run
+
+
+@torch.no_grad()
+def _run_batched(block: nn.Module, inputs: torch.Tensor, call: BlockCall, batch: int, device: str) -> torch.Tensor:
+    """Block outputs [n, T, H] for all samples, computed `batch` samples at a time, stored on CPU."""
+    run = _block_runner(block, inputs, call, device)
+    outs = [run(list(range(s, min(s + batch, inputs.shape[0])))).to(inputs.device) for s in range(0, inputs.shape[0], batch)]
+    return torch.cat(outs, dim=0)

@@ -1,0 +1,128 @@
+"""The native `auto_round` checkpoint format (reference §4.1).
+
+Packing by scheme:
+    all quantized layers sym                     -> auto_round:auto_gptq (qzeros store zp - 1)
+    asym, every quantized layer 4-bit, in % G == 0 -> auto_round:auto_awq (AWQ GEMM layout)
+    anything else (other asym bits, mixed, ragged) -> auto_round         (GPTQ layout, raw zp)
+Tensors per quantized layer: qweight, qzeros, scales (+ bias); everything else is saved as it is.
+"""
+
+from __future__ import annotations
+
+import copy
+import json
+import logging
+from pathlib import Path
+
+import torch
+
+from ..packing.awq import pack_awq_qweight, pack_awq_qzeros
+from ..packing.gptq import pack_qweight, pack_qzeros
+from .context import ExportContext
+from .quant_config import build_quantization_config
+from .writer import (
+    ExportError,
+    save_generation_config,
+    save_tokenizer,
+    tied_parameter_names,
+    write_safetensors,
+)
+
+logger = logging.getLogger("auto_round")
+
+GPTQ_PACKING = "auto_round:auto_gptq"
+AWQ_PACKING = "auto_round:auto_awq"
+PLAIN_PACKING = "auto_round"
+PACKINGS = (GPTQ_PACKING, AWQ_PACKING, PLAIN_PACKING)
+
+
+def _awq_fits(ctx: ExportContext) -> list[str]:
+    """Names of quantized layers the AWQ layout cannot hold (in % group != 0 or not 4-bit)."""
+    bad = []
+    for name, res in ctx.results.items():
+        if res.scheme.bits != 4 or res.layout.padded_in != res.layout.in_features:
+            bad.append(name)
+    return bad
+
+
+def choose_packing(ctx: ExportContext, requested: str | None = None) -> str:
+    """Pick the packing_format for the checkpoint.
+
+    `requested` "auto_round" (or None) follows the reference rules; a full packing name forces it.
+    """
+    schemes = [r.scheme for r in ctx.results.values()]
+    if requested and requested != PLAIN_PACKING:
+        if requested == AWQ_PACKING:
+            bad = _awq_fits(ctx)
+            if bad:
+                res = ctx.results[bad[0]]
+                raise ExportError(
+                    f"{AWQ_PACKING} needs 4-bit layers with in_features divisible by group_size; "
+                    f"{bad[0]} has {res.scheme.bits} bits, in_features={res.layout.in_features}, "
+                    f"group_size={res.scheme.group_size} ({len(bad)} such layers). Use format 'auto_round'."
+                )
+        elif requested == GPTQ_PACKING and not all(s.sym for s in schemes):
+            logger.warning("%s with asymmetric layers: a zero point of 0 cannot be stored as zp-1", GPTQ_PACKING)
+        return requested
+    if all(s.sym for s in schemes):
+        return GPTQ_PACKING
+    if all(s.bits == 4 for s in schemes):
+        if not _awq_fits(ctx):
+            return AWQ_PACKING
+        logger.info("some layers have a ragged last group the AWQ layout cannot hold; using %s packing", PLAIN_PACKING)
+    return PLAIN_PACKING
+
+
+def _per_output(tensor: torch.Tensor, out_features: int) -> torch.Tensor:
+    """[rows, n_groups] -> [out, n_groups]; rows == 1 for per-tensor schemes."""
+    return tensor.expand(out_features, tensor.shape[1]) if tensor.shape[0] == 1 else tensor
+
+
+def pack_layer(name: str, ctx: ExportContext, packing: str) -> dict[str, torch.Tensor]:
+    """qweight / qzeros / scales of one quantized layer, in the given packing."""
+    res = ctx.results[name]
+    bits, out_f = res.scheme.bits, res.layout.out_features
+    scales = _per_output(res.scale, out_f).t().contiguous()  # [n_groups, out]
+    zeros = _per_output(res.zero_point, out_f).t().round().to(torch.int64)  # [n_groups, out]
+    scales = scales.to(torch.float16) if ctx.scale_dtype_name == "torch.float16" else scales
+    if packing == AWQ_PACKING:
+        return {
+            f"{name}.qweight": pack_awq_qweight(res.codes, bits),
+            f"{name}.qzeros": pack_awq_qzeros(zeros, bits),
+            f"{name}.scales": scales,
+        }
+    offset = 1 if packing == GPTQ_PACKING else 0
+    return {
+        f"{name}.qweight": pack_qweight(res.codes, bits),
+        f"{name}.qzeros": pack_qzeros(zeros, bits, zero_offset=offset),
+        f"{name}.scales": scales,
+    }
+
+
+def quantized_state_dict(ctx: ExportContext, packing: str) -> dict[str, torch.Tensor]:
+    """The model's state dict with each quantized layer's weight replaced by its packed tensors."""
+    tied = tied_parameter_names(ctx.model)
+    state = {k: v for k, v in ctx.model.state_dict().items() if k not in tied}
+    for name in ctx.results:
+        weight_key = f"{name}.weight"
+        if weight_key not in state:
+            raise ExportError(f"quantized layer {name} has no weight in the state dict (tied or renamed?)")
+        del state[weight_key]
+        state.update(pack_layer(name, ctx, packing))
+    return state
+
+
+def save_auto_round(ctx: ExportContext, directory: Path, requested_packing: str | None = None) -> dict:
+    """Write an auto_round checkpoint into `directory` (which must exist). Returns quantization_config."""
+    packing = choose_packing(ctx, requested_packing)
+    state = quantized_state_dict(ctx, packing)
+    qconfig = build_quantization_config(ctx, packing)
+    config = copy.deepcopy(ctx.model.config)
+    config.quantization_config = qconfig
+    config.save_pretrained(str(directory))
+    (directory / "quantization_config.json").write_text(json.dumps(qconfig, indent=2))
+    write_safetensors(state, directory, ctx.max_shard_size)
+    save_generation_config(ctx.model, directory)
+    save_tokenizer(ctx.tokenizer, directory)
+    logger.info("packed %d quantized layers as %s", len(ctx.results), packing)
+    return qconfig

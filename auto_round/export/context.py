@@ -1,0 +1,35 @@
+"""What an exporter receives: the quantized model and everything known about how it was quantized."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any, Optional
+
+from torch import nn
+
+from ..algorithms.tunable import LayerQuantResult
+from ..schemes import QuantScheme
+
+
+@dataclass
+class ExportContext:
+    """model: the fake-quantized model (quantized layers hold their qdq weights).
+
+    results: layer name -> codes / scales / zero points of every quantized layer.
+    layer_schemes: scheme of every candidate layer (blocks and lm_head), FP_SCHEME for fp ones.
+    tuning: tuning settings recorded in quantization_config (iters, lr, nsamples, ...).
+    """
+
+    model: nn.Module
+    tokenizer: Any
+    results: dict[str, LayerQuantResult]
+    layer_schemes: dict[str, QuantScheme]
+    scheme: QuantScheme
+    block_groups: list[str]
+    tuning: dict[str, Any] = field(default_factory=dict)
+    max_shard_size: "int | str" = "5GB"
+    scale_dtype_name: str = "torch.float16"
+    extra: Optional[dict[str, Any]] = None
+
+    def in_block(self, name: str) -> bool:
+        return any(name.startswith(g + ".") for g in self.block_groups)

@@ -1,0 +1,95 @@
+"""`quantization_config` for auto_round checkpoints, with the reference's default filtering.
+
+Keys equal to the reference defaults are dropped (iters 200, nsamples 128, seqlen 2048, batch_size 8,
+lr = minmax_lr = 1/iters, ...), so a default W4A16 run writes only bits, group_size, sym, data_type,
+packing_format, block_name_to_quantize, quant_method and autoround_version. Per-layer differences go to
+`extra_config`: in-block layers list only the keys that differ, layers outside the blocks (lm_head) list
+every scheme key, fp layers inside blocks get {"bits": 16, "data_type": "fp"}.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from ..schemes import QuantScheme
+from ..version import __version__
+from .context import ExportContext
+
+SCHEME_KEYS = ("bits", "group_size", "sym", "data_type")
+
+_TUNING_DEFAULTS: dict[str, Any] = {
+    "amp": True,
+    "batch_size": 8,
+    "enable_minmax_tuning": True,
+    "enable_norm_bias_tuning": False,
+    "enable_quanted_input": True,
+    "gradient_accumulate_steps": 1,
+    "iters": 200,
+    "low_gpu_mem_usage": False,
+    "nsamples": 128,
+    "scale_dtype": "torch.float16",
+    "seqlen": 2048,
+}
+
+
+def _default_lr(iters: int) -> float:
+    return 1.0 / iters if iters > 0 else 5e-3
+
+
+def filter_tuning(tuning: dict[str, Any]) -> dict[str, Any]:
+    """Drop None values and values equal to the reference defaults."""
+    iters = tuning.get("iters", 200)
+    kept = {}
+    for key, value in tuning.items():
+        if value is None:
+            continue
+        if key in _TUNING_DEFAULTS and value == _TUNING_DEFAULTS[key]:
+            continue
+        if key in ("lr", "minmax_lr") and abs(float(value) - _default_lr(iters)) < 1e-12:
+            continue
+        kept[key] = value
+    return kept
+
+
+def export_group_size(scheme: QuantScheme) -> int:
+    """Per-tensor (0) is written as per-channel (-1) with identical scales: loaders accept only -1 or > 0."""
+    return -1 if scheme.group_size == 0 else scheme.group_size
+
+
+def scheme_entry(scheme: QuantScheme) -> dict[str, Any]:
+    if not scheme.is_quantized:
+        return {"bits": 16, "data_type": "fp"}
+    return {"bits": scheme.bits, "group_size": export_group_size(scheme), "sym": scheme.sym, "data_type": scheme.data_type}
+
+
+def build_extra_config(ctx: ExportContext) -> dict[str, dict[str, Any]]:
+    base = scheme_entry(ctx.scheme)
+    extra: dict[str, dict[str, Any]] = {}
+    for name, scheme in ctx.layer_schemes.items():
+        entry = scheme_entry(scheme)
+        if not ctx.in_block(name):
+            if scheme.is_quantized:
+                extra[name] = entry
+            continue
+        if not scheme.is_quantized:
+            extra[name] = entry
+            continue
+        diff = {k: v for k, v in entry.items() if base.get(k) != v}
+        if diff:
+            extra[name] = diff
+    return extra
+
+
+def build_quantization_config(ctx: ExportContext, packing_format: str) -> dict[str, Any]:
+    config: dict[str, Any] = {
+        "autoround_version": __version__,
+        "quant_method": "auto-round",
+        "packing_format": packing_format,
+        "block_name_to_quantize": ",".join(ctx.block_groups),
+        **scheme_entry(ctx.scheme),
+        **filter_tuning({**ctx.tuning, "scale_dtype": ctx.scale_dtype_name}),
+    }
+    extra = build_extra_config(ctx)
+    if extra:
+        config["extra_config"] = extra
+    return dict(sorted(config.items()))
