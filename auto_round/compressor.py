@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import logging
 import time
+from types import SimpleNamespace
 from pathlib import Path
 from typing import Any, Optional, Sequence
 
@@ -105,7 +106,7 @@ class AutoRound:
                 str(model), dtype=model_dtype, trust_remote_code=trust_remote_code, device=self.device
             )
             self.tokenizer = tokenizer if tokenizer is not None else loaded_tok
-        if iters > 0 and self.tokenizer is None:
+        if iters > 0 and self.tokenizer is None and not isinstance(dataset, torch.Tensor):
             raise ValueError("a tokenizer is needed to build calibration data (iters > 0); pass tokenizer=")
         self.block_groups = _block_groups(self.model, to_quant_block_names)
         self.layer_schemes = resolve_layer_schemes(
@@ -164,6 +165,12 @@ class AutoRound:
             self.results.update(rtn_block(outside, scale_dtype=self.scale_dtype, device=self.device))
 
     def _calibration(self):
+        if isinstance(self.dataset, torch.Tensor):  # pre-tokenized [n, T] ids: used as given
+            ids = self.dataset.long()
+            if ids.dim() != 2 or ids.numel() == 0:
+                raise ValueError(f"a tensor dataset must be non-empty token ids [n, seqlen], got shape {tuple(ids.shape)}")
+            return SimpleNamespace(input_ids=ids, attention_mask=torch.ones_like(ids),
+                                   description=f"{ids.shape[0]} pre-tokenized samples")
         from .model.calib_data import build_calibration_set
 
         seqlen = _clamp_seqlen(self.seqlen, self.model, self.tokenizer)
@@ -180,8 +187,7 @@ class AutoRound:
         calib = self._calibration()
         blocks = list(iter_blocks(self.model, self.block_groups))
         captured = capture_block_inputs(
-            self.model, [b for _, b in blocks], calib.input_ids, calib.attention_mask,
-            chunk_size=self.tuning.batch_size, device=self.device,
+            self.model, [b for _, b in blocks], calib.input_ids, calib.attention_mask, device=self.device,
         )
         loss_mask = loss_mask_from_attention(calib.attention_mask)
         fp_in, q_in = captured.hidden_states, None

@@ -73,6 +73,13 @@ def _merge_chunks(chunks: Sequence[tuple[tuple, dict]], chunk_sizes: Sequence[in
 
     def merge(path_values: list, key: str | None) -> Any:
         head = path_values[0]
+        kinds = {isinstance(v, torch.Tensor) for v in path_values}
+        if len(kinds) > 1:
+            # e.g. sdpa passes mask=None for a chunk without padding and a tensor for one with padding
+            raise RuntimeError(
+                f"block argument {key!r} is a tensor in some calibration chunks and not in others; "
+                "capture all samples in one chunk (chunk_size=None)"
+            )
         if isinstance(head, torch.Tensor):
             shared = key in SHARED_KEYS or head.dim() == 0
             batched = all(v.dim() > 0 and v.shape[0] == n for v, n in zip(path_values, chunk_sizes))
@@ -116,14 +123,17 @@ def capture_block_inputs(
     input_ids: torch.Tensor,
     attention_mask: torch.Tensor,
     *,
-    chunk_size: int = 8,
+    chunk_size: int | None = None,
     device: torch.device | str = "cpu",
     store_device: torch.device | str = "cpu",
 ) -> CapturedInputs:
     """Run the model on [n, T] token ids and record every block's inputs (see module docstring).
 
     Only the first block's hidden states are stored; the caller computes later ones block by block.
+    chunk_size None runs all samples at once: cheap, since no block computes during the pass, and it
+    guarantees every sample's arguments have the same form (see _merge_chunks).
     """
+    chunk_size = chunk_size or input_ids.shape[0]
     records: list[list[tuple[tuple, dict]]] = [[] for _ in blocks]
     hidden_chunks: list[torch.Tensor] = []
 

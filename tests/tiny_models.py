@@ -1,0 +1,42 @@
+"""Tiny random causal LMs of every architecture we promise to support, built from configs (no hub)."""
+
+from __future__ import annotations
+
+import torch
+import transformers as tf
+
+VOCAB = 256
+# Every Linear here has in/out features that are multiples of 32, so all of them get quantized.
+CONFIGS = {
+    "llama": lambda: tf.LlamaConfig(vocab_size=VOCAB, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+                                    num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=128),
+    "qwen2": lambda: tf.Qwen2Config(vocab_size=VOCAB, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+                                    num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=128),
+    "qwen3": lambda: tf.Qwen3Config(vocab_size=VOCAB, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+                                    num_attention_heads=4, num_key_value_heads=2, head_dim=16, max_position_embeddings=128),
+    "mistral": lambda: tf.MistralConfig(vocab_size=VOCAB, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+                                        num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=128),
+    # sliding window 8 < seqlen 16: the two layer types get different masks and rotary tables
+    "gemma3": lambda: tf.Gemma3TextConfig(vocab_size=VOCAB, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+                                          num_attention_heads=4, num_key_value_heads=2, head_dim=16, sliding_window=8,
+                                          layer_types=["sliding_attention", "full_attention"], max_position_embeddings=128),
+    "gpt2": lambda: tf.GPT2Config(vocab_size=VOCAB, n_embd=64, n_layer=2, n_head=4, n_positions=128,
+                                  bos_token_id=0, eos_token_id=0),
+    "opt": lambda: tf.OPTConfig(vocab_size=VOCAB, hidden_size=64, ffn_dim=128, num_hidden_layers=2, num_attention_heads=4,
+                                word_embed_proj_dim=64, max_position_embeddings=128),
+    "gpt_neox": lambda: tf.GPTNeoXConfig(vocab_size=VOCAB, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+                                         num_attention_heads=4, max_position_embeddings=128),
+}
+
+
+def tiny_model(arch: str, seed: int = 0) -> torch.nn.Module:
+    """A random fp32 model of `arch` in eval mode, deterministic for a seed."""
+    torch.manual_seed(seed)
+    config = CONFIGS[arch]()
+    model = tf.AutoModelForCausalLM.from_config(config, dtype=torch.float32)
+    return model.eval()
+
+
+def random_ids(n: int = 4, seqlen: int = 16, seed: int = 0) -> torch.Tensor:
+    gen = torch.Generator().manual_seed(seed)
+    return torch.randint(0, VOCAB, (n, seqlen), generator=gen)
