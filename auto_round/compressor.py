@@ -23,7 +23,8 @@ from torch import nn
 
 from .algorithms.signround import SignRoundConfig, loss_mask_from_attention, rtn_block, tune_block
 from .algorithms.tunable import LayerQuantResult
-from .export import ExportContext, export, parse_formats
+from .export import ExportContext, check_format, export, parse_formats
+from .layers import layer_shape
 from .export.writer import check_output_dir
 from .model.block_inputs import BlockCall, block_output, capture_block_inputs
 from .model.blocks import find_block_groups, iter_blocks
@@ -242,6 +243,9 @@ class AutoRound:
         formats = parse_formats(format)
         for d in _format_dirs(Path(output_dir), formats).values():
             check_output_dir(d, overwrite)
+        layers = {n: (s, layer_shape(self.model.get_submodule(n))[1]) for n, s in self.layer_schemes.items()}
+        for fmt in formats:
+            check_format(fmt, layers)
         self.quantize()
         return self.model, self.save_quantized(output_dir, format=format, overwrite=overwrite)
 

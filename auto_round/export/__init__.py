@@ -6,7 +6,7 @@ import logging
 from pathlib import Path
 from typing import Callable
 
-from .auto_round import PACKINGS, save_auto_round
+from .auto_round import PACKINGS, check_requested_packing, save_auto_round
 from .context import ExportContext
 from .fake import save_fake
 from .writer import ExportError, atomic_output_dir
@@ -37,6 +37,12 @@ def parse_formats(formats: "str | list[str]") -> list[str]:
     return names
 
 
+def check_format(fmt: str, layers: dict) -> None:
+    """Validate a format against the layers to quantize (name -> (scheme, in_features)) before tuning."""
+    if fmt in PACKINGS:
+        check_requested_packing(fmt, {n: v for n, v in layers.items() if v[0].is_quantized})
+
+
 def export(ctx: ExportContext, output_dir: "str | Path", fmt: str, overwrite: bool = False) -> Path:
     """Write one format atomically into output_dir. Returns the final directory."""
     family, _, _ = fmt.partition(":")
@@ -49,4 +55,4 @@ def export(ctx: ExportContext, output_dir: "str | Path", fmt: str, overwrite: bo
     return final
 
 
-__all__ = ["ExportContext", "ExportError", "export", "parse_formats", "supported_formats"]
+__all__ = ["ExportContext", "ExportError", "check_format", "export", "parse_formats", "supported_formats"]

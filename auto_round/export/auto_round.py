@@ -18,6 +18,7 @@ import torch
 
 from ..packing.awq import pack_awq_qweight, pack_awq_qzeros
 from ..packing.gptq import pack_qweight, pack_qzeros
+from ..schemes import QuantScheme
 from .context import ExportContext
 from .quant_config import build_quantization_config
 from .writer import (
@@ -36,13 +37,32 @@ PLAIN_PACKING = "auto_round"
 PACKINGS = (GPTQ_PACKING, AWQ_PACKING, PLAIN_PACKING)
 
 
-def _awq_fits(ctx: ExportContext) -> list[str]:
-    """Names of quantized layers the AWQ layout cannot hold (in % group != 0 or not 4-bit)."""
+def awq_misfits(layers: dict[str, tuple[QuantScheme, int]]) -> list[str]:
+    """Names of layers (name -> (scheme, in_features)) the AWQ layout cannot hold: not 4-bit or ragged."""
     bad = []
-    for name, res in ctx.results.items():
-        if res.scheme.bits != 4 or res.layout.padded_in != res.layout.in_features:
+    for name, (scheme, in_features) in layers.items():
+        group = in_features if scheme.group_size <= 0 else scheme.group_size
+        if scheme.bits != 4 or in_features % group:
             bad.append(name)
     return bad
+
+
+def check_requested_packing(requested: str | None, layers: dict[str, tuple[QuantScheme, int]]) -> None:
+    """Fail before quantizing when a forced packing cannot hold some layer."""
+    if requested != AWQ_PACKING:
+        return
+    bad = awq_misfits(layers)
+    if bad:
+        scheme, in_features = layers[bad[0]]
+        raise ExportError(
+            f"{AWQ_PACKING} needs 4-bit layers with in_features divisible by group_size; "
+            f"{bad[0]} has {scheme.bits} bits, in_features={in_features}, group_size={scheme.group_size} "
+            f"({len(bad)} such layers). Use format 'auto_round'."
+        )
+
+
+def _awq_fits(ctx: ExportContext) -> list[str]:
+    return awq_misfits({n: (r.scheme, r.layout.in_features) for n, r in ctx.results.items()})
 
 
 def choose_packing(ctx: ExportContext, requested: str | None = None) -> str:
@@ -52,16 +72,8 @@ def choose_packing(ctx: ExportContext, requested: str | None = None) -> str:
     """
     schemes = [r.scheme for r in ctx.results.values()]
     if requested and requested != PLAIN_PACKING:
-        if requested == AWQ_PACKING:
-            bad = _awq_fits(ctx)
-            if bad:
-                res = ctx.results[bad[0]]
-                raise ExportError(
-                    f"{AWQ_PACKING} needs 4-bit layers with in_features divisible by group_size; "
-                    f"{bad[0]} has {res.scheme.bits} bits, in_features={res.layout.in_features}, "
-                    f"group_size={res.scheme.group_size} ({len(bad)} such layers). Use format 'auto_round'."
-                )
-        elif requested == GPTQ_PACKING and not all(s.sym for s in schemes):
+        check_requested_packing(requested, {n: (r.scheme, r.layout.in_features) for n, r in ctx.results.items()})
+        if requested == GPTQ_PACKING and not all(s.sym for s in schemes):
             logger.warning("%s with asymmetric layers: a zero point of 0 cannot be stored as zp-1", GPTQ_PACKING)
         return requested
     if all(s.sym for s in schemes):
