@@ -229,7 +229,7 @@ class AutoRound:
     def save_quantized(self, output_dir: "str | Path", format: str = "auto_round", overwrite: bool = False) -> list[Path]:
         """Export the quantized model; several comma-separated formats go to output_dir/<format>."""
         formats = parse_formats(format)
-        targets = _format_dirs(Path(output_dir), formats)
+        targets = format_dirs(Path(output_dir), formats)
         for d in targets.values():
             check_output_dir(d, overwrite)
         if not self.quantized:
@@ -241,7 +241,7 @@ class AutoRound:
                           overwrite: bool = False) -> tuple[nn.Module, list[Path]]:
         """Validate the output first (fail before minutes of tuning), quantize, export."""
         formats = parse_formats(format)
-        for d in _format_dirs(Path(output_dir), formats).values():
+        for d in format_dirs(Path(output_dir), formats).values():
             check_output_dir(d, overwrite)
         layers = {n: (s, layer_shape(self.model.get_submodule(n))[1]) for n, s in self.layer_schemes.items()}
         for fmt in formats:
@@ -297,7 +297,8 @@ def _clamp_seqlen(seqlen: int, model: nn.Module, tokenizer: Any) -> int:
     return seqlen
 
 
-def _format_dirs(output_dir: Path, formats: list[str]) -> dict[str, Path]:
+def format_dirs(output_dir: Path, formats: list[str]) -> dict[str, Path]:
+    """Where each format goes: output_dir itself for one format, output_dir/<format> for several."""
     if len(formats) == 1:
         return {formats[0]: output_dir}
     return {f: output_dir / f.replace(":", "-") for f in formats}

@@ -5,7 +5,7 @@ from __future__ import annotations
 import torch
 import transformers as tf
 
-VOCAB = 256
+VOCAB = 260  # 256 byte tokens + <eos>/<pad> of tiny_tokenizer()
 # Every Linear here has in/out features that are multiples of 32, so all of them get quantized.
 CONFIGS = {
     "llama": lambda: tf.LlamaConfig(vocab_size=VOCAB, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
@@ -40,3 +40,17 @@ def tiny_model(arch: str, seed: int = 0) -> torch.nn.Module:
 def random_ids(n: int = 4, seqlen: int = 16, seed: int = 0) -> torch.Tensor:
     gen = torch.Generator().manual_seed(seed)
     return torch.randint(0, VOCAB, (n, seqlen), generator=gen)
+
+
+def tiny_tokenizer():
+    """A byte-level tokenizer (one token per byte, ids 0..255, <eos> 256, <pad> 257): no files, no hub."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast
+    from transformers.convert_slow_tokenizer import bytes_to_unicode
+
+    vocab = {ch: i for i, ch in enumerate(bytes_to_unicode().values())}
+    vocab.update({"<eos>": 256, "<pad>": 257})
+    tok = Tokenizer(models.BPE(vocab=vocab, merges=[]))
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    return PreTrainedTokenizerFast(tokenizer_object=tok, eos_token="<eos>", pad_token="<pad>")

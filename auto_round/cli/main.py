@@ -13,6 +13,7 @@ import argparse
 import json
 import logging
 import sys
+from pathlib import Path
 from typing import Optional, Sequence
 
 RECIPES = {
@@ -89,9 +90,14 @@ def main(argv: Optional[Sequence[str]] = None, recipe: str = "default", prog: st
     if not model:
         parser.error("a model is required (positional MODEL or --model)")
     _apply_recipe(args, recipe)
-    from ..compressor import AutoRound  # imported late so that -h stays fast
+    from ..compressor import AutoRound, format_dirs  # imported late so that -h stays fast
+    from ..export import parse_formats
+    from ..export.writer import check_output_dir
 
     try:
+        # cheap checks first: nobody should wait for a model to load to learn the output dir is taken
+        for directory in format_dirs(Path(args.output_dir), parse_formats(args.format)).values():
+            check_output_dir(directory, args.overwrite)
         ar = AutoRound(
             model, scheme=args.scheme, bits=args.bits, group_size=args.group_size,
             sym=False if args.asym else None, data_type=args.data_type,

@@ -1,0 +1,78 @@
+"""Bad inputs give one clear error (CLI: one line on stderr, exit code 2) and leave no output behind."""
+
+import json
+
+import pytest
+
+from auto_round.cli.main import main
+from tiny_models import tiny_model, tiny_tokenizer
+
+
+@pytest.fixture(scope="module")
+def model_dir(tmp_path_factory):
+    path = tmp_path_factory.mktemp("model")
+    tiny_model("llama").save_pretrained(path)
+    tiny_tokenizer().save_pretrained(path)
+    return path
+
+
+def run_cli(capsys, *argv):
+    code = main(list(argv))
+    lines = capsys.readouterr().err.strip().splitlines()
+    return code, [line for line in lines if "error" in line.lower()]
+
+
+@pytest.mark.parametrize(
+    "extra,needle",
+    [
+        (["--scheme", "W9A16"], "unknown scheme 'W9A16'"),
+        (["--bits", "9"], "bits=9 is not supported"),
+        (["--group_size", "-5"], "group_size=-5"),
+        (["--asym", "--format", "auto_round:auto_awq", "--group_size", "48"], "in_features divisible by group_size"),
+        (["--format", "gguf:q4_0"], "not yet supported format"),
+        (["--layer_config", '{"no_such_layer": {"bits": 8}}'], "matches no quantizable layer"),
+        (["--iters", "-1"], "iters must be an integer >= 0"),
+    ],
+)
+def test_bad_settings(tmp_path, capsys, model_dir, extra, needle):
+    out = tmp_path / "out"
+    code, err = run_cli(capsys, "--model", str(model_dir), "--iters", "0", "--output_dir", str(out), *extra)
+    assert code == 2
+    assert len(err) == 1 and needle in err[0], err
+    assert not out.exists()
+    assert not list(tmp_path.glob(".out*")), "no partial directory may be left behind"
+
+
+def test_missing_model_path(tmp_path, capsys):
+    code, err = run_cli(capsys, "--model", str(tmp_path / "nope"), "--output_dir", str(tmp_path / "out"))
+    assert code == 2 and len(err) == 1 and "does not exist" in err[0]
+    assert not (tmp_path / "out").exists()
+
+
+@pytest.mark.parametrize("content", ["[]", '[""]'])
+def test_empty_dataset(tmp_path, capsys, model_dir, content):
+    data = tmp_path / "calib.json"
+    data.write_text(content)
+    out = tmp_path / "out"
+    code, err = run_cli(capsys, "--model", str(model_dir), "--iters", "2", "--nsamples", "2", "--seqlen", "8",
+                        "--dataset", str(data), "--output_dir", str(out))
+    assert code == 2 and len(err) == 1 and "calib.json" in err[0], err
+    assert not out.exists()
+
+
+def test_existing_output_dir_is_not_clobbered(tmp_path, capsys, model_dir):
+    out = tmp_path / "out"
+    out.mkdir()
+    (out / "precious.txt").write_text("user data")
+    code, err = run_cli(capsys, "--model", str(model_dir), "--iters", "0", "--output_dir", str(out))
+    assert code == 2 and "not empty" in err[0]
+    assert (out / "precious.txt").read_text() == "user data"
+
+
+def test_rtn_cli_writes_a_complete_checkpoint(tmp_path, capsys, model_dir):
+    out = tmp_path / "out"
+    code = main(["--model", str(model_dir), "--iters", "0", "--group_size", "32", "--output_dir", str(out)])
+    assert code == 0
+    config = json.loads((out / "config.json").read_text())
+    assert config["quantization_config"]["iters"] == 0
+    assert (out / "model.safetensors").exists() and (out / "quantization_config.json").exists()
