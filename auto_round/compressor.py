@@ -217,8 +217,10 @@ class AutoRound:
             "iters": t.iters, "lr": t.resolved_lr if t.iters else None, "minmax_lr": t.resolved_minmax_lr if t.iters else None,
             "nsamples": self.nsamples if t.iters else None, "seqlen": self.seqlen if t.iters else None,
             "batch_size": t.batch_size, "gradient_accumulate_steps": t.gradient_accumulate_steps,
-            "enable_minmax_tuning": t.enable_minmax_tuning, "enable_quanted_input": self.enable_quanted_input,
-            "amp": False, "low_gpu_mem_usage": False,
+            "enable_minmax_tuning": t.enable_minmax_tuning,
+            # RTN feeds no quantized inputs anywhere; the reference records that too
+            "enable_quanted_input": self.enable_quanted_input and t.iters > 0,
+            "low_gpu_mem_usage": False,
         }
         return ExportContext(
             model=self.model, tokenizer=self.tokenizer, results=self.results, layer_schemes=self.layer_schemes,
