@@ -336,3 +336,17 @@ def test_missing_gensim_gives_install_hint(tmp_path, wiki_cache, monkeypatch):
     copy.mkdir()
     (copy / offline_text.CACHE_NAME).write_bytes((wiki_cache / offline_text.CACHE_NAME).read_bytes())
     assert len(offline_text.wikipedia_articles(copy)) == 107
+
+
+def test_bundled_text_takes_one_article_per_sample_then_packs_tails(tmp_path):
+    """Default offline data: diverse samples (one per article) while articles last, tails packed after."""
+    pytest.importorskip("gensim")
+    from tiny_models import tiny_tokenizer
+
+    tok = tiny_tokenizer()  # byte-level: every article is far longer than 64 tokens
+    few = build_calibration_set(tok, "offline-wikipedia", seqlen=64, nsamples=16, seed=1)
+    assert few.input_ids.shape == (16, 64)
+    starts = {tuple(row[:32].tolist()) for row in few.input_ids}
+    assert len(starts) == 16  # 16 different article openings, not 16 slices of one article
+    many = build_calibration_set(tok, "offline-wikipedia", seqlen=64, nsamples=120, seed=1)
+    assert many.input_ids.shape == (120, 64) and int(many.attention_mask.sum()) == 120 * 64

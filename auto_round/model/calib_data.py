@@ -70,7 +70,7 @@ class _Source:
     name: str
     texts: Sequence[str | None]
     num: int | None = None
-    concat: bool = False
+    concat: bool | None = False  # None = "auto": one sample per text, then pack the unused tails
 
 
 @dataclass
@@ -221,8 +221,13 @@ def _hub_source(name: str, split: str = "train", num: int | None = None, concat:
     return _Source(name, ds["text"], num, concat)  # datasets>=4: a lazy column (rows read on access)
 
 
-def _bundled_source(num: int | None = None, concat: bool = True) -> _Source:
-    """The bundled Wikipedia calibration articles; long articles, so they are packed (concat) by default."""
+def _bundled_source(num: int | None = None, concat: bool | None = None) -> _Source:
+    """The bundled Wikipedia calibration articles.
+
+    concat None ("auto"): one sample per article while articles last (diverse samples, like one document
+    per sample from pile-10k); only then are the articles' unused tails packed, so 80 articles still
+    fill 128 x 2048 tokens.
+    """
     from .offline_text import OfflineTextError, calibration_texts
 
     try:
@@ -236,7 +241,7 @@ def _source_from_spec(spec: str) -> _Source:
     name, opts = _parse_spec(spec)
     num, concat = opts.get("num"), opts.get("concat", False)
     if name.lower() == BUNDLED_NAME:
-        return _bundled_source(num, opts.get("concat", True))
+        return _bundled_source(num, opts.get("concat"))
     if _is_local_spec(name):
         if "split" in opts:
             raise CalibrationDataError(f"dataset spec {spec!r}: split applies only to hub datasets, not to files")
@@ -317,6 +322,7 @@ def _samples_from(src: _Source, count: int, tokenizer: Any, seqlen: int, rng: ra
     order = list(range(len(src.texts)))
     rng.shuffle(order)
     packer, out, n_tokens = _Packer(seqlen, eos), [], 0
+    tails: list[list[int]] = []  # unused ends of truncated texts, packed last when concat is None ("auto")
     for idx in order:
         if len(out) >= count:
             break
@@ -329,9 +335,15 @@ def _samples_from(src: _Source, count: int, tokenizer: Any, seqlen: int, rng: ra
         if not src.concat and len(ids) >= seqlen:
             stats.truncated += len(ids) > seqlen
             out.append(_Sample(ids[:seqlen], seqlen, packed=False))
+            if src.concat is None and len(ids) > seqlen:
+                tails.append(ids[seqlen:])
         else:
             stats.packed_texts += 1
             out.extend(_Sample(c, seqlen, packed=True) for c in packer.add(ids))
+    for rest in tails:
+        if len(out) >= count:
+            break
+        out.extend(_Sample(c, seqlen, packed=True) for c in packer.add(rest))
     if len(out) < count and (tail := packer.flush(pad)) is not None:
         out.append(tail)
     if n_tokens == 0:
