@@ -15,11 +15,11 @@ pytestmark = pytest.mark.slow
 @pytest.fixture(scope="module")
 def smollm2():
     pytest.importorskip("gguf")
-    from auto_round.model.assets import smollm2_path
+    from auto_round.model.assets import AssetError, smollm2_path
 
     try:
         path = smollm2_path()
-    except (ImportError, FileNotFoundError, ValueError) as err:  # package not installed here
+    except AssetError as err:  # package not installed here
         pytest.skip(f"SmolLM2 not available: {err}")
     return path, AutoTokenizer.from_pretrained(path)
 
