@@ -261,14 +261,21 @@ def _check_positive(allow_zero: tuple = (), **values: int) -> None:
 
 
 def _resolve_device(device: Optional[str], device_map: Any) -> str:
-    if device is None and device_map is not None:
-        if isinstance(device_map, int) or (isinstance(device_map, str) and device_map.isdigit()):
-            device = f"cuda:{device_map}" if torch.cuda.is_available() else "cpu"
-        elif isinstance(device_map, str) and device_map not in ("auto",):
-            device = device_map.split(",")[0]
-    if device in (None, "auto"):
-        device = "cuda" if torch.cuda.is_available() else "cpu"
-    return str(device)
+    """One torch device string from the reference's `device` / `device_map` spellings.
+
+    "0" / 0 / "0,1" -> "cuda:0" (first listed card; falls back to "cpu" without CUDA), "auto" / None ->
+    "cuda" when present else "cpu", anything else ("cpu", "cuda:1", "xpu") is passed through.
+    """
+    spec = device if device is not None else device_map
+    if isinstance(spec, int):
+        spec = str(spec)
+    if isinstance(spec, str):
+        spec = spec.split(",")[0].strip()
+        if spec.isdigit():
+            return f"cuda:{spec}" if torch.cuda.is_available() else "cpu"
+        if spec and spec != "auto":
+            return spec
+    return "cuda" if torch.cuda.is_available() else "cpu"
 
 
 def _block_groups(model: nn.Module, names: "str | Sequence[str] | None") -> list[str]:

@@ -48,6 +48,14 @@ def main() -> None:
     ppl_fp = perplexity(model, tok, texts, seqlen=512, nsamples=args.eval_samples)
     print(f"fp32 perplexity (held-out Wikipedia, {args.eval_samples}x512 tokens): {ppl_fp:.3f}")
 
+    # round-to-nearest on the same scheme: the baseline SignRound has to beat (fake-quantized in memory)
+    rtn = AutoRound(AutoModelForCausalLM.from_pretrained(src, dtype=torch.float32).eval(), tok,
+                    scheme=args.scheme, iters=0)
+    rtn.quantize()
+    ppl_rtn = perplexity(rtn.model, tok, texts, seqlen=512, nsamples=args.eval_samples)
+    print(f"{args.scheme} RTN perplexity: {ppl_rtn:.3f}")
+    del rtn
+
     t1 = time.perf_counter()
     ar = AutoRound(model, tok, scheme=args.scheme, iters=args.iters, lr=args.lr, nsamples=args.nsamples,
                    seqlen=args.seqlen, batch_size=args.batch_size, dataset=calibration_texts())
@@ -62,6 +70,7 @@ def main() -> None:
     print(f"| model | perplexity | size |")
     print(f"|---|---|---|")
     print(f"| fp32 | {ppl_fp:.3f} | {sum(f.stat().st_size for f in Path(src).glob('*.safetensors')) / 2**20:.0f} MiB |")
+    print(f"| {args.scheme} RTN (iters 0), fake-quantized | {ppl_rtn:.3f} | |")
     print(f"| {args.scheme} SignRound ({args.iters} iters), reloaded via transformers | {ppl_q:.3f} | {size:.0f} MiB |")
     print(f"\nquantize + save: {t_quant:.0f} s; total demo: {time.perf_counter() - t0:.0f} s")
     print(f"\nprompt: {PROMPT!r}\nquantized model: {generate_text(qmodel, tok, PROMPT, max_new_tokens=30)!r}")

@@ -11,12 +11,16 @@ from tiny_models import tiny_model, tiny_tokenizer
 TEXT = ["The quick brown fox jumps over the lazy dog. " * 8, "Pack my box with five dozen liquor jugs. " * 8]
 
 
-def test_windows_are_the_joined_text_cut_in_order():
+def test_windows_are_spread_evenly_and_do_not_overlap():
     tok = tiny_tokenizer()
-    windows = token_windows(tok, TEXT, seqlen=32, nsamples=3)
     ids = tok("\n\n".join(TEXT), add_special_tokens=False).input_ids
+    windows = token_windows(tok, TEXT, seqlen=32, nsamples=3)
+    last = len(ids) - 32
     assert windows.shape == (3, 32)
-    assert windows.flatten().tolist() == ids[:96]
+    assert windows[0].tolist() == ids[:32]                      # head
+    assert windows[1].tolist() == ids[last // 2:last // 2 + 32]  # middle
+    assert windows[2].tolist() == ids[-32:]                     # tail
+    assert token_windows(tok, TEXT, seqlen=32, nsamples=1)[0].tolist() == ids[:32]
 
 
 @pytest.mark.parametrize("batch_size", [1, 2, 3])

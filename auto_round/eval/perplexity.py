@@ -15,10 +15,13 @@ class EvalError(ValueError):
 
 
 def token_windows(tokenizer, texts: Sequence[str], *, seqlen: int, nsamples: int) -> torch.Tensor:
-    """Join `texts` with blank lines, tokenize once, and cut the first `nsamples` windows of `seqlen` ids.
+    """Join `texts` with blank lines, tokenize once, and cut `nsamples` windows of `seqlen` ids.
 
-    Returns a LongTensor [nsamples, seqlen]. No special tokens are added, so the windows are the same
-    whatever the tokenizer's BOS setting.
+    The windows are spread evenly over the whole token stream (window i starts at
+    floor(i * (N - seqlen) / (nsamples - 1))) rather than taken from its head, so a held-out set of many
+    articles is scored on all of them and not only on the first one. Windows never overlap: the text must
+    hold at least nsamples*seqlen tokens. Returns a LongTensor [nsamples, seqlen]. No special tokens are
+    added, so the windows are the same whatever the tokenizer's BOS setting.
     """
     if seqlen < 2 or nsamples < 1:
         raise EvalError(f"need seqlen >= 2 and nsamples >= 1, got seqlen={seqlen}, nsamples={nsamples}")
@@ -29,7 +32,9 @@ def token_windows(tokenizer, texts: Sequence[str], *, seqlen: int, nsamples: int
     if ids.numel() < needed:
         raise EvalError(f"the evaluation text has {ids.numel()} tokens, fewer than nsamples*seqlen = "
                         f"{nsamples}*{seqlen} = {needed}; give more text or fewer/shorter windows")
-    return ids[:needed].reshape(nsamples, seqlen)
+    last_start = ids.numel() - seqlen
+    starts = [i * last_start // (nsamples - 1) for i in range(nsamples)] if nsamples > 1 else [0]
+    return torch.stack([ids[s:s + seqlen] for s in starts])
 
 
 @torch.no_grad()

@@ -1,0 +1,17 @@
+"""The reference's device spellings map to one torch device string."""
+
+import pytest
+import torch
+
+from auto_round.compressor import _resolve_device
+
+GPU = "cuda:0" if torch.cuda.is_available() else "cpu"
+DEFAULT = "cuda" if torch.cuda.is_available() else "cpu"
+
+
+@pytest.mark.parametrize("device, device_map, expected", [
+    ("cpu", None, "cpu"), (None, "cpu", "cpu"), (None, 0, GPU), ("0", None, GPU), (None, "0,1", GPU),
+    (None, "auto", DEFAULT), (None, None, DEFAULT), ("cuda:1", None, "cuda:1"), ("cpu", "0", "cpu"),
+])
+def test_device_spellings(device, device_map, expected):
+    assert _resolve_device(device, device_map) == expected
