@@ -4,7 +4,7 @@ VENV   ?= .venv
 PY     := $(VENV)/bin/python
 PYTEST_ARGS ?=
 
-.PHONY: venv test test-fast demo clean
+.PHONY: venv test test-fast demo bench bench-tiny peer clean
 
 $(VENV)/.installed: pyproject.toml
 	python3 -m venv $(VENV)
@@ -24,6 +24,18 @@ test-fast: venv
 
 demo: venv
 	$(PY) scripts/demo.py
+
+# benchmarks against the reference (auto-round 0.16.1, installed in its own venv); not part of the tests
+PEER_SETUP ?= ../shared/peer/setup.sh
+peer:
+	$(PEER_SETUP) .venv-peer
+
+bench: venv peer
+	$(PY) bench/compare.py --model smollm2
+	$(PY) bench/step_flops.py --model smollm2
+
+bench-tiny: venv peer
+	$(PY) bench/compare.py --model tiny --settings w4_rtn w4_sr50
 
 clean:
 	rm -rf $(VENV) build *.egg-info .pytest_cache

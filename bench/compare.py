@@ -1,0 +1,160 @@
+"""Ours vs the reference (auto-round 0.16.1 in .venv-peer), same model, data and settings, one after the other.
+
+    ../shared/peer/setup.sh .venv-peer               # once
+    .venv/bin/python bench/compare.py --model smollm2 --settings w4_rtn w4_sr50 w2g64_sr200
+    .venv/bin/python bench/compare.py --model tiny    # a 3.5M-parameter random Llama, for quick runs
+
+For every setting and implementation: the CLI runs under `/usr/bin/time -v` (peak RSS), its log gives
+the tuning time and per-block loss, the exported folder is reloaded from disk with transformers in our
+venv and scored on held-out Wikipedia (same loader and text for both: the auto_round format is shared),
+and its size is summed. Results: `bench/results/<date>-<name>.json` and `.md`.
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime
+import json
+import platform
+import shutil
+import sys
+import tempfile
+from dataclasses import asdict
+from pathlib import Path
+
+from harness import OURS_BIN, PEER_BIN, ROOT, RunRecord, run_json, run_quantization
+
+RESULTS = ROOT / "bench" / "results"
+SETTINGS = {  # name: (scheme, iters, lr)
+    "w4_rtn": ("W4A16", 0, None),
+    "w4_sr50": ("W4A16", 50, 5e-3),
+    "w2g64_sr200": ("W2A16G64", 200, None),
+    "w4_sr200": ("W4A16", 200, None),
+}
+
+
+def parse_args() -> argparse.Namespace:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--model", default="smollm2", help="'smollm2', 'tiny', or a model folder")
+    p.add_argument("--settings", nargs="+", default=["w4_rtn", "w4_sr50", "w2g64_sr200"], choices=list(SETTINGS))
+    p.add_argument("--impls", nargs="+", default=["ours", "reference"], choices=["ours", "reference"])
+    p.add_argument("--nsamples", type=int, default=32)
+    p.add_argument("--seqlen", type=int, default=256)
+    p.add_argument("--batch_size", type=int, default=8)
+    p.add_argument("--eval_samples", type=int, default=8)
+    p.add_argument("--name", default=None, help="results file name (default: <model>)")
+    p.add_argument("--keep", action="store_true", help="keep the exported folders (printed at the end)")
+    return p.parse_args()
+
+
+def tiny_llama(folder: Path) -> Path:
+    sys.path.insert(0, str(ROOT / "tests"))
+    import torch
+    from tiny_models import tiny_tokenizer
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    torch.manual_seed(0)
+    config = LlamaConfig(vocab_size=260, hidden_size=256, intermediate_size=768, num_hidden_layers=4,
+                         num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=1024,
+                         tie_word_embeddings=False, bos_token_id=256, eos_token_id=256, pad_token_id=257)
+    LlamaForCausalLM(config).save_pretrained(folder)
+    tiny_tokenizer().save_pretrained(folder)
+    return folder
+
+
+def model_folder(name: str, work: Path) -> Path:
+    if name == "smollm2":
+        from auto_round.model.assets import smollm2_path
+
+        return smollm2_path()
+    if name == "tiny":
+        return tiny_llama(work / "tiny-llama")
+    path = Path(name).expanduser().resolve()
+    if not (path / "config.json").is_file():
+        sys.exit(f"--model {name}: not 'smollm2', 'tiny' or a folder with config.json")
+    return path
+
+
+def write_calibration(work: Path, nsamples: int) -> Path:
+    """The first `nsamples` bundled calibration articles as a JSON list: both CLIs read it the same way."""
+    from auto_round.model.offline_text import calibration_texts
+
+    path = work / "calib.json"
+    path.write_text(json.dumps(calibration_texts()[:nsamples]))
+    return path
+
+
+def cli_command(impl: str, model: Path, setting: str, calib: Path, out: Path, args) -> list[str]:
+    scheme, iters, lr = SETTINGS[setting]
+    binary = (OURS_BIN if impl == "ours" else PEER_BIN) / "auto-round"
+    cmd = [str(binary), "--model", str(model), "--scheme", scheme, "--iters", str(iters),
+           "--nsamples", str(args.nsamples), "--seqlen", str(args.seqlen), "--batch_size", str(args.batch_size),
+           "--dataset", str(calib), "--format", "auto_round", "--output_dir", str(out), "--device_map", "cpu"]
+    return cmd + (["--lr", str(lr)] if lr is not None else [])
+
+
+def evaluate(folder: str, tokenizer: Path, args) -> dict:
+    line = run_json(OURS_BIN / "python", ROOT / "bench" / "eval_export.py",
+                    [folder, "--tokenizer", str(tokenizer), "--nsamples", str(args.eval_samples)], cwd=ROOT)
+    return json.loads(line)
+
+
+def markdown(report: dict) -> str:
+    lines = [f"## {report['model']} — {report['date']}", "",
+             f"machine: {report['machine']}; fp32 held-out ppl {report['fp_ppl']:.3f}; "
+             f"calibration {report['nsamples']} x {report['seqlen']} tokens, batch {report['batch_size']}", "",
+             "| setting | impl | tuning s | total s | peak RSS MiB | ppl (reloaded) | size MiB | mean block loss first -> best |",
+             "|---|---|---|---|---|---|---|---|"]
+    for row in report["runs"]:
+        losses = row["block_losses"]
+        loss = (f"{sum(b['loss_first'] for b in losses) / len(losses):.4g} -> "
+                f"{sum(b['loss_best'] for b in losses) / len(losses):.4g}") if losses else ""
+        fmt = lambda v, spec: format(v, spec) if isinstance(v, (int, float)) else str(v)  # noqa: E731
+        lines.append(f"| {row['setting']} | {row['impl']} | {fmt(row['tuning_s'], '.1f')} | {row['wall_s']:.1f} | "
+                     f"{fmt(row['peak_rss_mib'], '.0f')} | {fmt(row.get('ppl'), '.3f')} | "
+                     f"{fmt(row['output_mib'], '.1f')} | {loss} |")
+    return "\n".join(lines) + "\n"
+
+
+def main() -> None:
+    args = parse_args()
+    if "reference" in args.impls and not (PEER_BIN / "auto-round").exists():
+        sys.exit("the reference is not installed: run ../shared/peer/setup.sh .venv-peer first")
+    RESULTS.mkdir(exist_ok=True)
+    work = Path(tempfile.mkdtemp(prefix="ar-bench-"))  # outside the repo: the reference must not see our package
+    model = model_folder(args.model, work)
+    calib = write_calibration(work, args.nsamples)
+    fp = evaluate(str(model), model, args)
+    runs = []
+    for setting in args.settings:
+        for impl in args.impls:
+            out = work / f"{impl}-{setting}"
+            record: RunRecord = run_quantization(impl, cli_command(impl, model, setting, calib, out, args), out,
+                                                 work / f"{impl}-{setting}.log", cwd=work)
+            row = {"setting": setting, **asdict(record)}
+            if record.output_dir:
+                row.update(evaluate(record.output_dir, model, args))
+            else:
+                row["error"] = Path(record.log_file).read_text(errors="replace")[-2000:]
+            runs.append(row)
+            print(f"{setting} {impl}: rc {record.returncode}, tuning {record.tuning_s}, wall {record.wall_s:.0f} s, "
+                  f"rss {record.peak_rss_mib} MiB, ppl {row.get('ppl')}", flush=True)
+    date = datetime.date.today().isoformat()
+    import torch
+
+    report = {"model": args.model, "date": date, "fp_ppl": fp["ppl"], "nsamples": args.nsamples,
+              "seqlen": args.seqlen, "batch_size": args.batch_size,
+              "machine": f"{platform.processor() or platform.machine()}, {torch.get_num_threads()} threads, "
+                         f"torch {torch.__version__}", "runs": runs}
+    stem = f"{date}-{args.name or Path(args.model).name}"
+    (RESULTS / f"{stem}.json").write_text(json.dumps(report, indent=1))
+    (RESULTS / f"{stem}.md").write_text(markdown(report))
+    print(markdown(report))
+    if args.keep:
+        print(f"outputs kept in {work}")
+    else:
+        shutil.rmtree(work, ignore_errors=True)
+
+
+if __name__ == "__main__":
+    main()
