@@ -22,7 +22,7 @@ import tempfile
 from dataclasses import asdict
 from pathlib import Path
 
-from harness import OURS_BIN, PEER_BIN, ROOT, RunRecord, run_json, run_quantization
+from harness import OURS_BIN, PEER_BIN, ROOT, RunRecord, record_from_log, run_json, run_quantization
 
 RESULTS = ROOT / "bench" / "results"
 SETTINGS = {  # name: (scheme, iters, lr)
@@ -43,6 +43,9 @@ def parse_args() -> argparse.Namespace:
     p.add_argument("--batch_size", type=int, default=8)
     p.add_argument("--eval_samples", type=int, default=8)
     p.add_argument("--name", default=None, help="results file name (default: <model>)")
+    p.add_argument("--decode_setting", default="w4_rtn", help="whose exports to time for prefill/decode ('' = skip)")
+    p.add_argument("--rescore", default=None, metavar="WORKDIR",
+                   help="do not quantize: rebuild the report from the logs and exports a --keep run left in WORKDIR")
     p.add_argument("--keep", action="store_true", help="keep the exported folders (printed at the end)")
     return p.parse_args()
 
@@ -90,6 +93,8 @@ def cli_command(impl: str, model: Path, setting: str, calib: Path, out: Path, ar
     cmd = [str(binary), "--model", str(model), "--scheme", scheme, "--iters", str(iters),
            "--nsamples", str(args.nsamples), "--seqlen", str(args.seqlen), "--batch_size", str(args.batch_size),
            "--dataset", str(calib), "--format", "auto_round", "--output_dir", str(out), "--device_map", "cpu"]
+    if iters == 0 and impl == "reference":
+        cmd.append("--disable_opt_rtn")  # its iters=0 default is opt-RTN (imatrix scale search); compare plain RTN
     return cmd + (["--lr", str(lr)] if lr is not None else [])
 
 
@@ -97,6 +102,25 @@ def evaluate(folder: str, tokenizer: Path, args) -> dict:
     line = run_json(OURS_BIN / "python", ROOT / "bench" / "eval_export.py",
                     [folder, "--tokenizer", str(tokenizer), "--nsamples", str(args.eval_samples)], cwd=ROOT)
     return json.loads(line)
+
+
+def decode_speeds(model: Path, runs: list[dict], setting: str, work: Path) -> list[dict]:
+    """Prefill/decode tokens/s: fp32 model and our export (our venv), the reference's export (its venv)."""
+    script = ROOT / "bench" / "decode_speed.py"
+    cases = [("fp32 (transformers)", OURS_BIN / "python", str(model), ROOT)]
+    for row in runs:
+        if row["setting"] == setting and row.get("output_dir"):
+            python = OURS_BIN / "python" if row["impl"] == "ours" else PEER_BIN / "python"
+            cases.append((f"{setting} {row['impl']} export, loaded by {row['impl']}", python, row["output_dir"],
+                          ROOT if row["impl"] == "ours" else work))
+    results = []
+    for label, python, folder, cwd in cases:
+        try:
+            results.append({"case": label, **json.loads(run_json(python, script, [folder], cwd=cwd))})
+        except RuntimeError as err:
+            results.append({"case": label, "error": str(err).splitlines()[-1][:300]})
+        print(results[-1], flush=True)
+    return results
 
 
 def markdown(report: dict) -> str:
@@ -113,6 +137,14 @@ def markdown(report: dict) -> str:
         lines.append(f"| {row['setting']} | {row['impl']} | {fmt(row['tuning_s'], '.1f')} | {row['wall_s']:.1f} | "
                      f"{fmt(row['peak_rss_mib'], '.0f')} | {fmt(row.get('ppl'), '.3f')} | "
                      f"{fmt(row['output_mib'], '.1f')} | {loss} |")
+    if report.get("decode"):
+        lines += ["", "| inference (CPU, 256-token prompt, 64 greedy tokens) | prefill tok/s | decode tok/s |",
+                  "|---|---|---|"]
+        for d in report["decode"]:
+            if "error" in d:
+                lines.append(f"| {d['case']} | failed: {d['error']} | |")
+            else:
+                lines.append(f"| {d['case']} | {d['prefill_tok_s']:.0f} | {d['decode_tok_s']:.1f} |")
     return "\n".join(lines) + "\n"
 
 
@@ -121,16 +153,22 @@ def main() -> None:
     if "reference" in args.impls and not (PEER_BIN / "auto-round").exists():
         sys.exit("the reference is not installed: run ../shared/peer/setup.sh .venv-peer first")
     RESULTS.mkdir(exist_ok=True)
-    work = Path(tempfile.mkdtemp(prefix="ar-bench-"))  # outside the repo: the reference must not see our package
+    work = Path(args.rescore) if args.rescore else Path(tempfile.mkdtemp(prefix="ar-bench-"))  # outside the repo
     model = model_folder(args.model, work)
     calib = write_calibration(work, args.nsamples)
+    args.keep = args.keep or bool(args.rescore)
     fp = evaluate(str(model), model, args)
     runs = []
     for setting in args.settings:
         for impl in args.impls:
             out = work / f"{impl}-{setting}"
-            record: RunRecord = run_quantization(impl, cli_command(impl, model, setting, calib, out, args), out,
-                                                 work / f"{impl}-{setting}.log", cwd=work)
+            log = work / f"{impl}-{setting}.log"
+            if args.rescore:
+                if not log.exists():
+                    continue
+                record: RunRecord = record_from_log(impl, log, out)
+            else:
+                record = run_quantization(impl, cli_command(impl, model, setting, calib, out, args), out, log, cwd=work)
             row = {"setting": setting, **asdict(record)}
             if record.output_dir:
                 row.update(evaluate(record.output_dir, model, args))
@@ -139,11 +177,12 @@ def main() -> None:
             runs.append(row)
             print(f"{setting} {impl}: rc {record.returncode}, tuning {record.tuning_s}, wall {record.wall_s:.0f} s, "
                   f"rss {record.peak_rss_mib} MiB, ppl {row.get('ppl')}", flush=True)
+    decode = decode_speeds(model, runs, args.decode_setting, work) if args.decode_setting else []
     date = datetime.date.today().isoformat()
     import torch
 
     report = {"model": args.model, "date": date, "fp_ppl": fp["ppl"], "nsamples": args.nsamples,
-              "seqlen": args.seqlen, "batch_size": args.batch_size,
+              "seqlen": args.seqlen, "batch_size": args.batch_size, "decode": decode,
               "machine": f"{platform.processor() or platform.machine()}, {torch.get_num_threads()} threads, "
                          f"torch {torch.__version__}", "runs": runs}
     stem = f"{date}-{args.name or Path(args.model).name}"

@@ -95,6 +95,25 @@ def run_quantization(impl: str, command: list[str], output_dir: Path, log_file: 
     )
 
 
+def record_from_log(impl: str, log_file: Path, output_dir: Path) -> RunRecord:
+    """Rebuild a `RunRecord` from a finished run's log (`/usr/bin/time -v` gives wall time and exit status)."""
+    text = log_file.read_text(errors="replace")
+    rss = PEAK_RSS.search(text)
+    elapsed = re.search(r"Elapsed \(wall clock\) time \(h:mm:ss or m:ss\): ([0-9:.]+)", text)
+    status = re.search(r"Exit status: (\d+)", text)
+    wall = 0.0
+    for part in (elapsed.group(1).split(":") if elapsed else []):
+        wall = wall * 60 + float(part)
+    command = re.search(r'Command being timed: "(.*)"', text)
+    ckpt = find_checkpoint(output_dir) if output_dir.exists() else None
+    return RunRecord(
+        impl=impl, command=command.group(1).split() if command else [], returncode=int(status.group(1)) if status else -1,
+        wall_s=wall, tuning_s=parse_tuning_time(text), peak_rss_mib=int(rss.group(1)) / 1024 if rss else None,
+        block_losses=parse_block_losses(text), output_dir=str(ckpt) if ckpt else None,
+        output_mib=dir_mib(ckpt) if ckpt else None, log_file=str(log_file),
+    )
+
+
 def run_json(python: Path, script: Path, args: list[str], cwd: Path, threads: int | None = None) -> str:
     """Run a helper script with another interpreter and return its last stdout line (a JSON object)."""
     proc = subprocess.run([str(python), str(script), *args], cwd=cwd, env=offline_env(threads),

@@ -356,3 +356,43 @@ def test_gptq_config_is_accepted():
     assert backends and isinstance(model.model.layers[0].self_attn.q_proj, QuantLinear)
     assert model.model.layers[0].self_attn.q_proj.zero_offset == 1
     assert isinstance(model.lm_head, nn.Linear)
+
+
+def _filled_layer(bits, group_size, sym, in_features, out_features=64, bias=False, seed=0):
+    torch.manual_seed(seed)
+    weight = torch.randn(out_features, in_features)
+    w_hat, res, layout = quantize_weight_rtn(weight, bits, group_size, sym)
+    codes = layout.from_groups(res.q).round().to(torch.int64)
+    zeros = res.zero_point.round().to(torch.int64).t().contiguous()
+    offset = 1 if sym else 0
+    layer = QuantLinear(in_features, out_features, bits, group_size, zero_offset=offset, bias=bias)
+    layer.qweight.copy_(pack_qweight(codes, bits))
+    layer.qzeros.copy_(pack_qzeros(zeros, bits, zero_offset=offset))
+    layer.scales.copy_(res.scale.t().contiguous().half())
+    if bias:
+        layer.bias.copy_(torch.randn(out_features))
+    return layer, w_hat
+
+
+@pytest.mark.parametrize("group_size,sym,in_features,bias", [(32, True, 64, False), (128, True, 576, True),
+                                                             (64, False, 192, False), (256, False, 512, True)])
+def test_int4_cpu_kernel_matches_the_fake_quant_weight(group_size, sym, in_features, bias):
+    """The int4 kernel path (ragged last group zero-padded) computes x @ W_hat^T + b like the float path."""
+    layer, w_hat = _filled_layer(4, group_size, sym, in_features, bias=bias)
+    layer.post_init()
+    assert layer.kernel == "int4_cpu" and layer.weight.numel() == 0  # no float copy of the weight is kept
+    x = torch.randn(2, 5, in_features)
+    expected = x @ w_hat.t() + (layer.bias if bias else 0)
+    torch.testing.assert_close(layer(x), expected, rtol=1e-5, atol=1e-5 * float(expected.abs().max()))
+    layer.post_init(use_int4_kernel=False)
+    assert layer.kernel == "dequant"
+    torch.testing.assert_close(layer(x), expected, rtol=1e-5, atol=1e-5 * float(expected.abs().max()))
+
+
+@pytest.mark.parametrize("bits,group_size", [(2, 32), (3, 32), (8, 32), (4, -1), (4, 48)])
+def test_int4_kernel_is_not_used_where_it_does_not_apply(bits, group_size):
+    layer, w_hat = _filled_layer(bits, group_size, True, 96)
+    layer.post_init()
+    assert layer.kernel == "dequant"
+    x = torch.randn(3, 96)
+    torch.testing.assert_close(layer(x), x @ w_hat.t())
