@@ -358,14 +358,14 @@ def test_gptq_config_is_accepted():
     assert isinstance(model.lm_head, nn.Linear)
 
 
-def _filled_layer(bits, group_size, sym, in_features, out_features=64, bias=False, seed=0):
+def _filled_layer(bits, group_size, sym, in_features, out_features=64, bias=False, seed=0, dtype=None):
     torch.manual_seed(seed)
     weight = torch.randn(out_features, in_features)
     w_hat, res, layout = quantize_weight_rtn(weight, bits, group_size, sym)
     codes = layout.from_groups(res.q).round().to(torch.int64)
     zeros = res.zero_point.round().to(torch.int64).t().contiguous()
     offset = 1 if sym else 0
-    layer = QuantLinear(in_features, out_features, bits, group_size, zero_offset=offset, bias=bias)
+    layer = QuantLinear(in_features, out_features, bits, group_size, zero_offset=offset, bias=bias, dtype=dtype)
     layer.qweight.copy_(pack_qweight(codes, bits))
     layer.qzeros.copy_(pack_qzeros(zeros, bits, zero_offset=offset))
     layer.scales.copy_(res.scale.t().contiguous().half())
@@ -377,21 +377,37 @@ def _filled_layer(bits, group_size, sym, in_features, out_features=64, bias=Fals
 @pytest.mark.parametrize("group_size,sym,in_features,bias", [(32, True, 64, False), (128, True, 576, True),
                                                              (64, False, 192, False), (256, False, 512, True)])
 def test_int4_cpu_kernel_matches_the_fake_quant_weight(group_size, sym, in_features, bias):
-    """The int4 kernel path (ragged last group zero-padded) computes x @ W_hat^T + b like the float path."""
-    layer, w_hat = _filled_layer(4, group_size, sym, in_features, bias=bias)
+    """bf16 layers: the int4 kernel (ragged last group zero-padded) computes x @ W_hat^T + b like the float path.
+
+    Reference: the fake-quant weight and the input rounded to bf16, product in fp64; the kernel accumulates in
+    fp32 and rounds its output to bf16, so the tolerance is a few bf16 ulps of the output's scale.
+    """
+    layer, w_hat = _filled_layer(4, group_size, sym, in_features, bias=bias, dtype=torch.bfloat16)
     layer.post_init()
     assert layer.kernel == "int4_cpu" and layer.weight.numel() == 0  # no float copy of the weight is kept
-    x = torch.randn(2, 5, in_features)
-    expected = x @ w_hat.t() + (layer.bias if bias else 0)
-    torch.testing.assert_close(layer(x), expected, rtol=1e-5, atol=1e-5 * float(expected.abs().max()))
+    x = torch.randn(2, 5, in_features).bfloat16()
+    bias_term = layer.bias.double() if bias else 0
+    expected = x.double() @ w_hat.double().t() + bias_term
+    tol = 2 ** -7 * float(expected.abs().max())
+    out = layer(x)
+    assert out.dtype == torch.bfloat16
+    torch.testing.assert_close(out.double(), expected, rtol=0, atol=tol)
     layer.post_init(use_int4_kernel=False)
     assert layer.kernel == "dequant"
-    torch.testing.assert_close(layer(x), expected, rtol=1e-5, atol=1e-5 * float(expected.abs().max()))
+    torch.testing.assert_close(layer(x).double(), expected, rtol=0, atol=tol)
 
 
-@pytest.mark.parametrize("bits,group_size", [(2, 32), (3, 32), (8, 32), (4, -1), (4, 48)])
-def test_int4_kernel_is_not_used_where_it_does_not_apply(bits, group_size):
-    layer, w_hat = _filled_layer(bits, group_size, True, 96)
+@pytest.mark.parametrize("bits,group_size,dtype", [(2, 32, torch.bfloat16), (3, 32, torch.bfloat16),
+                                                   (8, 32, torch.bfloat16), (4, -1, torch.bfloat16),
+                                                   (4, 48, torch.bfloat16), (4, 32, torch.float32)])
+def test_int4_kernel_is_not_used_where_it_does_not_apply(bits, group_size, dtype):
+    """Other widths, group sizes the kernel lacks, and fp32 models (exact path) keep the float weight."""
+    layer, w_hat = _filled_layer(bits, group_size, True, 96, dtype=torch.float32)
+    layer.dtype = dtype
+    layer.post_init()
+    assert layer.kernel == "dequant"
+    layer.dtype = torch.float32
+    layer.post_init()
     layer.post_init()
     assert layer.kernel == "dequant"
     x = torch.randn(3, 96)

@@ -4,8 +4,10 @@ The kernel stores codes q in [0, 15] two per byte and computes W = (q - 8) * sca
 `group` input channels, with scale/zero [n_groups, out, 2]. Our checkpoints hold W = s * (q - z), which is
 the same with zero = s * (8 - z): exact in fp32, since s is an fp16 value and |8 - z| <= 8.
 
-Decoding is bound by memory traffic, and int4 weights move 8x fewer bytes than fp32, so this is what
-makes a W4 model faster than the fp32 one on a CPU. The kernel needs the input channels to be a whole
+Decoding is bound by memory traffic, and int4 weights move 4x fewer bytes than bf16, so this is what
+makes a W4 model faster than the float one on a CPU. The kernel is fast only for bf16 activations (measured
+here with torch 2.13 on AVX-512: fp32 and fp16 inputs take a path 10-70x slower than a float matmul), so it
+serves layers whose compute dtype is bf16; fp32 models keep the exact dequantized-weight path. The kernel needs the input channels to be a whole
 number of groups of 32/64/128/256: a ragged last group (e.g. 576 channels at group 128) is handled by
 zero-padding the codes' input channels and the activations to the next multiple of the group.
 """
@@ -26,10 +28,13 @@ def kernel_available() -> bool:
     return hasattr(ops, "_weight_int4pack_mm_for_cpu") and hasattr(ops, "_convert_weight_to_int4pack_for_cpu")
 
 
-def int4_problem(bits: int, group_size: int, in_features: int, out_features: int, has_g_idx_permutation: bool) -> str | None:
-    """Why the int4 CPU kernel cannot run this layer, or None."""
+def int4_problem(bits: int, group_size: int, in_features: int, out_features: int, has_g_idx_permutation: bool,
+                 dtype: torch.dtype = torch.bfloat16) -> str | None:
+    """Why the int4 CPU kernel should not run this layer, or None."""
     if not kernel_available():
         return "this torch build has no _weight_int4pack_mm_for_cpu"
+    if dtype != torch.bfloat16:
+        return f"compute dtype {dtype} (the kernel is fast for bf16 only)"
     if bits != 4:
         return f"{bits}-bit weights"
     if group_size not in SUPPORTED_GROUPS:
@@ -61,19 +66,18 @@ def pack_int4(codes: torch.Tensor, scales: torch.Tensor, zeros: torch.Tensor, gr
     if padded != in_features:  # padded channels meet zero activations: any code works, 8 keeps it tidy
         q = F.pad(q, (0, padded - in_features), value=8)
     packed = torch.ops.aten._convert_weight_to_int4pack_for_cpu(q.contiguous(), _INNER_K_TILES)
-    s = scales.to(torch.float32)
-    scale_zero = torch.stack([s, s * (8.0 - zeros.to(torch.float32))], dim=-1).contiguous()
+    s = scales.to(torch.float32)  # zero = s * (8 - z) formed in fp32, then rounded once to bf16
+    scale_zero = torch.stack([s, s * (8.0 - zeros.to(torch.float32))], dim=-1).to(torch.bfloat16).contiguous()
     return Int4Weight(packed, scale_zero, group, in_features, padded)
 
 
 def int4_linear(x: torch.Tensor, weight: Int4Weight, bias: torch.Tensor | None) -> torch.Tensor:
-    """x [..., in] (fp32/bf16/fp16) -> [..., out] in x's dtype."""
+    """x [..., in] -> [..., out] in x's dtype; computed with bf16 activations (the kernel's fast path)."""
     lead = x.shape[:-1]
-    x2 = x.reshape(-1, x.shape[-1])
+    x2 = x.reshape(-1, x.shape[-1]).to(torch.bfloat16)
     if weight.padded_in != weight.in_features:
         x2 = F.pad(x2, (0, weight.padded_in - weight.in_features))
-    sz = weight.scale_zero if x2.dtype == torch.float32 else weight.scale_zero.to(x2.dtype)
-    out = torch.ops.aten._weight_int4pack_mm_for_cpu(x2.contiguous(), weight.packed, weight.group, sz)
+    out = torch.ops.aten._weight_int4pack_mm_for_cpu(x2.contiguous(), weight.packed, weight.group, weight.scale_zero)
     if bias is not None:
         out = out + bias.to(out.dtype)
-    return out.reshape(*lead, out.shape[-1])
+    return out.to(x.dtype).reshape(*lead, out.shape[-1])

@@ -15,8 +15,10 @@ Buffers, exactly as the checkpoint stores them so transformers' loader fills the
 
     W[o, i] = scales[g, o] * (q[o, i] - z[g, o]),  g = g_idx[i] or i // group_size
 
-`post_init` unpacks once into a float weight [out, in] in the compute dtype (non-persistent buffer `weight`), so
-a forward is one F.linear; the packed buffers stay for `save_pretrained`.
+`post_init` prepares the forward once the buffers are filled. On CPU, bf16 4-bit layers with group 32/64/128/256
+are repacked for torch's int4 kernel (`int4_cpu.py`: 4x less weight traffic than bf16, which is what decoding is
+bound by); every other layer (fp32 models included: that path is exact) unpacks once into a float weight [out, in] in the compute dtype (non-persistent buffer
+`weight`), so a forward is one F.linear. The packed buffers stay for `save_pretrained`.
 """
 
 from __future__ import annotations
@@ -28,6 +30,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from ..packing.awq import unpack_awq_qweight, unpack_awq_qzeros
+from .int4_cpu import Int4Weight, int4_linear, int4_problem, pack_int4
 from ..packing.gptq import unpack_qweight, unpack_qzeros
 
 LAYOUTS = ("gptq", "awq")
@@ -111,6 +114,7 @@ class QuantLinear(nn.Module):
         # checkpoint, moves with .to(). Never None: model init code (e.g. GPT-2's _init_weights) touches `.weight`.
         self.register_buffer("weight", self._placeholder(device), persistent=False)
         self._cache_weight = True  # False for offloaded layers, whose buffers live elsewhere between forwards
+        self._int4: Optional[Int4Weight] = None  # set by post_init when the int4 CPU kernel serves this layer
         # Loading new packed tensors makes the cached weight stale (a module-level function keeps the layer picklable).
         self.register_load_state_dict_post_hook(_clear_cache_after_load)
 
@@ -173,14 +177,31 @@ class QuantLinear(nn.Module):
 
     def clear_cache(self) -> None:
         self.weight = self._placeholder(self.qweight.device)
+        self._int4 = None
 
-    def post_init(self, cache: bool = True) -> None:
-        """Call after the packed buffers are filled: caches the dequantized weight next to qweight.
+    @property
+    def kernel(self) -> str:
+        """"int4_cpu" (torch's packed int4 matmul) or "dequant" (float weight, cached or rebuilt per forward)."""
+        return "int4_cpu" if self._int4 is not None else "dequant"
 
-        cache=False (offloaded layers) dequantizes on every forward instead.
+    def _int4_problem(self) -> Optional[str]:
+        if self.qweight.device.type != "cpu":
+            return f"device {self.qweight.device}"
+        permuted = self.g_idx is not None and not torch.equal(
+            self.g_idx.to(torch.int64), torch.arange(self.in_features) // max(self.group_size, 1))
+        return int4_problem(self.bits, self.group_size, self.in_features, self.out_features, permuted, self.dtype)
+
+    def post_init(self, cache: bool = True, use_int4_kernel: bool = True) -> None:
+        """Call after the packed buffers are filled: prepares the int4 kernel or caches the dequantized weight.
+
+        cache=False (offloaded layers) dequantizes on every forward instead. use_int4_kernel=False forces the
+        float path (for comparisons).
         """
         self._cache_weight = cache
-        if cache and self.qweight.device.type != "meta":
+        self.clear_cache()
+        if cache and use_int4_kernel and self._int4_problem() is None:
+            self._int4 = pack_int4(self.codes(), self.scales, self.zeros(), self.group_size)
+        elif cache and self.qweight.device.type != "meta":
             weight = self.dequantize()
             weight._is_hf_initialized = True  # transformers' init functions skip flagged tensors
             self.weight = weight
@@ -189,6 +210,8 @@ class QuantLinear(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """x [..., in] -> [..., out], in x's dtype."""
+        if self._int4 is not None and x.device.type == "cpu":
+            return int4_linear(x, self._int4, self.bias)
         weight = self.weight
         if weight.numel() == 0 or weight.device != self.qweight.device:
             weight = self.dequantize()
