@@ -76,6 +76,8 @@ class AutoRound:
         not_use_best_mse: bool = False,
         dynamic_max_gap: int = -1,
         seed: int = 42,
+        amp: bool = False,
+        amp_dtype: "str | torch.dtype" = "bf16",
         scale_dtype: "str | torch.dtype" = "fp16",
         model_dtype: "str | torch.dtype | None" = None,
         device: Optional[str] = None,
@@ -96,6 +98,7 @@ class AutoRound:
             iters=iters, lr=lr, minmax_lr=minmax_lr, batch_size=batch_size,
             gradient_accumulate_steps=gradient_accumulate_steps, enable_minmax_tuning=enable_minmax_tuning,
             not_use_best_mse=not_use_best_mse, dynamic_max_gap=dynamic_max_gap, seed=seed,
+            amp_dtype=_amp_dtype(amp, amp_dtype),
         )
         self.enable_quanted_input = enable_quanted_input
         self.dataset, self.nsamples, self.seqlen, self.seed = dataset, nsamples, seqlen, seed
@@ -258,6 +261,16 @@ def _check_positive(allow_zero: tuple = (), **values: int) -> None:
         low = 0 if key in allow_zero else 1
         if not isinstance(value, int) or value < low:
             raise ValueError(f"{key} must be an integer >= {low}, got {value!r}")
+
+
+def _amp_dtype(amp: bool, amp_dtype: "str | torch.dtype") -> Optional[torch.dtype]:
+    """The autocast dtype of the tuning matmuls, or None (amp off: compute in the model's dtype)."""
+    if not amp:
+        return None
+    dtype = parse_dtype(amp_dtype)
+    if dtype not in (torch.bfloat16, torch.float16):
+        raise ValueError(f"amp_dtype must be bf16 or fp16, got {amp_dtype!r}")
+    return dtype
 
 
 def _resolve_device(device: Optional[str], device_map: Any) -> str:

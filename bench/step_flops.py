@@ -68,6 +68,7 @@ def main() -> None:
     p.add_argument("--nsamples", type=int, default=32)
     p.add_argument("--seqlen", type=int, default=256)
     p.add_argument("--batch_size", type=int, default=8)
+    p.add_argument("--amp", choices=["none", "bf16"], default="none", help="autocast the tuning matmuls")
     p.add_argument("--profile", action="store_true", help="print torch.profiler's top operators for 5 steps")
     args = p.parse_args()
     from compare import model_folder, write_calibration  # same model/data as the comparison
@@ -92,7 +93,8 @@ def main() -> None:
     targets = _run_batched(block, inputs, call, args.batch_size, "cpu")
     layers = ar._block_layers(name)
     mask = loss_mask_from_attention(calib.attention_mask)
-    config = SignRoundConfig(iters=args.iters, lr=5e-3, batch_size=args.batch_size, seed=42)
+    config = SignRoundConfig(iters=args.iters, lr=5e-3, batch_size=args.batch_size, seed=42,
+                             amp_dtype=torch.bfloat16 if args.amp == "bf16" else None)
     run = _block_runner(block, inputs, call, "cpu")
     snapshot = {n: m.weight.detach().clone() for n, (m, _) in layers.items()}
 
@@ -108,7 +110,7 @@ def main() -> None:
     big = max((m for m, _ in layers.values()), key=lambda m: m.in_features * m.out_features)
     peak = max(sgemm_gflops(2048, 2048, 2048), sgemm_gflops(args.batch_size * args.seqlen, big.in_features, big.out_features))
     result = {
-        "model": args.model, "block": name, "batch": args.batch_size, "seqlen": args.seqlen,
+        "model": args.model, "block": name, "amp": args.amp, "batch": args.batch_size, "seqlen": args.seqlen,
         "step_s": step_s, "step_gflop": flops / 1e9, "achieved_gflops": flops / step_s / 1e9,
         "sgemm_gflops": peak, "ratio": flops / step_s / 1e9 / peak, "threads": torch.get_num_threads(),
         "machine": platform.processor() or platform.machine(), "torch": torch.__version__,
@@ -116,7 +118,8 @@ def main() -> None:
     print(json.dumps(result, indent=1))
     out = ROOT / "bench" / "results"
     out.mkdir(exist_ok=True)
-    (out / f"step_flops-{args.model if args.model in ('smollm2', 'tiny') else Path(args.model).name}.json").write_text(
+    stem = args.model if args.model in ("smollm2", "tiny") else Path(args.model).name
+    (out / f"step_flops-{stem}{'-' + args.amp if args.amp != 'none' else ''}.json").write_text(
         json.dumps(result, indent=1))
     if args.profile:
         with torch.profiler.profile() as prof:

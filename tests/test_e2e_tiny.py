@@ -58,3 +58,16 @@ def test_ragged_groups_and_mixed_layers_reload(tmp_path):
 def test_rtn_reload(tmp_path):
     _, _, fake, real = roundtrip(tmp_path, "qwen3", iters=0)
     assert_logits_close(fake, real)
+
+
+def test_amp_bf16_tuning_lowers_block_loss_and_reloads(tmp_path):
+    """amp=True runs the tuning matmuls under bf16 autocast; the result is still a valid fp32 checkpoint."""
+    ar, _, fake, real = roundtrip(tmp_path, "llama", iters=20, lr=5e-3, amp=True)
+    assert ar.tuning.amp_dtype == torch.bfloat16
+    assert all(s.loss_best < s.loss_first for s in ar.block_stats.values())
+    assert_logits_close(fake, real)
+
+
+def test_amp_dtype_must_be_a_half_type():
+    with pytest.raises(ValueError, match="amp_dtype"):
+        AutoRound(tiny_model("llama"), amp=True, amp_dtype="fp32", iters=0)

@@ -38,6 +38,9 @@ class SignRoundConfig:
     not_use_best_mse: bool = False
     dynamic_max_gap: int = -1
     seed: int = 42
+    # Matmuls of the tuning forward/backward in this dtype (torch.autocast); None = the block's own dtype.
+    # Targets and the outputs passed to the next block are computed outside, at full precision.
+    amp_dtype: Optional[torch.dtype] = None
 
     @property
     def resolved_lr(self) -> float:
@@ -133,7 +136,10 @@ def tune_block(
             count = len(indices) * targets[0].numel()
             for start in range(0, len(indices), micro):
                 idx = indices[start : start + micro]
-                out = run_block(idx).float()
+                with torch.autocast(torch.device(device).type, dtype=config.amp_dtype or torch.bfloat16,
+                                    enabled=config.amp_dtype is not None):
+                    out = run_block(idx)
+                out = out.float()
                 m = loss_mask[idx].to(out.device)
                 diff = (out - targets[idx].to(out.device).float()) * m
                 loss = diff.pow(2).sum() / count  # summed over micro-batches = mean over the global batch

@@ -52,6 +52,9 @@ def build_parser(prog: str = "auto-round") -> argparse.ArgumentParser:
     t.add_argument("--disable_minmax_tuning", action="store_true", help="tune rounding only, not clip scales")
     t.add_argument("--disable_quanted_input", action="store_true", help="tune on fp-chain inputs")
     t.add_argument("--not_use_best_mse", action="store_true", help="keep the last iteration, not the best")
+    t.add_argument("--amp", action="store_true",
+                   help="run the tuning matmuls in --amp_dtype (torch.autocast); targets stay full precision")
+    t.add_argument("--amp_dtype", default="bf16", choices=["bf16", "bfloat16", "fp16", "float16"])
     r = p.add_argument_group("runtime and output")
     r.add_argument("--device", "--device_map", dest="device", help="cpu, cuda, cuda:0, ... (default: cuda if present)")
     r.add_argument("--model_dtype", help="fp32 / fp16 / bf16 (default fp32 on CPU)")
@@ -108,7 +111,7 @@ def main(argv: Optional[Sequence[str]] = None, recipe: str = "default", prog: st
             gradient_accumulate_steps=args.gradient_accumulate_steps,
             enable_minmax_tuning=not args.disable_minmax_tuning,
             enable_quanted_input=not args.disable_quanted_input, not_use_best_mse=args.not_use_best_mse,
-            seed=args.seed, scale_dtype=args.scale_dtype, model_dtype=args.model_dtype, device=args.device,
+            seed=args.seed, amp=args.amp, amp_dtype=args.amp_dtype, scale_dtype=args.scale_dtype, model_dtype=args.model_dtype, device=args.device,
             trust_remote_code=not args.disable_trust_remote_code, max_shard_size=args.max_shard_size,
         )
         _, paths = ar.quantize_and_save(args.output_dir, format=args.format, overwrite=args.overwrite)
