@@ -28,9 +28,12 @@ RESULTS = ROOT / "bench" / "results"
 SETTINGS = {  # name: (scheme, iters, lr)
     "w4_rtn": ("W4A16", 0, None),
     "w4_sr50": ("W4A16", 50, 5e-3),
+    "w4_sr50_amp": ("W4A16", 50, 5e-3),
     "w2g64_sr200": ("W2A16G64", 200, None),
+    "w2g64_sr200_amp": ("W2A16G64", 200, None),
     "w4_sr200": ("W4A16", 200, None),
 }
+# Ours tunes in the model's dtype (fp32) unless --amp; the reference always autocasts to bf16 on CPU.
 
 
 def parse_args() -> argparse.Namespace:
@@ -93,6 +96,8 @@ def cli_command(impl: str, model: Path, setting: str, calib: Path, out: Path, ar
     cmd = [str(binary), "--model", str(model), "--scheme", scheme, "--iters", str(iters),
            "--nsamples", str(args.nsamples), "--seqlen", str(args.seqlen), "--batch_size", str(args.batch_size),
            "--dataset", str(calib), "--format", "auto_round", "--output_dir", str(out), "--device_map", "cpu"]
+    if setting.endswith("_amp") and impl == "ours":
+        cmd.append("--amp")
     if iters == 0 and impl == "reference":
         cmd.append("--disable_opt_rtn")  # its iters=0 default is opt-RTN (imatrix scale search); compare plain RTN
     return cmd + (["--lr", str(lr)] if lr is not None else [])
@@ -107,16 +112,19 @@ def evaluate(folder: str, tokenizer: Path, args) -> dict:
 def decode_speeds(model: Path, runs: list[dict], setting: str, work: Path) -> list[dict]:
     """Prefill/decode tokens/s: fp32 model and our export (our venv), the reference's export (its venv)."""
     script = ROOT / "bench" / "decode_speed.py"
-    cases = [("fp32 (transformers)", OURS_BIN / "python", str(model), ROOT)]
+    cases = [("fp32 model, fp32 (transformers)", OURS_BIN / "python", str(model), ROOT, "float32"),
+             ("fp32 model, bf16 (transformers)", OURS_BIN / "python", str(model), ROOT, "bfloat16")]
     for row in runs:
         if row["setting"] == setting and row.get("output_dir"):
             python = OURS_BIN / "python" if row["impl"] == "ours" else PEER_BIN / "python"
-            cases.append((f"{setting} {row['impl']} export, loaded by {row['impl']}", python, row["output_dir"],
-                          ROOT if row["impl"] == "ours" else work))
+            for dtype in ("float32", "bfloat16"):
+                cases.append((f"{setting} {row['impl']} export, loaded by {row['impl']}, {dtype}", python,
+                              row["output_dir"], ROOT if row["impl"] == "ours" else work, dtype))
     results = []
-    for label, python, folder, cwd in cases:
+    for label, python, folder, cwd, dtype in cases:
         try:
-            results.append({"case": label, **json.loads(run_json(python, script, [folder], cwd=cwd))})
+            line = run_json(python, script, [folder, "--dtype", dtype], cwd=cwd)
+            results.append({"case": label, **json.loads(line)})
         except RuntimeError as err:
             results.append({"case": label, "error": str(err).splitlines()[-1][:300]})
         print(results[-1], flush=True)

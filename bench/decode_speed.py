@@ -45,14 +45,16 @@ def main() -> None:
     p.add_argument("--new_tokens", type=int, default=64)
     p.add_argument("--repeats", type=int, default=3)
     p.add_argument("--threads", type=int, default=None)
+    p.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"],
+                   help="compute dtype of the loaded model (bf16 lets our 4-bit layers use the int4 kernel)")
     args = p.parse_args()
     if args.threads:
         torch.set_num_threads(args.threads)
     t0 = time.perf_counter()
-    model = AutoModelForCausalLM.from_pretrained(args.path, dtype=torch.float32).eval()
+    model = AutoModelForCausalLM.from_pretrained(args.path, dtype=getattr(torch, args.dtype)).eval()
     load_s = time.perf_counter() - t0
     result = measure(model, args.prompt_tokens, args.new_tokens, args.repeats)
-    print(json.dumps({**result, "load_s": load_s, "threads": torch.get_num_threads()}))
+    print(json.dumps({**result, "load_s": load_s, "threads": torch.get_num_threads(), "dtype": args.dtype}))
 
 
 if __name__ == "__main__":

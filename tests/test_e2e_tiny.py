@@ -71,3 +71,11 @@ def test_amp_bf16_tuning_lowers_block_loss_and_reloads(tmp_path):
 def test_amp_dtype_must_be_a_half_type():
     with pytest.raises(ValueError, match="amp_dtype"):
         AutoRound(tiny_model("llama"), amp=True, amp_dtype="fp32", iters=0)
+
+
+def test_amp_default_follows_the_hardware():
+    from auto_round.compressor import fast_bf16
+
+    auto = AutoRound(tiny_model("llama"), iters=1, device="cpu", dataset=random_ids(2, 8))
+    assert auto.tuning.amp_dtype == (torch.bfloat16 if fast_bf16("cpu") else None)
+    assert AutoRound(tiny_model("llama"), iters=1, amp=False, dataset=random_ids(2, 8)).tuning.amp_dtype is None

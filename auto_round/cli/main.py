@@ -52,8 +52,11 @@ def build_parser(prog: str = "auto-round") -> argparse.ArgumentParser:
     t.add_argument("--disable_minmax_tuning", action="store_true", help="tune rounding only, not clip scales")
     t.add_argument("--disable_quanted_input", action="store_true", help="tune on fp-chain inputs")
     t.add_argument("--not_use_best_mse", action="store_true", help="keep the last iteration, not the best")
-    t.add_argument("--amp", action="store_true",
-                   help="run the tuning matmuls in --amp_dtype (torch.autocast); targets stay full precision")
+    amp = t.add_mutually_exclusive_group()
+    amp.add_argument("--amp", dest="amp", action="store_true", default=None,
+                     help="run the tuning matmuls in --amp_dtype (torch.autocast; targets stay full precision). "
+                          "Default: on where bf16 is fast (CUDA, CPUs with AVX512-BF16/AMX)")
+    amp.add_argument("--disable_amp", dest="amp", action="store_false", help="tune in the model's dtype")
     t.add_argument("--amp_dtype", default="bf16", choices=["bf16", "bfloat16", "fp16", "float16"])
     r = p.add_argument_group("runtime and output")
     r.add_argument("--device", "--device_map", dest="device", help="cpu, cuda, cuda:0, ... (default: cuda if present)")
