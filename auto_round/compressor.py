@@ -21,6 +21,7 @@ from typing import Any, Optional, Sequence
 import torch
 from torch import nn
 
+from .algorithms.opt_rtn import imatrix_hooks, opt_rtn_block, uses_opt_rtn
 from .algorithms.signround import SignRoundConfig, loss_mask_from_attention, rtn_block, tune_block
 from .algorithms.tunable import LayerQuantResult
 from .export import ExportContext, check_format, export, parse_formats
@@ -76,6 +77,7 @@ class AutoRound:
         not_use_best_mse: bool = False,
         dynamic_max_gap: int = -1,
         seed: int = 42,
+        disable_opt_rtn: Optional[bool] = None,
         amp: Optional[bool] = None,
         amp_dtype: "str | torch.dtype" = "bf16",
         scale_dtype: "str | torch.dtype" = "fp16",
@@ -101,6 +103,8 @@ class AutoRound:
             amp_dtype=_amp_dtype(amp, amp_dtype, self.device),
         )
         self.enable_quanted_input = enable_quanted_input
+        # None = the reference default: opt-RTN on for iters=0 (sym int < 8 bits), off for W8 and asym
+        self.disable_opt_rtn = disable_opt_rtn
         self.dataset, self.nsamples, self.seqlen, self.seed = dataset, nsamples, seqlen, seed
         self.max_shard_size = max_shard_size
         if isinstance(model, nn.Module):
@@ -150,12 +154,46 @@ class AutoRound:
             if n.startswith(prefix) and s.is_quantized
         }
 
+    def _wants_opt_rtn(self) -> bool:
+        if self.disable_opt_rtn or not any(uses_opt_rtn(s) for s in self.layer_schemes.values()):
+            return False
+        if self.tokenizer is None and not isinstance(self.dataset, torch.Tensor):
+            if self.disable_opt_rtn is None:
+                logger.warning("opt-RTN (the iters=0 default) needs calibration data: no tokenizer and no token ids "
+                               "were given, so weights are rounded to nearest; pass disable_opt_rtn=True to silence")
+                return False
+            raise ValueError("disable_opt_rtn=False needs calibration data: pass a tokenizer or a tensor dataset")
+        return True
+
     def _quantize_rtn(self) -> None:
+        if self._wants_opt_rtn():
+            self._quantize_opt_rtn()
+            return
         for name, block in iter_blocks(self.model, self.block_groups):
             layers = self._block_layers(name)
             if layers:
                 self.results.update(rtn_block(layers, scale_dtype=self.scale_dtype, device=self.device))
         logger.info("RTN: rounded %d layers to nearest (iters=0)", len(self.results))
+
+    def _quantize_opt_rtn(self) -> None:
+        """imatrix from each block's fp inputs, then a per-group scale search (algorithms/opt_rtn.py)."""
+        calib = self._calibration()
+        blocks = list(iter_blocks(self.model, self.block_groups))
+        captured = capture_block_inputs(
+            self.model, [b for _, b in blocks], calib.input_ids, calib.attention_mask, device=self.device,
+        )
+        fp_in = captured.hidden_states
+        for (name, block), call in zip(blocks, captured.calls):
+            block.to(self.device)
+            layers = self._block_layers(name)
+            with imatrix_hooks(layers) as imatrix:
+                fp_out = _run_batched(block, fp_in, call, self.tuning.batch_size, self.device)
+            if layers:
+                self.results.update(opt_rtn_block(layers, imatrix, scale_dtype=self.scale_dtype, device=self.device))
+            fp_in = fp_out
+            if self.device != "cpu":
+                block.to("cpu")
+        logger.info("opt-RTN: %d layers quantized with imatrix-weighted scale search (iters=0)", len(self.results))
 
     def _quantize_outside_blocks(self) -> None:
         """Layers outside the blocks (lm_head with quant_lm_head) are rounded to nearest."""

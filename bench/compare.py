@@ -27,6 +27,7 @@ from harness import OURS_BIN, PEER_BIN, ROOT, RunRecord, record_from_log, run_js
 RESULTS = ROOT / "bench" / "results"
 SETTINGS = {  # name: (scheme, iters, lr)
     "w4_rtn": ("W4A16", 0, None),
+    "w4_optrtn": ("W4A16", 0, None),
     "w4_sr50": ("W4A16", 50, 5e-3),
     "w4_sr50_amp": ("W4A16", 50, 5e-3),
     "w2g64_sr200": ("W2A16G64", 200, None),
@@ -98,8 +99,8 @@ def cli_command(impl: str, model: Path, setting: str, calib: Path, out: Path, ar
            "--dataset", str(calib), "--format", "auto_round", "--output_dir", str(out), "--device_map", "cpu"]
     if setting.endswith("_amp") and impl == "ours":
         cmd.append("--amp")
-    if iters == 0 and impl == "reference":
-        cmd.append("--disable_opt_rtn")  # its iters=0 default is opt-RTN (imatrix scale search); compare plain RTN
+    if iters == 0 and setting.endswith("_rtn"):
+        cmd.append("--disable_opt_rtn")  # plain RTN; "*_optrtn" keeps both sides' iters=0 default (opt-RTN)
     return cmd + (["--lr", str(lr)] if lr is not None else [])
 
 

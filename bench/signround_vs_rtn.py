@@ -47,7 +47,7 @@ def load(path: Path) -> torch.nn.Module:
 
 def run_one(path: Path, tok, scheme: str, iters: int, args, calib, heldout) -> dict:
     t0 = time.perf_counter()
-    ar = AutoRound(load(path), tok, scheme=scheme, iters=iters, lr=args.lr if iters else None,
+    ar = AutoRound(load(path), tok, scheme=scheme, iters=iters, lr=args.lr if iters else None, disable_opt_rtn=True,
                    nsamples=args.nsamples, seqlen=args.seqlen, batch_size=args.batch_size, dataset=calib)
     ar.quantize()
     seconds = time.perf_counter() - t0

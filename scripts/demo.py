@@ -50,7 +50,7 @@ def main() -> None:
 
     # round-to-nearest on the same scheme: the baseline SignRound has to beat (fake-quantized in memory)
     rtn = AutoRound(AutoModelForCausalLM.from_pretrained(src, dtype=torch.float32).eval(), tok,
-                    scheme=args.scheme, iters=0)
+                    scheme=args.scheme, iters=0, disable_opt_rtn=True)
     rtn.quantize()
     ppl_rtn = perplexity(rtn.model, tok, texts, seqlen=512, nsamples=args.eval_samples)
     print(f"{args.scheme} RTN perplexity: {ppl_rtn:.3f}")

@@ -4,7 +4,7 @@ Recipes fill only the settings the user left unset (reference behaviour):
     default: iters 200,  nsamples 128, seqlen 2048, batch_size 8, lr 1/iters
     best:    iters 1000, nsamples 512                             (lr 2/iters for <= 3 bits)
     light:   iters 50,                                lr 5e-3
-    rtn:     iters 0,    nsamples 1
+    rtn:     iters 0,    nsamples 1,                          plain round-to-nearest (opt-RTN off)
 """
 
 from __future__ import annotations
@@ -20,7 +20,7 @@ RECIPES = {
     "default": {"iters": 200, "nsamples": 128, "seqlen": 2048, "batch_size": 8, "lr": None},
     "best": {"iters": 1000, "nsamples": 512, "seqlen": 2048, "batch_size": 8, "lr": None},
     "light": {"iters": 50, "nsamples": 128, "seqlen": 2048, "batch_size": 8, "lr": 5e-3},
-    "rtn": {"iters": 0, "nsamples": 1, "seqlen": 2048, "batch_size": 8, "lr": None},
+    "rtn": {"iters": 0, "nsamples": 1, "seqlen": 2048, "batch_size": 8, "lr": None, "disable_opt_rtn": True},
 }
 
 
@@ -52,6 +52,11 @@ def build_parser(prog: str = "auto-round") -> argparse.ArgumentParser:
     t.add_argument("--disable_minmax_tuning", action="store_true", help="tune rounding only, not clip scales")
     t.add_argument("--disable_quanted_input", action="store_true", help="tune on fp-chain inputs")
     t.add_argument("--not_use_best_mse", action="store_true", help="keep the last iteration, not the best")
+    opt = t.add_mutually_exclusive_group()
+    opt.add_argument("--disable_opt_rtn", dest="disable_opt_rtn", action="store_true", default=None,
+                     help="iters 0: plain round-to-nearest instead of the imatrix-weighted scale search")
+    opt.add_argument("--enable_opt_rtn", dest="disable_opt_rtn", action="store_false",
+                     help="iters 0: force the opt-RTN scale search (default for sym int below 8 bits)")
     amp = t.add_mutually_exclusive_group()
     amp.add_argument("--amp", dest="amp", action="store_true", default=None,
                      help="run the tuning matmuls in --amp_dtype (torch.autocast; targets stay full precision). "
@@ -114,7 +119,7 @@ def main(argv: Optional[Sequence[str]] = None, recipe: str = "default", prog: st
             gradient_accumulate_steps=args.gradient_accumulate_steps,
             enable_minmax_tuning=not args.disable_minmax_tuning,
             enable_quanted_input=not args.disable_quanted_input, not_use_best_mse=args.not_use_best_mse,
-            seed=args.seed, amp=args.amp, amp_dtype=args.amp_dtype, scale_dtype=args.scale_dtype, model_dtype=args.model_dtype, device=args.device,
+            seed=args.seed, disable_opt_rtn=args.disable_opt_rtn, amp=args.amp, amp_dtype=args.amp_dtype, scale_dtype=args.scale_dtype, model_dtype=args.model_dtype, device=args.device,
             trust_remote_code=not args.disable_trust_remote_code, max_shard_size=args.max_shard_size,
         )
         _, paths = ar.quantize_and_save(args.output_dir, format=args.format, overwrite=args.overwrite)

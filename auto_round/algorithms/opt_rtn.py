@@ -1,0 +1,74 @@
+"""Optimized RTN (the reference's `iters=0` default for sym int below 8 bits): imatrix + scale search.
+
+Per block: run the block on its fp inputs with forward hooks that accumulate, for every quantizable layer,
+imatrix_j = sum over tokens of x_j^2 of its input channels; then quantize each layer with the per-group
+scale that minimizes the imatrix-weighted error (`quant/opt_rtn.py`). Other schemes (asym, 8 bits) are
+rounded to nearest as usual. The block outputs computed before quantization feed the next block (the
+reference's RTN does not use quantized inputs).
+"""
+
+from __future__ import annotations
+
+from contextlib import contextmanager
+from typing import Iterator
+
+import torch
+from torch import nn
+
+from ..layers import layer_weight, set_layer_weight
+from ..quant.int_qdq import GroupLayout, group_range, qdq_int
+from ..quant.opt_rtn import fill_importance, search_sym_clip_factor
+from ..schemes import QuantScheme
+from .tunable import LayerQuantResult, result_from_qdq
+from .signround import rtn_block
+
+
+def uses_opt_rtn(scheme: QuantScheme) -> bool:
+    """Whether opt-RTN changes anything for this scheme (sym int below 8 bits; asym uses plain min/max)."""
+    return scheme.is_quantized and scheme.data_type == "int" and scheme.sym and scheme.bits < 8
+
+
+@contextmanager
+def imatrix_hooks(layers: dict[str, tuple[nn.Module, QuantScheme]]) -> Iterator[dict[str, torch.Tensor]]:
+    """While active, accumulate sum of x^2 per input channel (fp32 [in]) of each layer's input."""
+    sums: dict[str, torch.Tensor] = {}
+    handles = []
+    for name, (module, _) in layers.items():
+        def hook(mod, args, _out, name=name):
+            x = args[0].detach()
+            sq = x.reshape(-1, x.shape[-1]).float().pow(2).sum(0)
+            sums[name] = sq if name not in sums else sums[name] + sq
+        handles.append(module.register_forward_hook(hook))
+    try:
+        yield sums
+    finally:
+        for h in handles:
+            h.remove()
+
+
+@torch.no_grad()
+def opt_rtn_layer(module: nn.Module, scheme: QuantScheme, imatrix: torch.Tensor, *,
+                  scale_dtype: torch.dtype = torch.float16, device: str = "cpu") -> LayerQuantResult:
+    """Quantize one layer with searched scales; writes the fake-quantized weight in place."""
+    weight = layer_weight(module).detach().to(device=device, dtype=torch.float32)
+    layout = GroupLayout(weight.shape[0], weight.shape[1], scheme.group_size)
+    grouped = layout.to_groups(weight)
+    imp = layout.to_groups(imatrix.to(device=device, dtype=torch.float32).expand_as(weight))
+    importance = fill_importance(imp, grouped, scheme.bits)
+    wmin, wmax = group_range(grouped)
+    factor = search_sym_clip_factor(grouped, scheme.bits, importance, wmin, wmax, scale_dtype)
+    res = qdq_int(grouped, scheme.bits, True, alpha=factor, beta=factor, wmin=wmin, wmax=wmax, scale_dtype=scale_dtype)
+    set_layer_weight(module, layout.from_groups(res.weight))
+    return result_from_qdq(res, scheme, layout)
+
+
+def opt_rtn_block(layers: dict[str, tuple[nn.Module, QuantScheme]], imatrix: dict[str, torch.Tensor], *,
+                  scale_dtype: torch.dtype = torch.float16, device: str = "cpu") -> dict[str, LayerQuantResult]:
+    """opt-RTN for the layers that use it (and that saw calibration tokens), plain RTN for the rest."""
+    searched = {n: l for n, l in layers.items() if uses_opt_rtn(l[1]) and n in imatrix}
+    results = {n: opt_rtn_layer(m, s, imatrix[n], scale_dtype=scale_dtype, device=device)
+               for n, (m, s) in searched.items()}
+    rest = {n: l for n, l in layers.items() if n not in searched}
+    if rest:
+        results.update(rtn_block(rest, scale_dtype=scale_dtype, device=device))
+    return results

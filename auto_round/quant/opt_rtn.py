@@ -1,0 +1,76 @@
+"""Optimized RTN for symmetric integers: a per-group search of the scale, weighted by input importance.
+
+The reference's default for `iters=0` with sym int below 8 bits. Plain full-range sym uses s = m / 2^(b-1)
+(m = the signed group extreme). Here the divisor d of s = m / d is searched per group over a grid around
+2^(b-1), keeping the d that minimizes the importance-weighted error
+
+    err(d) = sum_j imp_j * (s * clamp(round(w_j / s), -2^(b-1), 2^(b-1) - 1) - w_j)^2,   s = fp16(m / d)
+
+where imp_j = sum over calibration tokens of x_j^2 (the "imatrix" of the layer's input channel j).
+Grid: for 2 bits d = 2 - 0.01 k, k in [-90, 90]; otherwise d = n - k * 1.5 n / 200, k in [-100, 100]
+(n = 2^(b-1)), i.e. d from 0.25 n to 1.75 n.
+
+The result is returned as a clip factor f = n / d per group, so that the ordinary sym qdq with
+alpha = beta = f reproduces s = m / d exactly (same fp16 rounding, same thresholds).
+"""
+
+from __future__ import annotations
+
+import torch
+
+from .int_qdq import scale_threshold
+
+
+def divisor_grid(bits: int) -> torch.Tensor:
+    """Candidate divisors d (float32 [n_candidates]); the plain RTN divisor 2^(b-1) is always one of them."""
+    half = 2 ** (bits - 1)
+    if bits == 2:
+        return half - 0.01 * torch.arange(-90, 91, dtype=torch.float32)
+    step = half * 0.75 / 200 * 2
+    return half - step * torch.arange(-100, 101, dtype=torch.float32)
+
+
+def fill_importance(imp: torch.Tensor, grouped_weight: torch.Tensor, bits: int) -> torch.Tensor:
+    """Make importance usable. imp and grouped_weight [rows, n_groups, G]; imp >= 0. Returns the same shape.
+
+    Groups with more than half zero entries fall back to a weight-derived importance (|w| for <= 3 bits,
+    else |w| + sqrt(mean(w^2) over the row)); otherwise zero entries get the mean of the group's nonzero
+    importance, so no weight is ignored entirely.
+    """
+    zeros = imp == 0
+    group_mean = imp.sum(-1, keepdim=True) / (~zeros).sum(-1, keepdim=True).clamp(min=1)
+    filled = torch.where(zeros, group_mean.expand_as(imp), imp)
+    w_abs = grouped_weight.abs()
+    if bits <= 3:
+        from_weight = w_abs
+    else:
+        rms = grouped_weight.pow(2).mean(dim=(-2, -1), keepdim=True).sqrt()
+        from_weight = w_abs + rms
+    too_sparse = zeros.sum(-1, keepdim=True) > grouped_weight.shape[-1] // 2
+    return torch.where(too_sparse.expand_as(imp), from_weight, filled)
+
+
+@torch.no_grad()
+def search_sym_clip_factor(grouped: torch.Tensor, bits: int, importance: torch.Tensor, wmin: torch.Tensor,
+                           wmax: torch.Tensor, scale_dtype: torch.dtype = torch.float16) -> torch.Tensor:
+    """Per-group factor f = 2^(b-1) / d* [rows, n_groups] minimizing the weighted error (module docstring).
+
+    grouped [rows, n_groups, G] fp32 (zero-padded tail: zero weight, any importance); importance same
+    shape (see `fill_importance`); wmin / wmax [rows, n_groups] as from `group_range`.
+    """
+    half = 2 ** (bits - 1)
+    sign = torch.where(wmax < -wmin, 1.0, -1.0)
+    signed_max = sign * torch.maximum(wmax, -wmin)  # [rows, n_groups]
+    thresh = scale_threshold(scale_dtype)
+    best_err = torch.full_like(signed_max, float("inf"))
+    best_d = torch.full_like(signed_max, float(half))
+    for d in divisor_grid(bits).tolist():
+        scale = (signed_max / d).to(scale_dtype)
+        scale = torch.where(scale < 0, scale.clamp(max=-thresh), scale.clamp(min=thresh)).float()
+        s3 = scale.unsqueeze(-1)
+        q = torch.clamp(torch.round(grouped / s3), -half, half - 1)
+        err = (importance * (s3 * q - grouped).pow(2)).sum(-1)
+        better = err < best_err
+        best_err = torch.where(better, err, best_err)
+        best_d = torch.where(better, torch.full_like(best_d, d), best_d)
+    return half / best_d
