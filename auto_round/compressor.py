@@ -31,6 +31,7 @@ from .model.block_inputs import BlockCall, block_output, capture_block_inputs
 from .model.blocks import find_block_groups, iter_blocks
 from .model.layer_config import LayerConfig, resolve_layer_schemes
 from .model.loading import load_model_and_tokenizer, parse_dtype
+from .model.memory import release_memory
 from .schemes import QuantScheme, SchemeError, resolve_scheme
 
 logger = logging.getLogger("auto_round")
@@ -193,6 +194,7 @@ class AutoRound:
             fp_in = fp_out
             if self.device != "cpu":
                 block.to("cpu")
+            release_memory(self.device)
         logger.info("opt-RTN: %d layers quantized with imatrix-weighted scale search (iters=0)", len(self.results))
 
     def _quantize_outside_blocks(self) -> None:
@@ -250,6 +252,7 @@ class AutoRound:
             fp_in = targets
             if self.device != "cpu":
                 block.to("cpu")  # keep one block at a time on the accelerator
+            release_memory(self.device)
 
     # ------------------------------------------------------------------------------------------
     def _export_context(self) -> ExportContext:
