@@ -32,6 +32,7 @@ from .model.blocks import find_block_groups, iter_blocks
 from .model.layer_config import LayerConfig, resolve_layer_schemes
 from .model.loading import load_model_and_tokenizer, parse_dtype
 from .model.memory import release_memory
+from .runtime import resolve_amp_dtype, resolve_device
 from .schemes import QuantScheme, SchemeError, resolve_scheme
 
 logger = logging.getLogger("auto_round")
@@ -91,7 +92,7 @@ class AutoRound:
         self.scheme = resolve_scheme(scheme, bits=bits, group_size=group_size, sym=sym, data_type=data_type, act_bits=act_bits)
         _check_positive(iters=iters, nsamples=nsamples, seqlen=seqlen, batch_size=batch_size,
                         gradient_accumulate_steps=gradient_accumulate_steps, allow_zero=("iters",))
-        self.device = _resolve_device(device, device_map)
+        self.device = resolve_device(device, device_map)
         if lr is None and iters >= 1000 and self.scheme.bits <= 3:
             lr = 2.0 / iters  # reference: long low-bit runs take a larger step
         self.scale_dtype = parse_dtype(scale_dtype)
@@ -101,7 +102,7 @@ class AutoRound:
             iters=iters, lr=lr, minmax_lr=minmax_lr, batch_size=batch_size,
             gradient_accumulate_steps=gradient_accumulate_steps, enable_minmax_tuning=enable_minmax_tuning,
             not_use_best_mse=not_use_best_mse, dynamic_max_gap=dynamic_max_gap, seed=seed,
-            amp_dtype=_amp_dtype(amp, amp_dtype, self.device),
+            amp_dtype=resolve_amp_dtype(amp, amp_dtype, self.device),
         )
         self.enable_quanted_input = enable_quanted_input
         # None = the reference default: opt-RTN on for iters=0 (sym int < 8 bits), off for W8 and asym
@@ -304,52 +305,6 @@ def _check_positive(allow_zero: tuple = (), **values: int) -> None:
             raise ValueError(f"{key} must be an integer >= {low}, got {value!r}")
 
 
-def fast_bf16(device: str) -> bool:
-    """Whether bf16 matmuls are faster than fp32 on `device`: CUDA with bf16 support, or a CPU with
-    AVX512-BF16 / AMX-BF16 (measured here on AVX512-BF16: 2.1-2.4x the fp32 GEMM rate; without those
-    instructions bf16 is emulated and several times slower than fp32)."""
-    kind = torch.device(device).type
-    if kind == "cuda":
-        return torch.cuda.is_available() and torch.cuda.is_bf16_supported()
-    if kind != "cpu":
-        return False
-    try:
-        with open("/proc/cpuinfo", encoding="ascii", errors="replace") as f:
-            flags = next((line for line in f if line.startswith("flags")), "").split()
-    except OSError:  # not Linux: no cheap way to tell, keep fp32
-        return False
-    return "avx512_bf16" in flags or "amx_bf16" in flags
-
-
-def _amp_dtype(amp: Optional[bool], amp_dtype: "str | torch.dtype", device: str) -> Optional[torch.dtype]:
-    """The autocast dtype of the tuning matmuls, or None (compute in the model's dtype).
-
-    amp=None (default) turns it on where bf16 is fast (`fast_bf16`); True / False force it.
-    """
-    dtype = parse_dtype(amp_dtype)
-    if dtype not in (torch.bfloat16, torch.float16):
-        raise ValueError(f"amp_dtype must be bf16 or fp16, got {amp_dtype!r}")
-    if amp is None:
-        amp = dtype == torch.bfloat16 and fast_bf16(device)
-    return dtype if amp else None
-
-
-def _resolve_device(device: Optional[str], device_map: Any) -> str:
-    """One torch device string from the reference's `device` / `device_map` spellings.
-
-    "0" / 0 / "0,1" -> "cuda:0" (first listed card; falls back to "cpu" without CUDA), "auto" / None ->
-    "cuda" when present else "cpu", anything else ("cpu", "cuda:1", "xpu") is passed through.
-    """
-    spec = device if device is not None else device_map
-    if isinstance(spec, int):
-        spec = str(spec)
-    if isinstance(spec, str):
-        spec = spec.split(",")[0].strip()
-        if spec.isdigit():
-            return f"cuda:{spec}" if torch.cuda.is_available() else "cpu"
-        if spec and spec != "auto":
-            return spec
-    return "cuda" if torch.cuda.is_available() else "cpu"
 
 
 def _block_groups(model: nn.Module, names: "str | Sequence[str] | None") -> list[str]:

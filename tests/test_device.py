@@ -3,7 +3,7 @@
 import pytest
 import torch
 
-from auto_round.compressor import _resolve_device
+from auto_round.runtime import resolve_device
 
 GPU = "cuda:0" if torch.cuda.is_available() else "cpu"
 DEFAULT = "cuda" if torch.cuda.is_available() else "cpu"
@@ -14,4 +14,4 @@ DEFAULT = "cuda" if torch.cuda.is_available() else "cpu"
     (None, "auto", DEFAULT), (None, None, DEFAULT), ("cuda:1", None, "cuda:1"), ("cpu", "0", "cpu"),
 ])
 def test_device_spellings(device, device_map, expected):
-    assert _resolve_device(device, device_map) == expected
+    assert resolve_device(device, device_map) == expected

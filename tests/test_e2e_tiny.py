@@ -74,7 +74,7 @@ def test_amp_dtype_must_be_a_half_type():
 
 
 def test_amp_default_follows_the_hardware():
-    from auto_round.compressor import fast_bf16
+    from auto_round.runtime import fast_bf16
 
     auto = AutoRound(tiny_model("llama"), iters=1, device="cpu", dataset=random_ids(2, 8))
     assert auto.tuning.amp_dtype == (torch.bfloat16 if fast_bf16("cpu") else None)
