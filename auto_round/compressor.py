@@ -16,7 +16,7 @@ import logging
 import time
 from types import SimpleNamespace
 from pathlib import Path
-from typing import Any, Optional, Sequence
+from typing import Any, Iterator, Optional, Sequence
 
 import torch
 from torch import nn
@@ -179,23 +179,14 @@ class AutoRound:
 
     def _quantize_opt_rtn(self) -> None:
         """imatrix from each block's fp inputs, then a per-group scale search (algorithms/opt_rtn.py)."""
-        calib = self._calibration()
-        blocks = list(iter_blocks(self.model, self.block_groups))
-        captured = capture_block_inputs(
-            self.model, [b for _, b in blocks], calib.input_ids, calib.attention_mask, device=self.device,
-        )
-        fp_in = captured.hidden_states
-        for (name, block), call in zip(blocks, captured.calls):
-            block.to(self.device)
+        fp_in, steps = self._walk_blocks(self._calibration(), "opt-RTN")
+        for name, block, call in steps:
             layers = self._block_layers(name)
             with imatrix_hooks(layers) as imatrix:
                 fp_out = _run_batched(block, fp_in, call, self.tuning.batch_size, self.device)
             if layers:
                 self.results.update(opt_rtn_block(layers, imatrix, scale_dtype=self.scale_dtype, device=self.device))
             fp_in = fp_out
-            if self.device != "cpu":
-                block.to("cpu")
-            release_memory(self.device)
         logger.info("opt-RTN: %d layers quantized with imatrix-weighted scale search (iters=0)", len(self.results))
 
     def _quantize_outside_blocks(self) -> None:
@@ -223,21 +214,38 @@ class AutoRound:
         logger.info("calibration: %d samples x %d tokens from %s", *calib.input_ids.shape, calib.description)
         return calib
 
-    def _quantize_signround(self) -> None:
+    def _walk_blocks(self, calib: Any, what: str) -> tuple[torch.Tensor, Iterator[tuple[str, nn.Module, BlockCall]]]:
+        """Capture every block's inputs once; returns (first block's hidden states [n, T, H], steps).
+
+        Each step yields (name, block, call) with the block on the tuning device; after the step the block
+        goes back to the CPU (one block at a time on an accelerator) and freed memory is released.
+        """
         if len(self.block_groups) != 1:
             raise NotImplementedError(
-                f"SignRound over several block groups ({self.block_groups}) is not supported yet; "
+                f"{what} over several block groups ({self.block_groups}) is not supported yet; "
                 "pass to_quant_block_names with one of them"
             )
-        calib = self._calibration()
         blocks = list(iter_blocks(self.model, self.block_groups))
         captured = capture_block_inputs(
             self.model, [b for _, b in blocks], calib.input_ids, calib.attention_mask, device=self.device,
         )
+
+        def steps() -> Iterator[tuple[str, nn.Module, BlockCall]]:
+            for (name, block), call in zip(blocks, captured.calls):
+                block.to(self.device)
+                yield name, block, call
+                if self.device != "cpu":
+                    block.to("cpu")
+                release_memory(self.device)
+
+        return captured.hidden_states, steps()
+
+    def _quantize_signround(self) -> None:
+        calib = self._calibration()
+        fp_in, steps = self._walk_blocks(calib, "SignRound")
         loss_mask = loss_mask_from_attention(calib.attention_mask)
-        fp_in, q_in = captured.hidden_states, None
-        for (name, block), call in zip(blocks, captured.calls):
-            block.to(self.device)
+        q_in = None
+        for name, block, call in steps:
             targets = _run_batched(block, fp_in, call, self.tuning.batch_size, self.device)
             tune_in = q_in if (self.enable_quanted_input and q_in is not None) else fp_in
             layers = self._block_layers(name)
@@ -251,9 +259,6 @@ class AutoRound:
                 self.block_stats[name] = stats
             q_in = _run_batched(block, tune_in, call, self.tuning.batch_size, self.device) if self.enable_quanted_input else None
             fp_in = targets
-            if self.device != "cpu":
-                block.to("cpu")  # keep one block at a time on the accelerator
-            release_memory(self.device)
 
     # ------------------------------------------------------------------------------------------
     def _export_context(self) -> ExportContext:
@@ -303,8 +308,6 @@ def _check_positive(allow_zero: tuple = (), **values: int) -> None:
         low = 0 if key in allow_zero else 1
         if not isinstance(value, int) or value < low:
             raise ValueError(f"{key} must be an integer >= {low}, got {value!r}")
-
-
 
 
 def _block_groups(model: nn.Module, names: "str | Sequence[str] | None") -> list[str]:

@@ -12,7 +12,7 @@ import os
 import re
 import subprocess
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -80,34 +80,30 @@ def find_checkpoint(output_dir: Path) -> Path | None:
 def run_quantization(impl: str, command: list[str], output_dir: Path, log_file: Path, cwd: Path,
                      threads: int | None = None) -> RunRecord:
     """Run `command` (a CLI invocation) under `/usr/bin/time -v`, log to `log_file`, parse the log."""
-    full = ["/usr/bin/time", "-v", *command]
     t0 = time.perf_counter()
     with open(log_file, "w") as log:
-        proc = subprocess.run(full, cwd=cwd, env=offline_env(threads), stdout=log, stderr=subprocess.STDOUT)
+        proc = subprocess.run(["/usr/bin/time", "-v", *command], cwd=cwd, env=offline_env(threads), stdout=log,
+                              stderr=subprocess.STDOUT)
     wall = time.perf_counter() - t0
-    text = log_file.read_text(errors="replace")
-    rss = PEAK_RSS.search(text)
-    ckpt = find_checkpoint(output_dir) if proc.returncode == 0 else None
-    return RunRecord(
-        impl=impl, command=command, returncode=proc.returncode, wall_s=wall, tuning_s=parse_tuning_time(text),
-        peak_rss_mib=int(rss.group(1)) / 1024 if rss else None, block_losses=parse_block_losses(text),
-        output_dir=str(ckpt) if ckpt else None, output_mib=dir_mib(ckpt) if ckpt else None, log_file=str(log_file),
-    )
+    record = record_from_log(impl, log_file, output_dir, returncode=proc.returncode)
+    return replace(record, command=command, wall_s=wall)
 
 
-def record_from_log(impl: str, log_file: Path, output_dir: Path) -> RunRecord:
-    """Rebuild a `RunRecord` from a finished run's log (`/usr/bin/time -v` gives wall time and exit status)."""
+def record_from_log(impl: str, log_file: Path, output_dir: Path, returncode: int | None = None) -> RunRecord:
+    """Build a `RunRecord` from a finished run's log (`/usr/bin/time -v` gives wall time and exit status)."""
     text = log_file.read_text(errors="replace")
     rss = PEAK_RSS.search(text)
     elapsed = re.search(r"Elapsed \(wall clock\) time \(h:mm:ss or m:ss\): ([0-9:.]+)", text)
-    status = re.search(r"Exit status: (\d+)", text)
+    if returncode is None:
+        status = re.search(r"Exit status: (\d+)", text)
+        returncode = int(status.group(1)) if status else -1
     wall = 0.0
     for part in (elapsed.group(1).split(":") if elapsed else []):
         wall = wall * 60 + float(part)
     command = re.search(r'Command being timed: "(.*)"', text)
-    ckpt = find_checkpoint(output_dir) if output_dir.exists() else None
+    ckpt = find_checkpoint(output_dir) if returncode == 0 and output_dir.exists() else None
     return RunRecord(
-        impl=impl, command=command.group(1).split() if command else [], returncode=int(status.group(1)) if status else -1,
+        impl=impl, command=command.group(1).split() if command else [], returncode=returncode,
         wall_s=wall, tuning_s=parse_tuning_time(text), peak_rss_mib=int(rss.group(1)) / 1024 if rss else None,
         block_losses=parse_block_losses(text), output_dir=str(ckpt) if ckpt else None,
         output_mib=dir_mib(ckpt) if ckpt else None, log_file=str(log_file),

@@ -121,6 +121,7 @@ def tune_block(
     sampler = IndexSampler(n, config.batch_size * config.gradient_accumulate_steps, config.seed)
     micro = min(config.batch_size, n)
     lr0, mm_lr0 = config.resolved_lr, config.resolved_minmax_lr
+    device_type, amp_dtype = torch.device(device).type, config.amp_dtype or torch.bfloat16
 
     for t in tunables.values():
         t.attach()
@@ -136,8 +137,7 @@ def tune_block(
             count = len(indices) * targets[0].numel()
             for start in range(0, len(indices), micro):
                 idx = indices[start : start + micro]
-                with torch.autocast(torch.device(device).type, dtype=config.amp_dtype or torch.bfloat16,
-                                    enabled=config.amp_dtype is not None):
+                with torch.autocast(device_type, dtype=amp_dtype, enabled=config.amp_dtype is not None):
                     out = run_block(idx)
                 out = out.float()
                 m = loss_mask[idx].to(out.device)

@@ -119,7 +119,8 @@ def main(argv: Optional[Sequence[str]] = None, recipe: str = "default", prog: st
             gradient_accumulate_steps=args.gradient_accumulate_steps,
             enable_minmax_tuning=not args.disable_minmax_tuning,
             enable_quanted_input=not args.disable_quanted_input, not_use_best_mse=args.not_use_best_mse,
-            seed=args.seed, disable_opt_rtn=args.disable_opt_rtn, amp=args.amp, amp_dtype=args.amp_dtype, scale_dtype=args.scale_dtype, model_dtype=args.model_dtype, device=args.device,
+            seed=args.seed, disable_opt_rtn=args.disable_opt_rtn, amp=args.amp, amp_dtype=args.amp_dtype,
+            scale_dtype=args.scale_dtype, model_dtype=args.model_dtype, device=args.device,
             trust_remote_code=not args.disable_trust_remote_code, max_shard_size=args.max_shard_size,
         )
         _, paths = ar.quantize_and_save(args.output_dir, format=args.format, overwrite=args.overwrite)

@@ -2,13 +2,13 @@
 
 The kernel stores codes q in [0, 15] two per byte and computes W = (q - 8) * scale + zero per group of
 `group` input channels, with scale/zero [n_groups, out, 2]. Our checkpoints hold W = s * (q - z), which is
-the same with zero = s * (8 - z): exact in fp32, since s is an fp16 value and |8 - z| <= 8.
+the same with zero = s * (8 - z) (formed in fp32, then stored in bf16 like the activations).
 
 Decoding is bound by memory traffic, and int4 weights move 4x fewer bytes than bf16, so this is what
 makes a W4 model faster than the float one on a CPU. The kernel is fast only for bf16 activations (measured
 here with torch 2.13 on AVX-512: fp32 and fp16 inputs take a path 10-70x slower than a float matmul), so it
-serves layers whose compute dtype is bf16; fp32 models keep the exact dequantized-weight path. The kernel needs the input channels to be a whole
-number of groups of 32/64/128/256: a ragged last group (e.g. 576 channels at group 128) is handled by
+serves layers whose compute dtype is bf16; fp32 models keep the exact dequantized-weight path.
+The kernel needs the input channels to be a whole number of groups of 32/64/128/256: a ragged last group (e.g. 576 channels at group 128) is handled by
 zero-padding the codes' input channels and the activations to the next multiple of the group.
 """
 
@@ -48,7 +48,7 @@ def int4_problem(bits: int, group_size: int, in_features: int, out_features: int
 
 @dataclass
 class Int4Weight:
-    """Kernel-ready weight of one layer: packed uint8 [out, K_pad/2], scale_zero fp32 [n_groups, out, 2]."""
+    """Kernel-ready weight of one layer: packed uint8 [out, K_pad/2], scale_zero bf16 [n_groups, out, 2]."""
 
     packed: torch.Tensor
     scale_zero: torch.Tensor

@@ -17,8 +17,8 @@ Buffers, exactly as the checkpoint stores them so transformers' loader fills the
 
 `post_init` prepares the forward once the buffers are filled. On CPU, bf16 4-bit layers with group 32/64/128/256
 are repacked for torch's int4 kernel (`int4_cpu.py`: 4x less weight traffic than bf16, which is what decoding is
-bound by); every other layer (fp32 models included: that path is exact) unpacks once into a float weight [out, in] in the compute dtype (non-persistent buffer
-`weight`), so a forward is one F.linear. The packed buffers stay for `save_pretrained`.
+bound by); every other layer (fp32 models included: that path is exact) unpacks once into a float weight
+[out, in] in the compute dtype (non-persistent buffer `weight`), so a forward is one F.linear. The packed buffers stay for `save_pretrained`.
 """
 
 from __future__ import annotations
@@ -30,8 +30,8 @@ import torch.nn.functional as F
 from torch import nn
 
 from ..packing.awq import unpack_awq_qweight, unpack_awq_qzeros
-from .int4_cpu import Int4Weight, int4_linear, int4_problem, pack_int4
 from ..packing.gptq import unpack_qweight, unpack_qzeros
+from .int4_cpu import Int4Weight, int4_linear, int4_problem, pack_int4
 
 LAYOUTS = ("gptq", "awq")
 _CHUNK = 2048  # output (gptq) or input (awq) channels unpacked at a time: bounds int64 temporaries of big layers
@@ -205,8 +205,6 @@ class QuantLinear(nn.Module):
             weight = self.dequantize()
             weight._is_hf_initialized = True  # transformers' init functions skip flagged tensors
             self.weight = weight
-        else:
-            self.clear_cache()
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """x [..., in] -> [..., out], in x's dtype."""

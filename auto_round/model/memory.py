@@ -2,7 +2,7 @@
 
 Tuning allocates and frees many large tensors per block (activations, gradients, qdq temporaries). glibc's
 malloc keeps freed heap memory for reuse, and across 30 blocks its heap fragments and grows: on SmolLM2 the
-peak RSS of a SignRound run fell from 1576 to 1359 MiB by trimming the heap after each block (measured with
+peak RSS of a SignRound run fell from 1576 to 1351 MiB by trimming the heap after each block (measured with
 `/usr/bin/time`-style max RSS; the per-step time did not change). Forcing every large allocation through
 mmap instead (M_MMAP_THRESHOLD) saves more but makes each step 1.8x slower from page faults, so it is not done.
 """

@@ -88,6 +88,22 @@ def group_range(grouped: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     return wmin, wmax
 
 
+def signed_extreme(wmin: torch.Tensor, wmax: torch.Tensor) -> torch.Tensor:
+    """Per group, the extreme of larger magnitude with the sign that maps it to -2^(b-1): -max+ when the
+    positive side dominates (or ties), +|min-| otherwise. [rows, n_groups]."""
+    neg_abs, pos_abs = -wmin, wmax
+    sign = torch.where(pos_abs < neg_abs, 1.0, -1.0)
+    return sign * torch.maximum(pos_abs, neg_abs)
+
+
+def sym_scale(extreme: torch.Tensor, divisor: float, scale_dtype: torch.dtype) -> torch.Tensor:
+    """Full-range sym scale extreme / divisor, rounded to scale_dtype, |s| >= threshold with the sign kept
+    (s == 0 becomes +threshold). Returned in scale_dtype."""
+    thresh = scale_threshold(scale_dtype)
+    scale = (extreme / divisor).to(scale_dtype)
+    return torch.where(scale < 0, scale.clamp(max=-thresh), scale.clamp(min=thresh))
+
+
 @dataclass
 class QdqResult:
     """Output of a qdq call. `weight` is in the grouped shape, the rest [rows, n_groups] (zp for sym: scalar)."""
@@ -164,12 +180,7 @@ def qdq_int_sym(
     if wmin is None or wmax is None:
         wmin, wmax = group_range(grouped)
     wmin, wmax = _apply_clip(wmin, wmax, alpha, beta)
-    neg_abs, pos_abs = -wmin, wmax
-    sign = torch.where(pos_abs < neg_abs, 1.0, -1.0).to(grouped.dtype)
-    max_v = sign * torch.maximum(pos_abs, neg_abs)
-    thresh = scale_threshold(scale_dtype)
-    scale = (max_v / half).to(scale_dtype)
-    scale = torch.where(scale < 0, scale.clamp(max=-thresh), scale.clamp(min=thresh)).to(grouped.dtype)
+    scale = sym_scale(signed_extreme(wmin, wmax).to(grouped.dtype), half, scale_dtype).to(grouped.dtype)
     s3 = scale.unsqueeze(-1)
     x = grouped / s3
     if v is not None:

@@ -18,7 +18,7 @@ from __future__ import annotations
 
 import torch
 
-from .int_qdq import scale_threshold
+from .int_qdq import signed_extreme, sym_scale
 
 
 def divisor_grid(bits: int) -> torch.Tensor:
@@ -59,18 +59,14 @@ def search_sym_clip_factor(grouped: torch.Tensor, bits: int, importance: torch.T
     shape (see `fill_importance`); wmin / wmax [rows, n_groups] as from `group_range`.
     """
     half = 2 ** (bits - 1)
-    sign = torch.where(wmax < -wmin, 1.0, -1.0)
-    signed_max = sign * torch.maximum(wmax, -wmin)  # [rows, n_groups]
-    thresh = scale_threshold(scale_dtype)
-    best_err = torch.full_like(signed_max, float("inf"))
-    best_d = torch.full_like(signed_max, float(half))
+    extreme = signed_extreme(wmin, wmax)  # [rows, n_groups]
+    best_err = torch.full_like(extreme, float("inf"))
+    best_d = torch.full_like(extreme, float(half))
     for d in divisor_grid(bits).tolist():
-        scale = (signed_max / d).to(scale_dtype)
-        scale = torch.where(scale < 0, scale.clamp(max=-thresh), scale.clamp(min=thresh)).float()
-        s3 = scale.unsqueeze(-1)
+        s3 = sym_scale(extreme, d, scale_dtype).float().unsqueeze(-1)
         q = torch.clamp(torch.round(grouped / s3), -half, half - 1)
         err = (importance * (s3 * q - grouped).pow(2)).sum(-1)
         better = err < best_err
         best_err = torch.where(better, err, best_err)
-        best_d = torch.where(better, torch.full_like(best_d, d), best_d)
+        best_d = torch.where(better, d, best_d)
     return half / best_d
