@@ -12,6 +12,7 @@ With iters == 0 the layers are rounded to nearest, with no data and no forward p
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import time
 from types import SimpleNamespace
@@ -24,14 +25,14 @@ from torch import nn
 from .algorithms.opt_rtn import imatrix_hooks, opt_rtn_block, uses_opt_rtn
 from .algorithms.signround import SignRoundConfig, loss_mask_from_attention, rtn_block, tune_block
 from .algorithms.tunable import LayerQuantResult
-from .export import ExportContext, check_format, export, parse_formats
+from .export import BlockPacker, ExportContext, block_packer, check_format, export, parse_formats
 from .layers import layer_shape
 from .export.writer import check_output_dir
 from .model.block_inputs import BlockCall, block_output, capture_block_inputs
 from .model.blocks import find_block_groups, iter_blocks
 from .model.layer_config import LayerConfig, resolve_layer_schemes
 from .model.loading import load_model_and_tokenizer, parse_dtype
-from .model.memory import release_memory
+from .model.memory import release_memory, release_weight
 from .runtime import resolve_amp_dtype, resolve_device
 from .schemes import QuantScheme, SchemeError, resolve_scheme
 
@@ -48,6 +49,10 @@ class AutoRound:
     layer_config: {layer name or regex: {"bits": 8, ...} | scheme}; fp_layers: "name1,name2" kept fp.
     dataset: None (pile-10k, or bundled offline Wikipedia text when the hub is unreachable), a local
         .txt/.json/.jsonl path, "a.json,b.jsonl:num=64", or a list of strings.
+    low_cpu_mem_usage: in quantize_and_save with one auto_round-family format, pack each block's layers
+        as soon as the block is done and release their weights (the source pages of a memory-mapped
+        checkpoint too): the returned model then has meta weights in its quantized layers. quantize()
+        alone never does this; pass False to keep the fake-quantized model after quantize_and_save.
     The remaining arguments are SignRound's (reference defaults).
     """
 
@@ -88,6 +93,7 @@ class AutoRound:
         device_map: Any = None,
         trust_remote_code: bool = True,
         max_shard_size: "int | str" = "5GB",
+        low_cpu_mem_usage: bool = True,
     ):
         self.scheme = resolve_scheme(scheme, bits=bits, group_size=group_size, sym=sym, data_type=data_type, act_bits=act_bits)
         _check_positive(iters=iters, nsamples=nsamples, seqlen=seqlen, batch_size=batch_size,
@@ -109,6 +115,9 @@ class AutoRound:
         self.disable_opt_rtn = disable_opt_rtn
         self.dataset, self.nsamples, self.seqlen, self.seed = dataset, nsamples, seqlen, seed
         self.max_shard_size = max_shard_size
+        self.low_cpu_mem_usage = low_cpu_mem_usage
+        self._packer: Optional[BlockPacker] = None  # set by quantize_and_save for immediate packing
+        self.packed: dict[str, dict[str, torch.Tensor]] = {}
         if isinstance(model, nn.Module):
             self.model, self.tokenizer = model, tokenizer
         else:
@@ -175,6 +184,7 @@ class AutoRound:
             layers = self._block_layers(name)
             if layers:
                 self.results.update(rtn_block(layers, scale_dtype=self.scale_dtype, device=self.device))
+            self._block_done(name)
         logger.info("RTN: rounded %d layers to nearest (iters=0)", len(self.results))
 
     def _quantize_opt_rtn(self) -> None:
@@ -236,9 +246,24 @@ class AutoRound:
                 yield name, block, call
                 if self.device != "cpu":
                     block.to("cpu")
+                self._block_done(name)
                 release_memory(self.device)
 
         return captured.hidden_states, steps()
+
+    def _block_done(self, block_name: str) -> None:
+        """Immediate packing: pack the finished block's quantized layers now and release their weights.
+
+        Runs once nothing reads the block's weights any more (its outputs for the next block are computed).
+        """
+        if self._packer is None:
+            return
+        shared = _shared_weight_ptrs(self.model)
+        for name, (module, _) in self._block_layers(block_name).items():
+            self.packed[name] = self._packer.pack(name, self.results[name])
+            self.results[name] = dataclasses.replace(self.results[name], codes=None)
+            if module.weight.data_ptr() not in shared:  # a weight another module uses stays
+                release_weight(module)
 
     def _quantize_signround(self) -> None:
         calib = self._calibration()
@@ -276,6 +301,7 @@ class AutoRound:
             model=self.model, tokenizer=self.tokenizer, results=self.results, layer_schemes=self.layer_schemes,
             scheme=self.scheme, block_groups=self.block_groups, tuning=tuning, max_shard_size=self.max_shard_size,
             scale_dtype_name=_SCALE_DTYPES[self.scale_dtype],
+            packing=self._packer.packing if self.packed else None, packed=self.packed,
         )
 
     def save_quantized(self, output_dir: "str | Path", format: str = "auto_round", overwrite: bool = False) -> list[Path]:
@@ -298,6 +324,9 @@ class AutoRound:
         layers = {n: (s, layer_shape(self.model.get_submodule(n))[1]) for n, s in self.layer_schemes.items()}
         for fmt in formats:
             check_format(fmt, layers)
+        if self.low_cpu_mem_usage and len(formats) == 1 and not self.quantized:
+            quantized = {n: v for n, v in layers.items() if v[0].is_quantized}
+            self._packer = block_packer(formats[0], quantized, _SCALE_DTYPES[self.scale_dtype])
         self.quantize()
         return self.model, self.save_quantized(output_dir, format=format, overwrite=overwrite)
 
@@ -308,6 +337,16 @@ def _check_positive(allow_zero: tuple = (), **values: int) -> None:
         low = 0 if key in allow_zero else 1
         if not isinstance(value, int) or value < low:
             raise ValueError(f"{key} must be an integer >= {low}, got {value!r}")
+
+
+def _shared_weight_ptrs(model: nn.Module) -> set[int]:
+    """data_ptrs of parameters that more than one module holds (tied weights)."""
+    seen, shared = set(), set()
+    for _, p in model.named_parameters(remove_duplicate=False):
+        if p.is_meta or not p.numel():
+            continue
+        (shared if p.data_ptr() in seen else seen).add(p.data_ptr())
+    return shared
 
 
 def _block_groups(model: nn.Module, names: "str | Sequence[str] | None") -> list[str]:

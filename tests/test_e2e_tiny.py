@@ -22,6 +22,7 @@ def assert_logits_close(a: torch.Tensor, b: torch.Tensor) -> None:
 def roundtrip(tmp_path, arch, **kw):
     model = tiny_model(arch)
     ar = AutoRound(model, dataset=random_ids(8, 16), nsamples=8, seqlen=16, batch_size=4,
+                   low_cpu_mem_usage=False,  # keep the fake-quantized model to compare against
                    **{"iters": 3, "group_size": 32, **kw})
     out = tmp_path / arch
     ar.quantize_and_save(out)

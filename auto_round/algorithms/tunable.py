@@ -26,13 +26,14 @@ class LayerQuantResult:
 
     scale / zero_point: float32 [rows, n_groups] (zero points integer-valued; 2^(b-1) for sym);
     codes: uint8 [out, in], the stored integers in [0, 2^b - 1]. Weight = scale * (codes - zero_point).
+        None once the layer has been packed for export and its codes released (immediate packing).
     """
 
     scheme: QuantScheme
     layout: GroupLayout
     scale: torch.Tensor
     zero_point: torch.Tensor
-    codes: torch.Tensor
+    codes: Optional[torch.Tensor]
 
 
 def result_from_qdq(res: QdqResult, scheme: QuantScheme, layout: GroupLayout) -> LayerQuantResult:

@@ -71,6 +71,11 @@ def build_parser(prog: str = "auto-round") -> argparse.ArgumentParser:
     r.add_argument("--output_dir", default="./tmp_autoround")
     r.add_argument("--overwrite", action="store_true", help="replace a non-empty output directory")
     r.add_argument("--max_shard_size", default="5GB")
+    mem = r.add_mutually_exclusive_group()
+    mem.add_argument("--low_cpu_mem_usage", dest="low_cpu_mem_usage", action="store_true", default=True,
+                     help="pack each block's layers as soon as it is tuned and release their weights (default)")
+    mem.add_argument("--disable_low_cpu_mem_usage", dest="low_cpu_mem_usage", action="store_false",
+                     help="keep the whole fake-quantized model in memory until the export")
     r.add_argument("--log_level", default="INFO", choices=["DEBUG", "INFO", "WARNING", "ERROR"])
     return p
 
@@ -122,6 +127,7 @@ def main(argv: Optional[Sequence[str]] = None, recipe: str = "default", prog: st
             seed=args.seed, disable_opt_rtn=args.disable_opt_rtn, amp=args.amp, amp_dtype=args.amp_dtype,
             scale_dtype=args.scale_dtype, model_dtype=args.model_dtype, device=args.device,
             trust_remote_code=not args.disable_trust_remote_code, max_shard_size=args.max_shard_size,
+            low_cpu_mem_usage=args.low_cpu_mem_usage,
         )
         _, paths = ar.quantize_and_save(args.output_dir, format=args.format, overwrite=args.overwrite)
     except ValueError as err:  # every input error of the package is a ValueError subclass

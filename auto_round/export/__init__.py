@@ -6,7 +6,7 @@ import logging
 from pathlib import Path
 from typing import Callable
 
-from .auto_round import PACKINGS, check_requested_packing, save_auto_round
+from .auto_round import PACKINGS, check_requested_packing, choose_packing_for, pack_result, save_auto_round
 from .context import ExportContext
 from .fake import save_fake
 from .writer import ExportError, atomic_output_dir
@@ -43,11 +43,39 @@ def check_format(fmt: str, layers: dict) -> None:
         check_requested_packing(fmt, {n: v for n, v in layers.items() if v[0].is_quantized})
 
 
+class BlockPacker:
+    """Packs quantized layers as soon as their block is done (immediate packing, low_cpu_mem_usage).
+
+    Holds the packing fixed before tuning; `pack(name, result)` gives the tensors the export will write.
+    """
+
+    def __init__(self, fmt: str, packing: str, scale_dtype_name: str):
+        self.fmt, self.packing, self.scale_dtype_name = fmt, packing, scale_dtype_name
+
+    def pack(self, name: str, result) -> dict:
+        return pack_result(name, result, self.packing, self.scale_dtype_name)
+
+
+def block_packer(fmt: str, layers: dict, scale_dtype_name: str) -> "BlockPacker | None":
+    """A BlockPacker for formats whose layers pack independently of each other, else None.
+
+    layers: name -> (scheme, in_features) of every quantized layer.
+    """
+    if fmt not in PACKINGS or not layers:
+        return None
+    return BlockPacker(fmt, choose_packing_for(layers, fmt), scale_dtype_name)
+
+
 def export(ctx: ExportContext, output_dir: "str | Path", fmt: str, overwrite: bool = False) -> Path:
     """Write one format atomically into output_dir. Returns the final directory."""
     family, _, _ = fmt.partition(":")
     variant = fmt if fmt in PACKINGS else None
     writer = _REGISTRY[family]
+    if ctx.packed and fmt not in ("auto_round", ctx.packing):
+        raise ExportError(
+            f"cannot write {fmt!r}: the quantized weights were released after being packed as {ctx.packing} "
+            "(immediate packing); quantize with low_cpu_mem_usage=False to export several formats"
+        )
     with atomic_output_dir(output_dir, overwrite=overwrite) as tmp:
         writer(ctx, tmp, variant)
     final = Path(output_dir).expanduser().resolve()
@@ -55,4 +83,4 @@ def export(ctx: ExportContext, output_dir: "str | Path", fmt: str, overwrite: bo
     return final
 
 
-__all__ = ["ExportContext", "ExportError", "check_format", "export", "parse_formats", "supported_formats"]
+__all__ = ["BlockPacker", "ExportContext", "block_packer", "ExportError", "check_format", "export", "parse_formats", "supported_formats"]

@@ -18,6 +18,7 @@ import torch
 
 from ..packing.awq import pack_awq_qweight, pack_awq_qzeros
 from ..packing.gptq import pack_qweight, pack_qzeros
+from ..algorithms.tunable import LayerQuantResult
 from ..schemes import QuantScheme
 from .context import ExportContext
 from .quant_config import build_quantization_config
@@ -61,28 +62,32 @@ def check_requested_packing(requested: str | None, layers: dict[str, tuple[Quant
         )
 
 
-def _awq_fits(ctx: ExportContext) -> list[str]:
-    return awq_misfits({n: (r.scheme, r.layout.in_features) for n, r in ctx.results.items()})
-
-
-def choose_packing(ctx: ExportContext, requested: str | None = None) -> str:
-    """Pick the packing_format for the checkpoint.
+def choose_packing_for(layers: dict[str, tuple[QuantScheme, int]], requested: str | None = None) -> str:
+    """Pick the packing_format from the quantized layers (name -> (scheme, in_features)).
 
     `requested` "auto_round" (or None) follows the reference rules; a full packing name forces it.
+    Known before tuning, so layers can be packed as soon as their block is done.
     """
-    schemes = [r.scheme for r in ctx.results.values()]
+    schemes = [scheme for scheme, _ in layers.values()]
     if requested and requested != PLAIN_PACKING:
-        check_requested_packing(requested, {n: (r.scheme, r.layout.in_features) for n, r in ctx.results.items()})
+        check_requested_packing(requested, layers)
         if requested == GPTQ_PACKING and not all(s.sym for s in schemes):
             logger.warning("%s with asymmetric layers: a zero point of 0 cannot be stored as zp-1", GPTQ_PACKING)
         return requested
     if all(s.sym for s in schemes):
         return GPTQ_PACKING
     if all(s.bits == 4 for s in schemes):
-        if not _awq_fits(ctx):
+        if not awq_misfits(layers):
             return AWQ_PACKING
         logger.info("some layers have a ragged last group the AWQ layout cannot hold; using %s packing", PLAIN_PACKING)
     return PLAIN_PACKING
+
+
+def choose_packing(ctx: ExportContext, requested: str | None = None) -> str:
+    """The packing of an export: the one fixed before tuning, or chosen from the results."""
+    if ctx.packing is not None:
+        return ctx.packing
+    return choose_packing_for({n: (r.scheme, r.layout.in_features) for n, r in ctx.results.items()}, requested)
 
 
 def _per_output(tensor: torch.Tensor, out_features: int) -> torch.Tensor:
@@ -90,13 +95,14 @@ def _per_output(tensor: torch.Tensor, out_features: int) -> torch.Tensor:
     return tensor.expand(out_features, tensor.shape[1]) if tensor.shape[0] == 1 else tensor
 
 
-def pack_layer(name: str, ctx: ExportContext, packing: str) -> dict[str, torch.Tensor]:
+def pack_result(name: str, res: LayerQuantResult, packing: str, scale_dtype_name: str) -> dict[str, torch.Tensor]:
     """qweight / qzeros / scales of one quantized layer, in the given packing."""
-    res = ctx.results[name]
+    if res.codes is None:
+        raise ExportError(f"{name}: its integer codes were released after packing; it cannot be packed again")
     bits, out_f = res.scheme.bits, res.layout.out_features
     scales = _per_output(res.scale, out_f).t().contiguous()  # [n_groups, out]
     zeros = _per_output(res.zero_point, out_f).t().round().to(torch.int64)  # [n_groups, out]
-    scales = scales.to(torch.float16) if ctx.scale_dtype_name == "torch.float16" else scales
+    scales = scales.to(torch.float16) if scale_dtype_name == "torch.float16" else scales
     if packing == AWQ_PACKING:
         return {
             f"{name}.qweight": pack_awq_qweight(res.codes, bits),
@@ -120,7 +126,8 @@ def quantized_state_dict(ctx: ExportContext, packing: str) -> dict[str, torch.Te
         if weight_key not in state:
             raise ExportError(f"quantized layer {name} has no weight in the state dict (tied or renamed?)")
         del state[weight_key]
-        state.update(pack_layer(name, ctx, packing))
+        packed = ctx.packed.get(name)
+        state.update(packed if packed is not None else pack_result(name, ctx.results[name], packing, ctx.scale_dtype_name))
     return state
 
 

@@ -18,6 +18,8 @@ class ExportContext:
     results: layer name -> codes / scales / zero points of every quantized layer.
     layer_schemes: scheme of every candidate layer (blocks and lm_head), FP_SCHEME for fp ones.
     tuning: tuning settings recorded in quantization_config (iters, lr, nsamples, ...).
+    packing / packed: set by immediate packing; the fake-quantized weights of `packed` layers are gone
+        (meta tensors), so only the format they were packed for can be written.
     """
 
     model: nn.Module
@@ -30,6 +32,10 @@ class ExportContext:
     max_shard_size: "int | str" = "5GB"
     scale_dtype_name: str = "torch.float16"
     extra: Optional[dict[str, Any]] = None
+    # immediate packing (low_cpu_mem_usage): the packing fixed before tuning, and layer name -> its
+    # packed tensors for the layers packed as soon as their block was done (their weights are released)
+    packing: Optional[str] = None
+    packed: dict[str, dict[str, Any]] = field(default_factory=dict)
 
     def in_block(self, name: str) -> bool:
         return any(name.startswith(g + ".") for g in self.block_groups)

@@ -123,7 +123,7 @@ def tied_parameter_names(model) -> set[str]:
     seen: dict[int, str] = {}
     tied = set()
     for name, tensor in model.state_dict(keep_vars=True).items():
-        key = tensor.data_ptr() if tensor.numel() else id(tensor)
+        key = tensor.data_ptr() if tensor.numel() and not tensor.is_meta else id(tensor)
         if key in seen:
             tied.add(name)
         else:

@@ -12,6 +12,7 @@ from __future__ import annotations
 import ctypes
 import ctypes.util
 import gc
+import mmap
 from functools import lru_cache
 
 import torch
@@ -37,3 +38,72 @@ def release_memory(device: str = "cpu") -> None:
         trim(0)
     if torch.device(device).type == "cuda" and torch.cuda.is_available():
         torch.cuda.empty_cache()
+
+
+# ---- weights read through a memory map --------------------------------------------------------------
+# transformers maps safetensors files into memory (private, copy-on-write) when no dtype conversion is
+# needed. A page of such a mapping counts in the process's RSS once touched, and stays counted while the
+# file is mapped, even after every tensor viewing it is gone: the mapping lives as long as any tensor of
+# that file does (the embedding, say). Telling the kernel we no longer need the pages of a weight we drop
+# lets it reclaim them; for a private file mapping that is always safe (a later read would see the file).
+_MADV_DONTNEED = 4
+
+
+@lru_cache(maxsize=1)
+def _madvise():
+    name = ctypes.util.find_library("c")
+    if not name:
+        return None
+    try:
+        fn = ctypes.CDLL(name, use_errno=True).madvise
+    except (OSError, AttributeError):
+        return None
+    fn.argtypes = [ctypes.c_void_p, ctypes.c_size_t, ctypes.c_int]
+    return fn
+
+
+def _private_file_mapping(address: int) -> bool:
+    """True when `address` lies in a private mapping of a regular file (per /proc/self/maps)."""
+    try:
+        with open("/proc/self/maps") as maps:
+            for line in maps:
+                fields = line.split()
+                low, high = (int(x, 16) for x in fields[0].split("-"))
+                if low <= address < high:
+                    return len(fields) >= 6 and fields[1].endswith("p") and fields[5].startswith("/") and fields[4] != "0"
+    except OSError:
+        return False
+    return False
+
+
+def drop_file_backed_pages(tensor: torch.Tensor) -> int:
+    """Let the OS reclaim the memory-mapped file pages of a CPU tensor that is about to be dropped.
+
+    Only whole pages inside the tensor's bytes are released, and only when they belong to a private file
+    mapping, so no other tensor's data and no anonymous memory is ever touched. Returns the bytes released
+    (0 where the tensor is not file-backed or the platform has no madvise).
+    """
+    madvise = _madvise()
+    if madvise is None or tensor.device.type != "cpu" or tensor.numel() == 0 or not tensor.is_contiguous():
+        return 0
+    start = tensor.data_ptr()
+    if not _private_file_mapping(start):
+        return 0
+    page = mmap.PAGESIZE
+    first = -(-start // page) * page
+    last = (start + tensor.numel() * tensor.element_size()) // page * page
+    if last <= first or madvise(first, last - first, _MADV_DONTNEED) != 0:
+        return 0
+    return last - first
+
+
+def release_weight(module: torch.nn.Module) -> int:
+    """Replace `module.weight` by a meta tensor of the same shape and dtype; returns file bytes released.
+
+    For layers whose packed form has been kept (immediate packing): the weight is never read again, and
+    the module still reports its shape (layer_shape works on meta tensors).
+    """
+    weight = module.weight
+    released = drop_file_backed_pages(weight.detach())
+    module.weight = torch.nn.Parameter(torch.empty(weight.shape, dtype=weight.dtype, device="meta"), requires_grad=False)
+    return released

@@ -1,0 +1,85 @@
+"""Immediate packing (low_cpu_mem_usage): the same checkpoint as packing at the end, with weights released."""
+
+import json
+
+import numpy as np
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from auto_round import AutoRound
+from auto_round.export.writer import ExportError
+from auto_round.model.memory import drop_file_backed_pages, release_weight
+from tiny_models import random_ids, tiny_model
+
+MIXED = {"model.layers.0.mlp.down_proj": {"bits": 8}, "o_proj": {"bits": 16}}
+
+
+def save(tmp_path, tag, low_mem, fmt="auto_round", **kw):
+    ar = AutoRound(tiny_model("llama"), dataset=random_ids(), nsamples=4, seqlen=16, batch_size=2,
+                   low_cpu_mem_usage=low_mem, **{"iters": 2, "group_size": 32, **kw})
+    out = tmp_path / tag
+    ar.quantize_and_save(out, format=fmt)
+    return ar, out
+
+
+@pytest.mark.parametrize("kw", [
+    {},                                                        # sym W4 -> auto_gptq packing
+    {"sym": False},                                            # asym W4 -> auto_awq packing
+    {"bits": 2, "sym": False, "layer_config": MIXED},          # plain packing, mixed bits, an fp layer
+    {"iters": 0, "disable_opt_rtn": True, "quant_lm_head": True},  # RTN, lm_head packed at the end
+    {"iters": 0},                                              # opt-RTN
+])
+def test_immediate_packing_writes_the_same_checkpoint(tmp_path, kw):
+    ar_low, low = save(tmp_path, "low", True, **kw)
+    _, full = save(tmp_path, "full", False, **kw)
+    a, b = load_file(str(low / "model.safetensors")), load_file(str(full / "model.safetensors"))
+    assert a.keys() == b.keys()
+    for key in a:
+        assert a[key].dtype == b[key].dtype and torch.equal(a[key], b[key]), key
+    assert json.loads((low / "config.json").read_text()) == json.loads((full / "config.json").read_text())
+    assert ar_low.packed and all(ar_low.results[n].codes is None for n in ar_low.packed)
+
+
+def test_released_layers_are_meta_and_only_the_packed_format_can_be_written_again(tmp_path):
+    ar, out = save(tmp_path, "low", True)
+    q_proj = ar.model.get_submodule("model.layers.0.self_attn.q_proj")
+    assert q_proj.weight.is_meta and q_proj.weight.shape == (64, 64)
+    assert not ar.model.get_submodule("model.layers.0.input_layernorm").weight.is_meta
+    with pytest.raises(ExportError, match="released"):
+        ar.save_quantized(tmp_path / "fake", format="fake")
+    with pytest.raises(ExportError, match="released"):
+        ar.save_quantized(tmp_path / "awq", format="auto_round:auto_awq")
+    again = ar.save_quantized(tmp_path / "again", format="auto_round")[0]
+    a, b = load_file(str(out / "model.safetensors")), load_file(str(again / "model.safetensors"))
+    assert all(torch.equal(a[k], b[k]) for k in a)
+
+
+def test_several_formats_or_quantize_alone_keep_the_model(tmp_path):
+    ar, _ = save(tmp_path, "two", True, fmt="auto_round,fake")
+    assert not ar.packed and not ar.model.get_submodule("model.layers.0.self_attn.q_proj").weight.is_meta
+    ar = AutoRound(tiny_model("llama"), dataset=random_ids(), nsamples=4, seqlen=16, batch_size=2, iters=1, group_size=32)
+    ar.quantize()
+    assert not ar.packed and all(r.codes is not None for r in ar.results.values())
+
+
+def test_file_backed_pages_are_dropped_and_read_back_from_the_file(tmp_path):
+    path = tmp_path / "w.bin"
+    values = np.arange(3 * 4096, dtype=np.float32)
+    values.tofile(path)
+    mapped = torch.from_numpy(np.memmap(path, dtype=np.float32, mode="c"))  # private copy-on-write map
+    mapped[:] = -1.0  # written pages are private copies; dropping them reverts to the file
+    released = drop_file_backed_pages(mapped)
+    assert released >= 4096 * 4 * 2 and released % 4096 == 0
+    pages = released // 4
+    start = (-mapped.data_ptr() % 4096) // 4
+    assert torch.equal(mapped[start : start + pages], torch.from_numpy(values[start : start + pages]))
+
+
+def test_anonymous_memory_is_never_dropped():
+    tensor = torch.arange(100_000, dtype=torch.float32)
+    assert drop_file_backed_pages(tensor) == 0
+    assert torch.equal(tensor, torch.arange(100_000, dtype=torch.float32))
+    layer = torch.nn.Linear(8, 4)
+    release_weight(layer)
+    assert layer.weight.is_meta and layer.weight.shape == (4, 8) and not layer.bias.is_meta
