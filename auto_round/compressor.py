@@ -33,6 +33,7 @@ from .model.blocks import find_block_groups, iter_blocks
 from .model.layer_config import LayerConfig, resolve_layer_schemes
 from .model.loading import load_model_and_tokenizer, parse_dtype
 from .model.memory import release_memory, release_weight
+from .model.tuning_attention import tuning_attention
 from .runtime import resolve_amp_dtype, resolve_device
 from .schemes import QuantScheme, SchemeError, resolve_scheme
 
@@ -276,10 +277,12 @@ class AutoRound:
             layers = self._block_layers(name)
             if layers:
                 run = _block_runner(block, tune_in, call, self.device)
-                results, stats = tune_block(
-                    layers, run, targets, loss_mask, self.tuning,
-                    scale_dtype=self.scale_dtype, device=self.device, block_name=name,
-                )
+                # autocast tuning: attention in the autocast dtype too (see model/tuning_attention.py)
+                with tuning_attention(block, enabled=self.tuning.amp_dtype is not None):
+                    results, stats = tune_block(
+                        layers, run, targets, loss_mask, self.tuning,
+                        scale_dtype=self.scale_dtype, device=self.device, block_name=name,
+                    )
                 self.results.update(results)
                 self.block_stats[name] = stats
             q_in = _run_batched(block, tune_in, call, self.tuning.batch_size, self.device) if self.enable_quanted_input else None

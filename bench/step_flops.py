@@ -33,6 +33,7 @@ from auto_round.algorithms.signround import SignRoundConfig, loss_mask_from_atte
 from auto_round.compressor import _block_runner, _run_batched  # noqa: E402
 from auto_round.model.block_inputs import capture_block_inputs  # noqa: E402
 from auto_round.model.blocks import iter_blocks  # noqa: E402
+from auto_round.model.tuning_attention import tuning_attention  # noqa: E402
 
 
 def sgemm_gflops(m: int, k: int, n: int, repeats: int = 10) -> float:
@@ -102,7 +103,8 @@ def main() -> None:
         for n, (m, _) in layers.items():  # every run starts from the same fp weights
             m.weight.data.copy_(snapshot[n])
         cfg = SignRoundConfig(**{**config.__dict__, "iters": iters})
-        return _timed(lambda: tune_block(layers, run, targets, mask, cfg, block_name=name))
+        with tuning_attention(block, enabled=cfg.amp_dtype is not None):
+            return _timed(lambda: tune_block(layers, run, targets, mask, cfg, block_name=name))
 
     tune(2)  # warm-up
     step_s = (tune(args.iters) - tune(1)) / (args.iters - 1)  # excludes per-block setup and finalize
@@ -122,9 +124,10 @@ def main() -> None:
     (out / f"step_flops-{stem}{'-' + args.amp if args.amp != 'none' else ''}.json").write_text(
         json.dumps(result, indent=1))
     if args.profile:
-        with torch.profiler.profile() as prof:
+        with torch.profiler.profile(record_shapes=True) as prof:
             tune(5)
         print(prof.key_averages().table(sort_by="self_cpu_time_total", row_limit=20))
+        print(prof.key_averages(group_by_input_shape=True).table(sort_by="self_cpu_time_total", row_limit=40))
 
 
 if __name__ == "__main__":
