@@ -180,7 +180,11 @@ def main() -> None:
                 record = run_quantization(impl, cli_command(impl, model, setting, calib, out, args), out, log, cwd=work)
             row = {"setting": setting, **asdict(record)}
             if record.output_dir:
-                row.update(evaluate(record.output_dir, model, args))
+                try:
+                    row.update(evaluate(record.output_dir, model, args))
+                except RuntimeError as err:  # an export transformers cannot load: record it, go on
+                    row["ppl"] = "load failed"
+                    row["eval_error"] = str(err).splitlines()[-1][:300]
             else:
                 row["error"] = Path(record.log_file).read_text(errors="replace")[-2000:]
             runs.append(row)
