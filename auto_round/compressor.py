@@ -26,7 +26,7 @@ from .algorithms.opt_rtn import imatrix_hooks, opt_rtn_block, uses_opt_rtn
 from .algorithms.signround import SignRoundConfig, loss_mask_from_attention, rtn_block, tune_block
 from .algorithms.tunable import LayerQuantResult
 from .export import BlockPacker, ExportContext, block_packer, check_format, export, parse_formats
-from .layers import layer_shape
+from .layers import is_conv1d, layer_shape
 from .export.writer import check_output_dir
 from .model.block_inputs import BlockCall, block_output, capture_block_inputs
 from .model.blocks import find_block_groups, iter_blocks
@@ -305,6 +305,7 @@ class AutoRound:
             scheme=self.scheme, block_groups=self.block_groups, tuning=tuning, max_shard_size=self.max_shard_size,
             scale_dtype_name=_SCALE_DTYPES[self.scale_dtype],
             packing=self._packer.packing if self.packed else None, packed=self.packed,
+            packed_for=self._packer.fmt if self.packed else None,
         )
 
     def save_quantized(self, output_dir: "str | Path", format: str = "auto_round", overwrite: bool = False) -> list[Path]:
@@ -325,8 +326,10 @@ class AutoRound:
         for d in format_dirs(Path(output_dir), formats).values():
             check_output_dir(d, overwrite)
         layers = {n: (s, layer_shape(self.model.get_submodule(n))[1]) for n, s in self.layer_schemes.items()}
+        outside = frozenset(n for n in layers if not any(n.startswith(g + ".") for g in self.block_groups))
+        conv1d = frozenset(n for n in layers if is_conv1d(self.model.get_submodule(n)))
         for fmt in formats:
-            check_format(fmt, layers)
+            check_format(fmt, layers, outside, conv1d)
         if self.low_cpu_mem_usage and len(formats) == 1 and not self.quantized:
             quantized = {n: v for n, v in layers.items() if v[0].is_quantized}
             self._packer = block_packer(formats[0], quantized, _SCALE_DTYPES[self.scale_dtype])
