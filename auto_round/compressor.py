@@ -396,4 +396,4 @@ def format_dirs(output_dir: Path, formats: list[str]) -> dict[str, Path]:
     """Where each format goes: output_dir itself for one format, output_dir/<format> for several."""
     if len(formats) == 1:
         return {formats[0]: output_dir}
-    return {f: output_dir / f.replace(":", "-") for f in formats}
+    return {f: output_dir / f.replace(":", "-").replace("_", "-") for f in formats}  # the reference's names

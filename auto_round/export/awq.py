@@ -4,8 +4,9 @@ Per quantized layer: qweight int32 [in, out/8] (packed along out, nibbles in the
 0,2,4,6,1,3,5,7), qzeros int32 [in/G, out/8] holding raw zero points (2^(b-1) for sym), scales fp16
 [in/G, out], bias fp16. Every other floating tensor is fp16 as well.
 
-quantization_config: quant_method "awq", version "gemm", bits 4, group_size, zero_point (= asym),
-modules_to_not_convert (the layers inside the blocks kept float), provider "auto-round". One scheme for
+quantization_config (the reference's keys): the auto-round keys, quant_method "awq", version "gemm", bits 4,
+group_size, zero_point (= asym), modules_to_not_convert (every candidate layer kept float, lm_head included),
+to_quant_block_names, provider "auto-round". One scheme for
 every quantized layer: the format has no per-layer settings, so mixed schemes are refused before tuning.
 """
 
@@ -22,7 +23,7 @@ from ..packing.awq import pack_awq_qweight, pack_awq_qzeros
 from ..schemes import QuantScheme
 from .checkpoint import quantized_state_dict, scales_and_zeros, write_checkpoint
 from .context import ExportContext
-from .quant_config import export_group_size
+from .quant_config import base_config, export_group_size
 from .writer import ExportError
 
 logger = logging.getLogger("auto_round")
@@ -58,16 +59,19 @@ def pack_awq_layer(name: str, res: LayerQuantResult) -> dict[str, torch.Tensor]:
 
 def awq_config(ctx: ExportContext) -> dict[str, Any]:
     scheme = next(iter(ctx.results.values())).scheme
-    not_converted = sorted(n for n, s in ctx.layer_schemes.items() if ctx.in_block(n) and not s.is_quantized)
-    return {
+    not_converted = sorted(n for n, s in ctx.layer_schemes.items() if not s.is_quantized)  # lm_head included
+    return dict(sorted({
+        **base_config(ctx),
         "bits": scheme.bits,
         "group_size": export_group_size(scheme),
-        "modules_to_not_convert": not_converted or None,
+        "modules_to_not_convert": not_converted,
         "provider": "auto-round",
         "quant_method": "awq",
+        "sym": scheme.sym,
+        "to_quant_block_names": ",".join(ctx.block_groups),
         "version": "gemm",
         "zero_point": not scheme.sym,
-    }
+    }.items()))
 
 
 def save_auto_awq(ctx: ExportContext, directory: Path) -> dict:

@@ -4,8 +4,9 @@ Per quantized layer: qweight int32 [in*b/32, out] (packed along in; 3-bit in the
 3-words stream), qzeros int32 [n_groups, out*b/32] holding zp - 1 (GPTQ v1), scales fp16 [n_groups, out],
 g_idx int32 [in] = i // group (no act-order), bias fp16. Every other floating tensor is fp16 as well.
 
-quantization_config: quant_method "gptq", bits / group_size / sym of the main scheme, desc_act false,
-true_sequential false, damp_percent 0.01, lm_head, provider "auto-round"; per-layer differences in
+quantization_config (the reference's keys): the auto-round keys (bits / group_size / sym / data_type of the main
+scheme, autoround_version, non-default tuning settings), quant_method "gptq", desc_act false, true_sequential
+false, damp_percent 0.01, lm_head, provider "auto-round"; per-layer differences in
 GPTQModel's `dynamic` ("+:<regex>": {bits, group_size, sym} for a quantized layer, "-:<regex>": {} for a
 float one), and `modules_in_block_to_quantize` when some layer inside the blocks stays float.
 """
@@ -24,7 +25,7 @@ from ..packing.gptq import pack_qweight, pack_qzeros
 from ..schemes import QuantScheme
 from .checkpoint import group_index, quantized_state_dict, scales_and_zeros, write_checkpoint
 from .context import ExportContext
-from .quant_config import export_group_size
+from .quant_config import base_config, export_group_size
 from .writer import ExportError
 
 logger = logging.getLogger("auto_round")
@@ -80,13 +81,13 @@ def gptq_config(ctx: ExportContext) -> dict[str, Any]:
             some_in_block_float = True
             dynamic["-:" + _exact(name)] = {}
     config: dict[str, Any] = {
+        **base_config(ctx),  # the auto-round keys (data_type, version, non-default tuning settings)
         **base,
         "damp_percent": 0.01,
         "desc_act": False,
         "lm_head": any(not ctx.in_block(n) for n, s in ctx.layer_schemes.items() if s.is_quantized),
         "provider": "auto-round",
         "quant_method": "gptq",
-        "static_groups": False,
         "true_sequential": False,
     }
     if dynamic:

@@ -96,6 +96,7 @@ def ct_config(ctx: ExportContext) -> dict[str, Any]:
         "global_compression_ratio": None,
         "ignore": ignore,
         "kv_cache_scheme": None,
+        "moe_sparsity_config": None,
         "provider": "auto-round",
         "quant_method": "compressed-tensors",
         "quantization_status": "compressed",
