@@ -26,9 +26,10 @@ from .algorithms.opt_rtn import imatrix_hooks, opt_rtn_block, uses_opt_rtn
 from .algorithms.signround import SignRoundConfig, loss_mask_from_attention, rtn_block, tune_block
 from .algorithms.tunable import LayerQuantResult
 from .export import BlockPacker, ExportContext, block_packer, check_format, export, parse_formats
-from .layers import layer_shape
+from .layers import is_conv1d, layer_shape
 from .export.writer import check_output_dir
-from .model.block_inputs import BlockCall, block_output, capture_block_inputs
+from .model.block_inputs import BlockCall, capture_block_inputs
+from .model.block_run import block_runner, run_batched
 from .model.blocks import find_block_groups, iter_blocks
 from .model.layer_config import LayerConfig, resolve_layer_schemes
 from .model.loading import load_model_and_tokenizer, parse_dtype
@@ -194,7 +195,7 @@ class AutoRound:
         for name, block, call in steps:
             layers = self._block_layers(name)
             with imatrix_hooks(layers) as imatrix:
-                fp_out = _run_batched(block, fp_in, call, self.tuning.batch_size, self.device)
+                fp_out = run_batched(block, fp_in, call, self.tuning.batch_size, self.device)
             if layers:
                 self.results.update(opt_rtn_block(layers, imatrix, scale_dtype=self.scale_dtype, device=self.device))
             fp_in = fp_out
@@ -272,11 +273,11 @@ class AutoRound:
         loss_mask = loss_mask_from_attention(calib.attention_mask)
         q_in = None
         for name, block, call in steps:
-            targets = _run_batched(block, fp_in, call, self.tuning.batch_size, self.device)
+            targets = run_batched(block, fp_in, call, self.tuning.batch_size, self.device)
             tune_in = q_in if (self.enable_quanted_input and q_in is not None) else fp_in
             layers = self._block_layers(name)
             if layers:
-                run = _block_runner(block, tune_in, call, self.device)
+                run = block_runner(block, tune_in, call, self.device)
                 # autocast tuning: attention in the autocast dtype too (see model/tuning_attention.py)
                 with tuning_attention(block, enabled=self.tuning.amp_dtype is not None):
                     results, stats = tune_block(
@@ -285,7 +286,7 @@ class AutoRound:
                     )
                 self.results.update(results)
                 self.block_stats[name] = stats
-            q_in = _run_batched(block, tune_in, call, self.tuning.batch_size, self.device) if self.enable_quanted_input else None
+            q_in = run_batched(block, tune_in, call, self.tuning.batch_size, self.device) if self.enable_quanted_input else None
             fp_in = targets
 
     # ------------------------------------------------------------------------------------------
@@ -305,14 +306,26 @@ class AutoRound:
             scheme=self.scheme, block_groups=self.block_groups, tuning=tuning, max_shard_size=self.max_shard_size,
             scale_dtype_name=_SCALE_DTYPES[self.scale_dtype],
             packing=self._packer.packing if self.packed else None, packed=self.packed,
+            packed_for=self._packer.fmt if self.packed else None,
         )
 
-    def save_quantized(self, output_dir: "str | Path", format: str = "auto_round", overwrite: bool = False) -> list[Path]:
-        """Export the quantized model; several comma-separated formats go to output_dir/<format>."""
+    def _check_export(self, output_dir: "str | Path", format: str, overwrite: bool) -> tuple[list[str], dict[str, Path]]:
+        """Formats and their directories, checked against the output dirs and the layers (before any tuning)."""
         formats = parse_formats(format)
         targets = format_dirs(Path(output_dir), formats)
         for d in targets.values():
             check_output_dir(d, overwrite)
+        layers = {n: (s, layer_shape(self.model.get_submodule(n))[1]) for n, s in self.layer_schemes.items()}
+        outside = frozenset(n for n in layers if not any(n.startswith(g + ".") for g in self.block_groups))
+        conv1d = frozenset(n for n in layers if is_conv1d(self.model.get_submodule(n)))
+        for fmt in formats:
+            check_format(fmt, layers, outside, conv1d)
+        return formats, targets
+
+    def save_quantized(self, output_dir: "str | Path", format: str = "auto_round", overwrite: bool = False) -> list[Path]:
+        """Export the quantized model (quantizing first if needed); several comma-separated formats go to
+        output_dir/<format>."""
+        _, targets = self._check_export(output_dir, format, overwrite)
         if not self.quantized:
             self.quantize()
         ctx = self._export_context()
@@ -320,15 +333,14 @@ class AutoRound:
 
     def quantize_and_save(self, output_dir: "str | Path" = "./tmp_autoround", format: str = "auto_round",
                           overwrite: bool = False) -> tuple[nn.Module, list[Path]]:
-        """Validate the output first (fail before minutes of tuning), quantize, export."""
-        formats = parse_formats(format)
-        for d in format_dirs(Path(output_dir), formats).values():
-            check_output_dir(d, overwrite)
-        layers = {n: (s, layer_shape(self.model.get_submodule(n))[1]) for n, s in self.layer_schemes.items()}
-        for fmt in formats:
-            check_format(fmt, layers)
+        """Validate the output first (fail before minutes of tuning), quantize, export.
+
+        With one format and low_cpu_mem_usage, layers are packed block by block (see the class docstring).
+        """
+        formats, _ = self._check_export(output_dir, format, overwrite)
         if self.low_cpu_mem_usage and len(formats) == 1 and not self.quantized:
-            quantized = {n: v for n, v in layers.items() if v[0].is_quantized}
+            quantized = {n: (s, layer_shape(self.model.get_submodule(n))[1])
+                         for n, s in self.layer_schemes.items() if s.is_quantized}
             self._packer = block_packer(formats[0], quantized, _SCALE_DTYPES[self.scale_dtype])
         self.quantize()
         return self.model, self.save_quantized(output_dir, format=format, overwrite=overwrite)
@@ -384,21 +396,4 @@ def format_dirs(output_dir: Path, formats: list[str]) -> dict[str, Path]:
     """Where each format goes: output_dir itself for one format, output_dir/<format> for several."""
     if len(formats) == 1:
         return {formats[0]: output_dir}
-    return {f: output_dir / f.replace(":", "-") for f in formats}
-
-
-def _block_runner(block: nn.Module, inputs: torch.Tensor, call: BlockCall, device: str):
-    def run(indices: list[int]) -> torch.Tensor:
-        idx = torch.tensor(indices, dtype=torch.long)
-        args, kwargs = call.select(idx, device)
-        return block_output(block(inputs[idx].to(device), *args, **kwargs))
-
-    return run
-
-
-@torch.no_grad()
-def _run_batched(block: nn.Module, inputs: torch.Tensor, call: BlockCall, batch: int, device: str) -> torch.Tensor:
-    """Block outputs [n, T, H] for all samples, computed `batch` samples at a time, stored on CPU."""
-    run = _block_runner(block, inputs, call, device)
-    outs = [run(list(range(s, min(s + batch, inputs.shape[0])))).to(inputs.device) for s in range(0, inputs.shape[0], batch)]
-    return torch.cat(outs, dim=0)
+    return {f: output_dir / f.replace(":", "-").replace("_", "-") for f in formats}  # the reference's names

@@ -30,7 +30,7 @@ sys.path.insert(0, str(ROOT / "tests"))
 
 from auto_round import AutoRound  # noqa: E402
 from auto_round.algorithms.signround import SignRoundConfig, loss_mask_from_attention, tune_block  # noqa: E402
-from auto_round.compressor import _block_runner, _run_batched  # noqa: E402
+from auto_round.model.block_run import block_runner, run_batched  # noqa: E402
 from auto_round.model.block_inputs import capture_block_inputs  # noqa: E402
 from auto_round.model.blocks import iter_blocks  # noqa: E402
 from auto_round.model.tuning_attention import tuning_attention  # noqa: E402
@@ -89,14 +89,14 @@ def main() -> None:
     if args.block:  # walk the fp chain to this block's real inputs
         fp = inputs
         for (_, b), c in zip(blocks[: args.block], captured.calls):
-            fp = _run_batched(b, fp, c, args.batch_size, "cpu")
+            fp = run_batched(b, fp, c, args.batch_size, "cpu")
         inputs = fp
-    targets = _run_batched(block, inputs, call, args.batch_size, "cpu")
+    targets = run_batched(block, inputs, call, args.batch_size, "cpu")
     layers = ar._block_layers(name)
     mask = loss_mask_from_attention(calib.attention_mask)
     config = SignRoundConfig(iters=args.iters, lr=5e-3, batch_size=args.batch_size, seed=42,
                              amp_dtype=torch.bfloat16 if args.amp == "bf16" else None)
-    run = _block_runner(block, inputs, call, "cpu")
+    run = block_runner(block, inputs, call, "cpu")
     snapshot = {n: m.weight.detach().clone() for n, (m, _) in layers.items()}
 
     def tune(iters: int) -> float:

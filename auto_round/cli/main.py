@@ -67,7 +67,10 @@ def build_parser(prog: str = "auto-round") -> argparse.ArgumentParser:
     r.add_argument("--device", "--device_map", dest="device", help="cpu, cuda, cuda:0, ... (default: cuda if present)")
     r.add_argument("--model_dtype", help="fp32 / fp16 / bf16 (default fp32 on CPU)")
     r.add_argument("--disable_trust_remote_code", action="store_true")
-    r.add_argument("--format", "--formats", default="auto_round", help="auto_round, auto_round:auto_gptq, auto_round:auto_awq, fake")
+    r.add_argument("--format", "--formats", default="auto_round",
+                   help="auto_round, auto_round:auto_gptq, auto_round:auto_awq, auto_round:gptqmodel, auto_gptq, "
+                        "auto_awq, llm_compressor, fake; comma-separated for several (each in OUTPUT_DIR/<format>). "
+                        "`auto-round list format` shows what each holds")
     r.add_argument("--output_dir", default="./tmp_autoround")
     r.add_argument("--overwrite", action="store_true", help="replace a non-empty output directory")
     r.add_argument("--max_shard_size", default="5GB")
@@ -99,6 +102,16 @@ def _layer_config(text: Optional[str]) -> Optional[dict]:
 
 
 def main(argv: Optional[Sequence[str]] = None, recipe: str = "default", prog: str = "auto-round") -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if argv[:1] == ["list"]:  # `auto-round list format`: the support matrix, no model needed
+        from .listing import listing
+
+        try:
+            print(listing(argv[1] if len(argv) > 1 else "format"))
+        except ValueError as err:
+            print(f"{prog}: error: {err}", file=sys.stderr)
+            return 2
+        return 0
     parser = build_parser(prog)
     args = parser.parse_args(argv)
     logging.basicConfig(level=args.log_level, format="%(asctime)s %(levelname)s %(name)s: %(message)s")

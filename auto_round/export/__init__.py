@@ -1,32 +1,52 @@
-"""Export formats behind one registry: format string -> writer(ctx, directory, variant)."""
+"""Export formats behind one registry.
+
+    auto_round[:auto_gptq|:auto_awq|:gptqmodel]   the native format (export/auto_round.py)
+    auto_gptq                                     GPTQ v1 (export/gptq.py)
+    auto_awq                                      AutoAWQ GEMM (export/awq.py)
+    llm_compressor                                compressed-tensors pack-quantized (export/llm_compressor.py)
+    fake                                          the fake-quantized float model (export/fake.py)
+
+Every format is validated against the layers to quantize before tuning (`check_format`), and the formats
+whose layers pack independently can pack each block as soon as it is tuned (`block_packer`).
+"""
 
 from __future__ import annotations
 
 import logging
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable
+from typing import Callable, Optional
+
+import torch
 
 from .auto_round import PACKINGS, check_requested_packing, choose_packing_for, pack_result, save_auto_round
+from .awq import check_awq, pack_awq_layer, save_auto_awq
+from .checkpoint import PackFn
 from .context import ExportContext
 from .fake import save_fake
+from .gptq import check_gptq, pack_gptq_layer, save_auto_gptq
+from .llm_compressor import check_llm_compressor, pack_ct_layer, save_llm_compressor
 from .writer import ExportError, atomic_output_dir
 
 logger = logging.getLogger("auto_round")
 
 Writer = Callable[[ExportContext, Path, "str | None"], dict]
 
-_REGISTRY: dict[str, Writer] = {
+_WRITERS: dict[str, Writer] = {
     "auto_round": lambda ctx, d, variant: save_auto_round(ctx, d, variant),
+    "auto_gptq": lambda ctx, d, variant: save_auto_gptq(ctx, d),
+    "auto_awq": lambda ctx, d, variant: save_auto_awq(ctx, d),
+    "llm_compressor": lambda ctx, d, variant: save_llm_compressor(ctx, d),
     "fake": lambda ctx, d, variant: save_fake(ctx, d),
 }
 
 
 def supported_formats() -> list[str]:
-    return sorted(set(_REGISTRY) | set(PACKINGS))
+    return sorted(set(_WRITERS) | set(PACKINGS))
 
 
 def parse_formats(formats: "str | list[str]") -> list[str]:
-    """'auto_round,fake' -> ['auto_round', 'fake'], validated; raises ExportError on unknown names."""
+    """'auto_round,fake' -> ['auto_round', 'fake'], validated; raises ExportError on unknown or repeated names."""
     items = formats.split(",") if isinstance(formats, str) else list(formats)
     names = [f.strip().lower() for f in items if f.strip()]
     if not names:
@@ -34,53 +54,78 @@ def parse_formats(formats: "str | list[str]") -> list[str]:
     for name in names:
         if name not in supported_formats():
             raise ExportError(f"unknown or not yet supported format {name!r}; supported: {', '.join(supported_formats())}")
+    if len(set(names)) != len(names):
+        raise ExportError(f"format listed twice: {formats!r}")
     return names
 
 
-def check_format(fmt: str, layers: dict) -> None:
-    """Validate a format against the layers to quantize (name -> (scheme, in_features)) before tuning."""
+def check_format(fmt: str, layers: dict, outside_blocks: frozenset = frozenset(), conv1d: frozenset = frozenset()) -> None:
+    """Validate a format against the layers to quantize (name -> (scheme, in_features)) before tuning.
+
+    outside_blocks: names of the layers that are not inside the block lists (lm_head); conv1d: names of
+    transformers Conv1D layers (GPT-2 style).
+    """
+    quantized = {n: v for n, v in layers.items() if v[0].is_quantized}
     if fmt in PACKINGS:
-        check_requested_packing(fmt, {n: v for n, v in layers.items() if v[0].is_quantized})
+        check_requested_packing(fmt, quantized)
+    elif fmt == "auto_gptq":
+        check_gptq(quantized)
+    elif fmt == "auto_awq":
+        if any(n in outside_blocks for n in quantized):
+            raise ExportError("auto_awq cannot hold quantized layers outside the blocks (lm_head); use 'auto_round'")
+        check_awq(quantized)
+    elif fmt == "llm_compressor":
+        check_llm_compressor(quantized, conv1d)
 
 
+@dataclass(frozen=True)
 class BlockPacker:
     """Packs quantized layers as soon as their block is done (immediate packing, low_cpu_mem_usage).
 
-    Holds the packing fixed before tuning; `pack(name, result)` gives the tensors the export will write.
+    fmt: the one format the packed tensors are for; packing: the auto_round packing fixed before tuning
+    (None for the other formats); pack(name, result) gives the tensors the export will write.
     """
 
-    def __init__(self, fmt: str, packing: str, scale_dtype_name: str):
-        self.fmt, self.packing, self.scale_dtype_name = fmt, packing, scale_dtype_name
-
-    def pack(self, name: str, result) -> dict:
-        return pack_result(name, result, self.packing, self.scale_dtype_name)
+    fmt: str
+    pack: PackFn
+    packing: Optional[str] = None
 
 
-def block_packer(fmt: str, layers: dict, scale_dtype_name: str) -> "BlockPacker | None":
+def block_packer(fmt: str, layers: dict, scale_dtype_name: str) -> Optional[BlockPacker]:
     """A BlockPacker for formats whose layers pack independently of each other, else None.
 
     layers: name -> (scheme, in_features) of every quantized layer.
     """
-    if fmt not in PACKINGS or not layers:
+    if not layers:
         return None
-    return BlockPacker(fmt, choose_packing_for(layers, fmt), scale_dtype_name)
+    if fmt in PACKINGS:
+        packing = choose_packing_for(layers, fmt)
+        return BlockPacker(fmt, lambda name, res: pack_result(name, res, packing, scale_dtype_name), packing)
+    if fmt == "auto_gptq":
+        return BlockPacker(fmt, pack_gptq_layer)
+    if fmt == "auto_awq":
+        return BlockPacker(fmt, pack_awq_layer)
+    if fmt == "llm_compressor":
+        scale_dtype = torch.float16 if scale_dtype_name == "torch.float16" else torch.float32
+        return BlockPacker(fmt, lambda name, res: pack_ct_layer(name, res, scale_dtype))
+    return None
 
 
 def export(ctx: ExportContext, output_dir: "str | Path", fmt: str, overwrite: bool = False) -> Path:
     """Write one format atomically into output_dir. Returns the final directory."""
-    family, _, _ = fmt.partition(":")
+    family = fmt if fmt in _WRITERS else fmt.partition(":")[0]
     variant = fmt if fmt in PACKINGS else None
-    writer = _REGISTRY[family]
-    if ctx.packed and fmt not in ("auto_round", ctx.packing):
+    if ctx.packed and fmt != ctx.packed_for:
         raise ExportError(
-            f"cannot write {fmt!r}: the quantized weights were released after being packed as {ctx.packing} "
-            "(immediate packing); quantize with low_cpu_mem_usage=False to export several formats"
+            f"cannot write {fmt!r}: the quantized weights were released after being packed for {ctx.packed_for!r} "
+            "(immediate packing); quantize with low_cpu_mem_usage=False, or pass every format to quantize_and_save"
         )
     with atomic_output_dir(output_dir, overwrite=overwrite) as tmp:
-        writer(ctx, tmp, variant)
+        _WRITERS[family](ctx, tmp, variant)
     final = Path(output_dir).expanduser().resolve()
     logger.info("saved %s checkpoint to %s", fmt, final)
     return final
 
 
-__all__ = ["BlockPacker", "ExportContext", "block_packer", "ExportError", "check_format", "export", "parse_formats", "supported_formats"]
+__all__ = ["BlockPacker", "ExportContext", "ExportError", "block_packer", "check_format", "export",
+           "parse_formats", "supported_formats"]

@@ -4,13 +4,12 @@ Packing by scheme:
     all quantized layers sym                     -> auto_round:auto_gptq (qzeros store zp - 1)
     asym, every quantized layer 4-bit, in % G == 0 -> auto_round:auto_awq (AWQ GEMM layout)
     anything else (other asym bits, mixed, ragged) -> auto_round         (GPTQ layout, raw zp)
+    explicit auto_round:gptqmodel                  -> GPTQ layout, raw zp, g_idx tensors
 Tensors per quantized layer: qweight, qzeros, scales (+ bias); everything else is saved as it is.
 """
 
 from __future__ import annotations
 
-import copy
-import json
 import logging
 from pathlib import Path
 
@@ -21,21 +20,17 @@ from ..packing.gptq import pack_qweight, pack_qzeros
 from ..algorithms.tunable import LayerQuantResult
 from ..schemes import QuantScheme
 from .context import ExportContext
+from .checkpoint import group_index, quantized_state_dict, scales_and_zeros, write_checkpoint
 from .quant_config import build_quantization_config
-from .writer import (
-    ExportError,
-    save_generation_config,
-    save_tokenizer,
-    tied_parameter_names,
-    write_safetensors,
-)
+from .writer import ExportError
 
 logger = logging.getLogger("auto_round")
 
 GPTQ_PACKING = "auto_round:auto_gptq"
 AWQ_PACKING = "auto_round:auto_awq"
 PLAIN_PACKING = "auto_round"
-PACKINGS = (GPTQ_PACKING, AWQ_PACKING, PLAIN_PACKING)
+GPTQMODEL_PACKING = "auto_round:gptqmodel"  # GPTQ layout, raw zero points ("v2"), g_idx written
+PACKINGS = (GPTQ_PACKING, AWQ_PACKING, GPTQMODEL_PACKING, PLAIN_PACKING)
 
 
 def awq_misfits(layers: dict[str, tuple[QuantScheme, int]]) -> list[str]:
@@ -90,19 +85,11 @@ def choose_packing(ctx: ExportContext, requested: str | None = None) -> str:
     return choose_packing_for({n: (r.scheme, r.layout.in_features) for n, r in ctx.results.items()}, requested)
 
 
-def _per_output(tensor: torch.Tensor, out_features: int) -> torch.Tensor:
-    """[rows, n_groups] -> [out, n_groups]; rows == 1 for per-tensor schemes."""
-    return tensor.expand(out_features, tensor.shape[1]) if tensor.shape[0] == 1 else tensor
-
-
 def pack_result(name: str, res: LayerQuantResult, packing: str, scale_dtype_name: str) -> dict[str, torch.Tensor]:
-    """qweight / qzeros / scales of one quantized layer, in the given packing."""
-    if res.codes is None:
-        raise ExportError(f"{name}: its integer codes were released after packing; it cannot be packed again")
-    bits, out_f = res.scheme.bits, res.layout.out_features
-    scales = _per_output(res.scale, out_f).t().contiguous()  # [n_groups, out]
-    zeros = _per_output(res.zero_point, out_f).t().round().to(torch.int64)  # [n_groups, out]
-    scales = scales.to(torch.float16) if scale_dtype_name == "torch.float16" else scales
+    """qweight / qzeros / scales (+ g_idx for gptqmodel) of one quantized layer, in the given packing."""
+    scale_dtype = torch.float16 if scale_dtype_name == "torch.float16" else torch.float32
+    scales, zeros = scales_and_zeros(name, res, scale_dtype)
+    bits = res.scheme.bits
     if packing == AWQ_PACKING:
         return {
             f"{name}.qweight": pack_awq_qweight(res.codes, bits),
@@ -110,38 +97,21 @@ def pack_result(name: str, res: LayerQuantResult, packing: str, scale_dtype_name
             f"{name}.scales": scales,
         }
     offset = 1 if packing == GPTQ_PACKING else 0
-    return {
+    tensors = {
         f"{name}.qweight": pack_qweight(res.codes, bits),
         f"{name}.qzeros": pack_qzeros(zeros, bits, zero_offset=offset),
         f"{name}.scales": scales,
     }
-
-
-def quantized_state_dict(ctx: ExportContext, packing: str) -> dict[str, torch.Tensor]:
-    """The model's state dict with each quantized layer's weight replaced by its packed tensors."""
-    tied = tied_parameter_names(ctx.model)
-    state = {k: v for k, v in ctx.model.state_dict().items() if k not in tied}
-    for name in ctx.results:
-        weight_key = f"{name}.weight"
-        if weight_key not in state:
-            raise ExportError(f"quantized layer {name} has no weight in the state dict (tied or renamed?)")
-        del state[weight_key]
-        packed = ctx.packed.get(name)
-        state.update(packed if packed is not None else pack_result(name, ctx.results[name], packing, ctx.scale_dtype_name))
-    return state
+    if packing == GPTQMODEL_PACKING:
+        tensors[f"{name}.g_idx"] = group_index(res)
+    return tensors
 
 
 def save_auto_round(ctx: ExportContext, directory: Path, requested_packing: str | None = None) -> dict:
     """Write an auto_round checkpoint into `directory` (which must exist). Returns quantization_config."""
     packing = choose_packing(ctx, requested_packing)
-    state = quantized_state_dict(ctx, packing)
+    state = quantized_state_dict(ctx, lambda name, res: pack_result(name, res, packing, ctx.scale_dtype_name))
     qconfig = build_quantization_config(ctx, packing)
-    config = copy.deepcopy(ctx.model.config)
-    config.quantization_config = qconfig
-    config.save_pretrained(str(directory))
-    (directory / "quantization_config.json").write_text(json.dumps(qconfig, indent=2))
-    write_safetensors(state, directory, ctx.max_shard_size)
-    save_generation_config(ctx.model, directory)
-    save_tokenizer(ctx.tokenizer, directory)
+    write_checkpoint(ctx, directory, state, qconfig)
     logger.info("packed %d quantized layers as %s", len(ctx.results), packing)
     return qconfig

@@ -36,6 +36,7 @@ class ExportContext:
     # packed tensors for the layers packed as soon as their block was done (their weights are released)
     packing: Optional[str] = None
     packed: dict[str, dict[str, Any]] = field(default_factory=dict)
+    packed_for: Optional[str] = None  # the format string the packed tensors were made for
 
     def in_block(self, name: str) -> bool:
         return any(name.startswith(g + ".") for g in self.block_groups)

@@ -80,14 +80,21 @@ def build_extra_config(ctx: ExportContext) -> dict[str, dict[str, Any]]:
     return extra
 
 
+def base_config(ctx: ExportContext) -> dict[str, Any]:
+    """The keys every format built on auto-round's config shares: version, main scheme, non-default tuning."""
+    return {
+        "autoround_version": __version__,
+        **scheme_entry(ctx.scheme),
+        **filter_tuning({**ctx.tuning, "scale_dtype": ctx.scale_dtype_name}),
+    }
+
+
 def build_quantization_config(ctx: ExportContext, packing_format: str) -> dict[str, Any]:
     config: dict[str, Any] = {
-        "autoround_version": __version__,
+        **base_config(ctx),
         "quant_method": "auto-round",
         "packing_format": packing_format,
         "block_name_to_quantize": ",".join(ctx.block_groups),
-        **scheme_entry(ctx.scheme),
-        **filter_tuning({**ctx.tuning, "scale_dtype": ctx.scale_dtype_name}),
     }
     extra = build_extra_config(ctx)
     if extra:

@@ -162,7 +162,8 @@ def _check_supported(qconfig: Mapping[str, Any], specs: Mapping[str, LayerQuantS
 # ---------------------------------------------------------------------------------------------- conversion
 
 
-def _make_quant_linear(module: nn.Module, spec: LayerQuantSpec, packing: Packing, scale_dtype: torch.dtype) -> QuantLinear:
+def _make_quant_linear(module: nn.Module, spec: LayerQuantSpec, packing: Packing, scale_dtype: torch.dtype,
+                       pad_in_to_group: bool = False) -> QuantLinear:
     out_f, in_f = layer_shape(module)
     weight = module.weight
     dtype = weight.dtype if weight.is_floating_point() else torch.get_default_dtype()
@@ -170,6 +171,7 @@ def _make_quant_linear(module: nn.Module, spec: LayerQuantSpec, packing: Packing
         in_f, out_f, spec.bits, spec.group_size, zero_offset=packing.zero_offset,
         bias=getattr(module, "bias", None) is not None, dtype=dtype,
         layout=packing.layout, scale_dtype=scale_dtype, g_idx=packing.g_idx, device=weight.device,
+        pad_in_to_group=pad_in_to_group,
     )
 
 
@@ -195,7 +197,9 @@ def convert_hf_model(model: nn.Module, target_device: str = "cpu") -> tuple[nn.M
             # The reference exporter keeps such layers in float; the checkpoint then holds `.weight` for them.
             logger.warning("auto_round: %s cannot be packed as %s (%s); kept as a float layer", name, packing.name, problem)
             continue
-        model.set_submodule(name, _make_quant_linear(module, spec, packing, scale_dtype))
+        # the reference's model-free RTN (iters 0, opt-RTN off) pads qweight of ragged layers to whole groups
+        pad = bool(qconfig.get("model_free"))
+        model.set_submodule(name, _make_quant_linear(module, spec, packing, scale_dtype, pad))
         replaced += 1
     if target_device not in ("cpu", "cuda", "xpu", "mps", "hpu"):
         logger.warning("auto_round: untested target device %r for the torch backend", target_device)

@@ -7,6 +7,8 @@ Rules (reference §4.1 / §5.1):
   win over regexes; regexes are tried with re.search (so ".*fc1.*" and "fc1" both work) in the order given.
 - bits >= 16 (or a float data_type) means the layer stays a plain float layer.
 - Layers outside the blocks (e.g. lm_head) are quantized only when an extra_config entry gives them bits < 16.
+- GPTQ configs: `dynamic` (GPTQModel's "+:regex" / "-:regex" rules), `modules_in_block_to_quantize` and the
+  `lm_head` flag; AWQ configs: `modules_to_not_convert`.
 """
 
 from __future__ import annotations
@@ -147,6 +149,34 @@ def _gptq_modules_in_block(qconfig: Mapping[str, Any]) -> Optional[set[str]]:
     return flat
 
 
+def gptq_dynamic(names: list[str], dynamic: Optional[Mapping[str, Any]]) -> tuple[dict[str, dict[str, Any]], set[str]]:
+    """GPTQModel's per-layer `dynamic` rules -> (layer name -> overrides, names kept float).
+
+    Keys are regexes matched with re.match against the full layer name: "-:<regex>" keeps the layer float,
+    "+:<regex>" or a bare regex overrides bits / group_size / sym. The first matching rule decides.
+    """
+    overrides: dict[str, dict[str, Any]] = {}
+    skipped: set[str] = set()
+    if not dynamic:
+        return overrides, skipped
+    rules = []
+    for key, value in dynamic.items():
+        sign, pattern = ("-", key[2:]) if key.startswith("-:") else ("+", key[2:] if key.startswith("+:") else key)
+        try:
+            rules.append((sign, re.compile(pattern), dict(value or {})))
+        except re.error:
+            logger.warning("dynamic key %r is not a valid regex; ignored", key)
+    for name in names:
+        for sign, pattern, value in rules:
+            if pattern.match(name):
+                if sign == "-":
+                    skipped.add(name)
+                else:
+                    overrides[name] = value
+                break
+    return overrides, skipped
+
+
 def build_layer_specs(model: nn.Module, qconfig: Mapping[str, Any]) -> dict[str, LayerQuantSpec]:
     """Spec of every Linear/Conv1D that the checkpoint stores quantized (float layers are left out)."""
     blocks = parse_block_names(qconfig.get("block_name_to_quantize") or qconfig.get("to_quant_block_names"))
@@ -164,12 +194,17 @@ def build_layer_specs(model: nn.Module, qconfig: Mapping[str, Any]) -> dict[str,
     layers = linear_layers(model)
     names = list(layers)
     overrides = match_extra_config(names, qconfig.get("extra_config") or {})
+    dynamic_overrides, dynamic_skipped = gptq_dynamic(names, qconfig.get("dynamic"))
+    for name, override in dynamic_overrides.items():
+        overrides[name] = {**overrides.get(name, {}), **override}
     in_block_filter = _gptq_modules_in_block(qconfig)
     excluded = set(qconfig.get("modules_to_not_convert") or [])  # AWQ configs list float layers this way
 
     specs: dict[str, LayerQuantSpec] = {}
     for name in names:
         in_block = _in_blocks(name, blocks)
+        if name in dynamic_skipped:
+            continue
         if name in overrides:
             if not in_block and "bits" not in overrides[name]:
                 continue  # a regex tweaking e.g. group_size does not pull lm_head into quantization

@@ -70,6 +70,8 @@ class QuantLinear(nn.Module):
         dtype: compute dtype of the cached weight, the bias and the matmul (default: torch's default dtype).
         layout: "gptq" or "awq". scale_dtype: dtype of `scales` in the checkpoint.
         g_idx: register a g_idx [in] buffer (GPTQ checkpoints store one). device: where to allocate the buffers.
+        pad_in_to_group: qweight holds in_features rounded up to whole groups (the reference's model-free RTN
+            writes ragged layers that way); the padding codes are dropped when unpacking.
     """
 
     def __init__(
@@ -86,6 +88,7 @@ class QuantLinear(nn.Module):
         scale_dtype: torch.dtype = torch.float16,
         g_idx: bool = False,
         device: "torch.device | str | None" = None,
+        pad_in_to_group: bool = False,
     ) -> None:
         super().__init__()
         problem = packing_problem(in_features, out_features, bits, group_size, layout)
@@ -98,7 +101,8 @@ class QuantLinear(nn.Module):
         group = in_features if self.group_size == -1 else self.group_size
         n_groups = -(-in_features // group)
         packed_out = out_features * bits // 32
-        qweight_shape = (in_features * bits // 32, out_features) if layout == "gptq" else (in_features, packed_out)
+        self.packed_in = n_groups * group if pad_in_to_group and layout == "gptq" else in_features
+        qweight_shape = (self.packed_in * bits // 32, out_features) if layout == "gptq" else (in_features, packed_out)
         self.register_buffer("qweight", torch.zeros(qweight_shape, dtype=torch.int32, device=device))
         self.register_buffer("qzeros", torch.zeros(n_groups, packed_out, dtype=torch.int32, device=device))
         self.register_buffer("scales", torch.zeros(n_groups, out_features, dtype=scale_dtype, device=device))
@@ -134,7 +138,7 @@ class QuantLinear(nn.Module):
     def codes(self) -> torch.Tensor:
         """Integer codes int32 [out, in]."""
         if self.layout == "gptq":
-            return unpack_qweight(self.qweight, self.bits, self.in_features)
+            return unpack_qweight(self.qweight, self.bits, self.packed_in)[:, : self.in_features]
         return unpack_awq_qweight(self.qweight, self.out_features, self.bits)
 
     def _group_index(self) -> torch.Tensor:
@@ -159,7 +163,7 @@ class QuantLinear(nn.Module):
         if self.layout == "gptq":
             for o0 in range(0, self.out_features, _CHUNK):
                 o1 = min(o0 + _CHUNK, self.out_features)
-                q = unpack_qweight(self.qweight[:, o0:o1], self.bits, self.in_features).to(torch.float32)
+                q = unpack_qweight(self.qweight[:, o0:o1], self.bits, self.packed_in)[:, : self.in_features].to(torch.float32)
                 s, z = sg[:, o0:o1][gidx].t(), zg[:, o0:o1][gidx].t()  # [o1-o0, in]
                 out[o0:o1] = (s * (q - z)).to(dtype)
         else:

@@ -1,0 +1,115 @@
+"""The `llm_compressor` format for integer weight-only schemes: compressed-tensors "pack-quantized"
+(reference §4.4), what vLLM and transformers load through the compressed-tensors integration.
+
+Per quantized Linear:
+    weight_packed      int32 [out, in*b/32]   codes along in, little-endian bit stream (32 values per b words)
+    weight_scale       [out, n_groups]        scale dtype (fp16 by default)
+    weight_shape       int64 [2]              (out, in)
+    weight_zero_point  int32 [out*b/32, n_groups], asym only: zp - 2^(b-1) (compressed-tensors' signed zero
+                       point), stored + 2^(b-1) again and packed along out, as compressed-tensors packs it
+compressed-tensors keeps signed integers x = code - 2^(b-1) and dequantizes (x - zp_signed) * scale, which
+is our scale * (code - zp). A sym scale may be negative (full-range sym); the product is the same.
+
+quantization_config: one config group per (bits, group_size, sym); the most common one targets "Linear",
+the others name their layers exactly (exact names win over class targets in compressed-tensors). Every
+other Linear is listed in `ignore`. "format" is "pack-quantized", or "mixed-precision" with several groups.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections import Counter
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from ..algorithms.tunable import LayerQuantResult
+from ..layers import is_conv1d, is_quantizable
+from ..packing.bitstream import pack_last_dim
+from ..schemes import QuantScheme
+from .checkpoint import quantized_state_dict, scales_and_zeros, write_checkpoint
+from .context import ExportContext
+from .writer import ExportError
+
+logger = logging.getLogger("auto_round")
+
+PACK_QUANTIZED = "pack-quantized"
+
+
+def check_llm_compressor(layers: dict[str, tuple[QuantScheme, int]], conv1d: frozenset = frozenset()) -> None:
+    """Before tuning: integer schemes, whole groups, nn.Linear layers (compressed-tensors packs no Conv1D)."""
+    for name, (scheme, in_features) in layers.items():
+        if scheme.data_type != "int":
+            raise ExportError(f"llm_compressor export here covers integer weight-only schemes; {name} is {scheme.data_type}")
+        group = in_features if scheme.group_size <= 0 else scheme.group_size
+        if in_features % group:
+            raise ExportError(f"llm_compressor needs in_features divisible by group_size; {name} has in_features="
+                              f"{in_features}, group_size={scheme.group_size}. Use format 'auto_round'.")
+        if name in conv1d:
+            raise ExportError(f"llm_compressor (compressed-tensors) packs nn.Linear only; {name} is a Conv1D")
+
+
+def pack_ct_layer(name: str, res: LayerQuantResult, scale_dtype: torch.dtype = torch.float16) -> dict[str, torch.Tensor]:
+    scales, zeros = scales_and_zeros(name, res, scale_dtype)  # [n_groups, out]
+    bits = res.scheme.bits
+    tensors = {
+        f"{name}.weight_packed": pack_last_dim(res.codes, bits),
+        f"{name}.weight_scale": scales.t().contiguous(),
+        f"{name}.weight_shape": torch.tensor([res.layout.out_features, res.layout.in_features], dtype=torch.int64),
+    }
+    if not res.scheme.sym:
+        tensors[f"{name}.weight_zero_point"] = pack_last_dim(zeros, bits).t().contiguous()
+    return tensors
+
+
+def _weights_args(scheme: QuantScheme) -> dict[str, Any]:
+    grouped = scheme.group_size > 0
+    return {
+        "actorder": None, "block_structure": None, "dynamic": False,
+        "group_size": scheme.group_size if grouped else None, "num_bits": scheme.bits, "observer": "minmax",
+        "observer_kwargs": {}, "strategy": "group" if grouped else "channel", "symmetric": scheme.sym, "type": "int",
+    }
+
+
+def _key(scheme: QuantScheme) -> tuple:
+    return scheme.bits, scheme.group_size if scheme.group_size > 0 else -1, scheme.sym
+
+
+def ct_config(ctx: ExportContext) -> dict[str, Any]:
+    by_key: dict[tuple, list[str]] = {}
+    for name, res in ctx.results.items():
+        by_key.setdefault(_key(res.scheme), []).append(name)
+    main = Counter({k: len(v) for k, v in by_key.items()}).most_common(1)[0][0]
+    ordered = [main] + sorted(k for k in by_key if k != main)
+    groups = {}
+    for i, key in enumerate(ordered):
+        scheme = ctx.results[by_key[key][0]].scheme
+        targets = ["Linear"] if key == main else sorted(by_key[key])
+        groups[f"group_{i}"] = {"format": PACK_QUANTIZED, "input_activations": None, "output_activations": None,
+                                "targets": targets, "weights": _weights_args(scheme)}
+    ignore = sorted(name for name, module in ctx.model.named_modules()
+                    if name and is_quantizable(module) and name not in ctx.results)
+    return {
+        "config_groups": groups,
+        "format": PACK_QUANTIZED if len(groups) == 1 else "mixed-precision",
+        "global_compression_ratio": None,
+        "ignore": ignore,
+        "kv_cache_scheme": None,
+        "moe_sparsity_config": None,
+        "provider": "auto-round",
+        "quant_method": "compressed-tensors",
+        "quantization_status": "compressed",
+    }
+
+
+def save_llm_compressor(ctx: ExportContext, directory: Path) -> dict:
+    conv1d = frozenset(n for n in ctx.results if is_conv1d(ctx.model.get_submodule(n)))
+    check_llm_compressor({n: (r.scheme, r.layout.in_features) for n, r in ctx.results.items()}, conv1d)
+    scale_dtype = torch.float16 if ctx.scale_dtype_name == "torch.float16" else torch.float32
+    state = quantized_state_dict(ctx, lambda name, res: pack_ct_layer(name, res, scale_dtype))
+    qconfig = ct_config(ctx)
+    write_checkpoint(ctx, directory, state, qconfig)
+    logger.info("packed %d quantized layers as compressed-tensors %s", len(ctx.results), qconfig["format"])
+    return qconfig
+
