@@ -18,14 +18,14 @@ from functools import lru_cache
 import torch
 
 
-@lru_cache(maxsize=1)
-def _malloc_trim():
-    """glibc's malloc_trim, or None where it does not exist (macOS, Windows, musl)."""
+@lru_cache(maxsize=None)
+def _libc(symbol: str):
+    """A C library function, or None where it does not exist (malloc_trim: glibc only; no libc on Windows)."""
     name = ctypes.util.find_library("c")
     if not name:
         return None
     try:
-        return ctypes.CDLL(name).malloc_trim
+        return getattr(ctypes.CDLL(name, use_errno=True), symbol)
     except (OSError, AttributeError):
         return None
 
@@ -33,7 +33,7 @@ def _malloc_trim():
 def release_memory(device: str = "cpu") -> None:
     """Collect garbage, return the freed heap to the OS (glibc), and empty the CUDA cache on CUDA devices."""
     gc.collect()
-    trim = _malloc_trim()
+    trim = _libc("malloc_trim")
     if trim is not None:
         trim(0)
     if torch.device(device).type == "cuda" and torch.cuda.is_available():
@@ -51,14 +51,9 @@ _MADV_DONTNEED = 4
 
 @lru_cache(maxsize=1)
 def _madvise():
-    name = ctypes.util.find_library("c")
-    if not name:
-        return None
-    try:
-        fn = ctypes.CDLL(name, use_errno=True).madvise
-    except (OSError, AttributeError):
-        return None
-    fn.argtypes = [ctypes.c_void_p, ctypes.c_size_t, ctypes.c_int]
+    fn = _libc("madvise")
+    if fn is not None:
+        fn.argtypes = [ctypes.c_void_p, ctypes.c_size_t, ctypes.c_int]
     return fn
 
 
