@@ -55,6 +55,7 @@ class AutoRound:
         as soon as the block is done and release their weights (the source pages of a memory-mapped
         checkpoint too): the returned model then has meta weights in its quantized layers. quantize()
         alone never does this; pass False to keep the fake-quantized model after quantize_and_save.
+    amp_attention: with amp on CPU, run attention in the amp dtype too (faster steps, slightly worse accuracy).
     The remaining arguments are SignRound's (reference defaults).
     """
 
@@ -89,6 +90,7 @@ class AutoRound:
         disable_opt_rtn: Optional[bool] = None,
         amp: Optional[bool] = None,
         amp_dtype: "str | torch.dtype" = "bf16",
+        amp_attention: bool = False,
         scale_dtype: "str | torch.dtype" = "fp16",
         model_dtype: "str | torch.dtype | None" = None,
         device: Optional[str] = None,
@@ -113,6 +115,7 @@ class AutoRound:
             amp_dtype=resolve_amp_dtype(amp, amp_dtype, self.device),
         )
         self.enable_quanted_input = enable_quanted_input
+        self.amp_attention = amp_attention
         # None = the reference default: opt-RTN on for iters=0 (sym int < 8 bits), off for W8 and asym
         self.disable_opt_rtn = disable_opt_rtn
         self.dataset, self.nsamples, self.seqlen, self.seed = dataset, nsamples, seqlen, seed
@@ -278,8 +281,9 @@ class AutoRound:
             layers = self._block_layers(name)
             if layers:
                 run = block_runner(block, tune_in, call, self.device)
-                # autocast tuning: attention in the autocast dtype too (see model/tuning_attention.py)
-                with tuning_attention(block, enabled=self.tuning.amp_dtype is not None):
+                # opt-in: attention in the autocast dtype too (model/tuning_attention.py; ~8 % faster steps on
+                # CPU, but W2 perplexity on SmolLM2 went 75.8 -> 77.8, so it is not the default)
+                with tuning_attention(block, enabled=self.amp_attention and self.tuning.amp_dtype is not None):
                     results, stats = tune_block(
                         layers, run, targets, loss_mask, self.tuning,
                         scale_dtype=self.scale_dtype, device=self.device, block_name=name,

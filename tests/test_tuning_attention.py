@@ -72,3 +72,20 @@ def test_config_restored_after_an_error():
             assert model.config._attn_implementation != "sdpa"
             raise RuntimeError("boom")
     assert model.config._attn_implementation == "sdpa"
+
+
+@pytest.mark.parametrize("opt_in", [False, True])
+def test_used_only_when_asked_for(monkeypatch, opt_in):
+    """Off by default (it costs accuracy at 2 bits); amp_attention=True routes the tuning attention through it."""
+    import auto_round.model.tuning_attention as ta
+    from auto_round import AutoRound
+
+    calls = []
+    real = ta.grouped_attention
+    monkeypatch.setattr(ta, "grouped_attention", lambda *a, **k: calls.append(1) or real(*a, **k))
+    monkeypatch.setattr(ta, "NAME", f"auto_round_tuning_test_{opt_in}")  # register the wrapper afresh
+    ar = AutoRound(tiny_model("llama"), dataset=random_ids(4, 16), nsamples=4, seqlen=16, batch_size=2, iters=2,
+                   group_size=32, amp=True, amp_attention=opt_in)
+    ar.quantize()
+    assert bool(calls) == opt_in
+    assert ar.model.config._attn_implementation == "sdpa"

@@ -63,6 +63,9 @@ def build_parser(prog: str = "auto-round") -> argparse.ArgumentParser:
                           "Default: on where bf16 is fast (CUDA, CPUs with AVX512-BF16/AMX)")
     amp.add_argument("--disable_amp", dest="amp", action="store_false", help="tune in the model's dtype")
     t.add_argument("--amp_dtype", default="bf16", choices=["bf16", "bfloat16", "fp16", "float16"])
+    t.add_argument("--amp_attention", action="store_true",
+                   help="with --amp on CPU, also run attention in the amp dtype: ~8%% faster tuning steps, "
+                        "slightly worse accuracy (SmolLM2 W2A16G64: ppl 77.8 instead of 75.8)")
     r = p.add_argument_group("runtime and output")
     r.add_argument("--device", "--device_map", dest="device", help="cpu, cuda, cuda:0, ... (default: cuda if present)")
     r.add_argument("--model_dtype", help="fp32 / fp16 / bf16 (default fp32 on CPU)")
@@ -138,6 +141,7 @@ def main(argv: Optional[Sequence[str]] = None, recipe: str = "default", prog: st
             enable_minmax_tuning=not args.disable_minmax_tuning,
             enable_quanted_input=not args.disable_quanted_input, not_use_best_mse=args.not_use_best_mse,
             seed=args.seed, disable_opt_rtn=args.disable_opt_rtn, amp=args.amp, amp_dtype=args.amp_dtype,
+            amp_attention=args.amp_attention,
             scale_dtype=args.scale_dtype, model_dtype=args.model_dtype, device=args.device,
             trust_remote_code=not args.disable_trust_remote_code, max_shard_size=args.max_shard_size,
             low_cpu_mem_usage=args.low_cpu_mem_usage,
