@@ -70,6 +70,7 @@ def main() -> None:
     p.add_argument("--seqlen", type=int, default=256)
     p.add_argument("--batch_size", type=int, default=8)
     p.add_argument("--amp", choices=["none", "bf16"], default="none", help="autocast the tuning matmuls")
+    p.add_argument("--amp_attention", action="store_true", help="with --amp bf16: attention in bf16 too (opt-in)")
     p.add_argument("--profile", action="store_true", help="print torch.profiler's top operators for 5 steps")
     args = p.parse_args()
     from compare import model_folder, write_calibration  # same model/data as the comparison
@@ -103,7 +104,7 @@ def main() -> None:
         for n, (m, _) in layers.items():  # every run starts from the same fp weights
             m.weight.data.copy_(snapshot[n])
         cfg = SignRoundConfig(**{**config.__dict__, "iters": iters})
-        with tuning_attention(block, enabled=cfg.amp_dtype is not None):
+        with tuning_attention(block, enabled=args.amp_attention and cfg.amp_dtype is not None):
             return _timed(lambda: tune_block(layers, run, targets, mask, cfg, block_name=name))
 
     tune(2)  # warm-up
@@ -112,7 +113,7 @@ def main() -> None:
     big = max((m for m, _ in layers.values()), key=lambda m: m.in_features * m.out_features)
     peak = max(sgemm_gflops(2048, 2048, 2048), sgemm_gflops(args.batch_size * args.seqlen, big.in_features, big.out_features))
     result = {
-        "model": args.model, "block": name, "amp": args.amp, "batch": args.batch_size, "seqlen": args.seqlen,
+        "model": args.model, "block": name, "amp": args.amp, "amp_attention": args.amp_attention, "batch": args.batch_size, "seqlen": args.seqlen,
         "step_s": step_s, "step_gflop": flops / 1e9, "achieved_gflops": flops / step_s / 1e9,
         "sgemm_gflops": peak, "ratio": flops / step_s / 1e9 / peak, "threads": torch.get_num_threads(),
         "machine": platform.processor() or platform.machine(), "torch": torch.__version__,
