@@ -51,7 +51,7 @@ class AutoRound:
     layer_config: {layer name or regex: {"bits": 8, ...} | scheme}; fp_layers: "name1,name2" kept fp.
     dataset: None (pile-10k, or bundled offline Wikipedia text when the hub is unreachable), a local
         .txt/.json/.jsonl path, "a.json,b.jsonl:num=64", or a list of strings.
-    low_cpu_mem_usage: in quantize_and_save with one auto_round-family format, pack each block's layers
+    low_cpu_mem_usage: in quantize_and_save with one packed format (not `fake`), pack each block's layers
         as soon as the block is done and release their weights (the source pages of a memory-mapped
         checkpoint too): the returned model then has meta weights in its quantized layers. quantize()
         alone never does this; pass False to keep the fake-quantized model after quantize_and_save.
@@ -313,8 +313,10 @@ class AutoRound:
             packed_for=self._packer.fmt if self.packed else None,
         )
 
-    def _check_export(self, output_dir: "str | Path", format: str, overwrite: bool) -> tuple[list[str], dict[str, Path]]:
-        """Formats and their directories, checked against the output dirs and the layers (before any tuning)."""
+    def _check_export(self, output_dir: "str | Path", format: str, overwrite: bool
+                      ) -> tuple[list[str], dict[str, Path], dict[str, tuple[QuantScheme, int]]]:
+        """(formats, their directories, layer -> (scheme, in_features)), checked against the output dirs and
+        the layers (before any tuning)."""
         formats = parse_formats(format)
         targets = format_dirs(Path(output_dir), formats)
         for d in targets.values():
@@ -324,12 +326,12 @@ class AutoRound:
         conv1d = frozenset(n for n in layers if is_conv1d(self.model.get_submodule(n)))
         for fmt in formats:
             check_format(fmt, layers, outside, conv1d)
-        return formats, targets
+        return formats, targets, layers
 
     def save_quantized(self, output_dir: "str | Path", format: str = "auto_round", overwrite: bool = False) -> list[Path]:
         """Export the quantized model (quantizing first if needed); several comma-separated formats go to
         output_dir/<format>."""
-        _, targets = self._check_export(output_dir, format, overwrite)
+        _, targets, _ = self._check_export(output_dir, format, overwrite)
         if not self.quantized:
             self.quantize()
         ctx = self._export_context()
@@ -341,10 +343,9 @@ class AutoRound:
 
         With one format and low_cpu_mem_usage, layers are packed block by block (see the class docstring).
         """
-        formats, _ = self._check_export(output_dir, format, overwrite)
+        formats, _, layers = self._check_export(output_dir, format, overwrite)
         if self.low_cpu_mem_usage and len(formats) == 1 and not self.quantized:
-            quantized = {n: (s, layer_shape(self.model.get_submodule(n))[1])
-                         for n, s in self.layer_schemes.items() if s.is_quantized}
+            quantized = {n: v for n, v in layers.items() if v[0].is_quantized}
             self._packer = block_packer(formats[0], quantized, _SCALE_DTYPES[self.scale_dtype])
         self.quantize()
         return self.model, self.save_quantized(output_dir, format=format, overwrite=overwrite)
