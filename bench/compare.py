@@ -46,6 +46,7 @@ def parse_args() -> argparse.Namespace:
     p.add_argument("--seqlen", type=int, default=256)
     p.add_argument("--batch_size", type=int, default=8)
     p.add_argument("--eval_samples", type=int, default=8)
+    p.add_argument("--seed", type=int, default=42, help="tuning seed passed to both CLIs (both default to 42)")
     p.add_argument("--name", default=None, help="results file name (default: <model>)")
     p.add_argument("--decode_setting", default="w4_rtn", help="whose exports to time for prefill/decode ('' = skip)")
     p.add_argument("--rescore", default=None, metavar="WORKDIR",
@@ -96,7 +97,7 @@ def cli_command(impl: str, model: Path, setting: str, calib: Path, out: Path, ar
     binary = (OURS_BIN if impl == "ours" else PEER_BIN) / "auto-round"
     cmd = [str(binary), "--model", str(model), "--scheme", scheme, "--iters", str(iters),
            "--nsamples", str(args.nsamples), "--seqlen", str(args.seqlen), "--batch_size", str(args.batch_size),
-           "--dataset", str(calib), "--format", "auto_round", "--output_dir", str(out), "--device_map", "cpu"]
+           "--seed", str(args.seed), "--dataset", str(calib), "--format", "auto_round", "--output_dir", str(out), "--device_map", "cpu"]
     if setting.endswith("_amp") and impl == "ours":
         cmd.append("--amp")
     if iters == 0 and setting.endswith("_rtn"):
@@ -194,7 +195,7 @@ def main() -> None:
     date = datetime.date.today().isoformat()
     import torch
 
-    report = {"model": args.model, "date": date, "fp_ppl": fp["ppl"], "nsamples": args.nsamples,
+    report = {"model": args.model, "date": date, "fp_ppl": fp["ppl"], "nsamples": args.nsamples, "seed": args.seed,
               "seqlen": args.seqlen, "batch_size": args.batch_size, "decode": decode,
               "machine": f"{platform.processor() or platform.machine()}, {torch.get_num_threads()} threads, "
                          f"torch {torch.__version__}", "runs": runs}
