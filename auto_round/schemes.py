@@ -14,6 +14,21 @@ from typing import Any, Mapping, Optional
 SUPPORTED_DATA_TYPES = ("int", "fp")
 SUPPORTED_WEIGHT_BITS = (2, 3, 4, 5, 6, 7, 8)
 
+# ggml block types a layer can be quantized to: name -> (bits, elements per scale, sym). Facts from
+# llama.cpp's block layouts; the math lives in quant/gguf.
+GGML_WEIGHT_TYPES: Mapping[str, tuple[int, int, bool]] = {
+    "q4_0": (4, 32, True), "q4_1": (4, 32, False), "q5_0": (5, 32, True), "q5_1": (5, 32, False),
+    "q8_0": (8, 32, True), "q2_k": (2, 16, False), "q3_k": (3, 16, True), "q4_k": (4, 32, False),
+    "q5_k": (5, 32, False), "q6_k": (6, 16, True),
+}
+GGML_FLOAT_TYPES = ("bf16", "f16", "f32")
+# gguf:<mix> presets (llama.cpp file types) -> the base ggml type of the mix
+GGUF_MIXES: Mapping[str, str] = {
+    "q2_k_s": "q2_k", "q3_k_s": "q3_k", "q3_k_m": "q3_k", "q3_k_l": "q3_k", "q4_k_s": "q4_k",
+    "q4_k_m": "q4_k", "q5_k_s": "q5_k", "q5_k_m": "q5_k", "q6_k": "q6_k", "q4_0": "q4_0", "q4_1": "q4_1",
+    "q5_0": "q5_0", "q5_1": "q5_1", "q8_0": "q8_0", "bf16": "bf16", "f16": "f16", "f32": "f32",
+}
+
 
 class SchemeError(ValueError):
     """A scheme name or field value that cannot be honoured."""
@@ -42,8 +57,13 @@ class QuantScheme:
     act_sym: Optional[bool] = None
     act_data_type: Optional[str] = None
     act_dynamic: bool = True
+    # ggml block type ("q4_k", ...) for GGUF export, or a float type ("bf16", "f16", "f32") for a layer
+    # kept in floating point in a GGUF file; None for every other scheme
+    gguf: Optional[str] = None
 
     def __post_init__(self) -> None:
+        if self.gguf is not None:
+            self._check_gguf()
         if self.data_type not in SUPPORTED_DATA_TYPES:
             raise SchemeError(
                 f"data_type {self.data_type!r} is not supported yet; choose one of {SUPPORTED_DATA_TYPES}"
@@ -58,6 +78,21 @@ class QuantScheme:
         if self.act_bits < 16:
             raise SchemeError(
                 f"act_bits={self.act_bits}: activation quantization is not implemented yet; use act_bits=16"
+            )
+
+    def _check_gguf(self) -> None:
+        if self.gguf in GGML_FLOAT_TYPES:
+            if self.is_quantized:
+                raise SchemeError(f"gguf={self.gguf!r} is a float type; it needs bits=16, data_type='fp'")
+            return
+        if self.gguf not in GGML_WEIGHT_TYPES:
+            known = ", ".join([*GGML_WEIGHT_TYPES, *GGML_FLOAT_TYPES])
+            raise SchemeError(f"unknown ggml type gguf={self.gguf!r}; known: {known}")
+        bits, sub, sym = GGML_WEIGHT_TYPES[self.gguf]
+        if (self.bits, self.group_size, self.sym, self.data_type) != (bits, sub, sym, "int"):
+            raise SchemeError(
+                f"gguf={self.gguf!r} fixes bits={bits}, group_size={sub}, sym={sym}; got bits={self.bits}, "
+                f"group_size={self.group_size}, sym={self.sym}, data_type={self.data_type!r}"
             )
 
     @property
@@ -80,6 +115,29 @@ class QuantScheme:
 FP_SCHEME = QuantScheme(bits=16, data_type="fp")
 
 
+def gguf_scheme(ggml_type: str) -> QuantScheme:
+    """The scheme of a layer stored as `ggml_type` in a GGUF file ("q4_k", ..., or "bf16"/"f16"/"f32")."""
+    if ggml_type in GGML_FLOAT_TYPES:
+        return QuantScheme(bits=16, data_type="fp", gguf=ggml_type)
+    if ggml_type not in GGML_WEIGHT_TYPES:
+        raise SchemeError(f"unknown ggml type {ggml_type!r}; known: {', '.join([*GGML_WEIGHT_TYPES, *GGML_FLOAT_TYPES])}")
+    bits, sub, sym = GGML_WEIGHT_TYPES[ggml_type]
+    return QuantScheme(bits=bits, group_size=sub, sym=sym, gguf=ggml_type)
+
+
+def gguf_mix_of(name: "str | None") -> Optional[str]:
+    """'gguf:q4_k_m' / 'GGUF:Q4_K_M' -> 'q4_k_m'; None for a name that is not a gguf preset."""
+    if not isinstance(name, str):
+        return None
+    key = name.strip().lower()
+    if not key.startswith("gguf:"):
+        return None
+    mix = key[len("gguf:"):]
+    if mix not in GGUF_MIXES:
+        raise SchemeError(f"unknown GGUF preset {name!r}; known: {', '.join('gguf:' + m for m in GGUF_MIXES)}")
+    return mix
+
+
 def _int_presets() -> dict[str, QuantScheme]:
     table: dict[str, QuantScheme] = {}
     for bits in range(2, 9):
@@ -88,6 +146,8 @@ def _int_presets() -> dict[str, QuantScheme]:
         table[f"W{bits}A16G32"] = QuantScheme(bits=bits, group_size=32, sym=True)
     table["BF16"] = FP_SCHEME
     table["FP16"] = FP_SCHEME
+    for mix, base in GGUF_MIXES.items():  # the mix's base type; per-tensor promotions: model/gguf_mix.py
+        table[f"GGUF:{mix.upper()}"] = gguf_scheme(base)
     return table
 
 
@@ -142,7 +202,23 @@ def scheme_for_bits(base: QuantScheme, overrides: Mapping[str, Any]) -> QuantSch
         base = resolve_scheme(overrides.pop("scheme"))
     bits = overrides.get("bits")
     if bits is not None and int(bits) >= 16:
-        return FP_SCHEME
+        return FP_SCHEME if base.gguf is None else gguf_scheme("f16")
     if overrides.get("data_type") in ("fp", "float"):
-        return FP_SCHEME
+        return FP_SCHEME if base.gguf is None else gguf_scheme("f16")
+    if base.gguf is not None and "gguf" not in overrides and overrides.get("bits") is not None:
+        # a bit width in a GGUF model means the ggml type of that width (nearest, as the reference)
+        return gguf_scheme(nearest_ggml_type(int(overrides["bits"]), base.gguf))
+    if "gguf" in overrides:
+        return gguf_scheme(str(overrides["gguf"]).lower())
     return base.replace(**overrides)
+
+
+def nearest_ggml_type(bits: int, like: str) -> str:
+    """The ggml type with `bits` bits, of the same family (k-quant or legacy) as `like` where one exists."""
+    kquant = like.endswith("_k")
+    same_bits = [t for t, (b, _, _) in GGML_WEIGHT_TYPES.items() if b == bits]
+    if not same_bits:
+        raise SchemeError(f"no ggml type has {bits} bits; widths available: "
+                          f"{sorted({b for b, _, _ in GGML_WEIGHT_TYPES.values()})}")
+    preferred = [t for t in same_bits if t.endswith("_k") == kquant]
+    return (preferred or same_bits)[0]
