@@ -27,7 +27,8 @@ from .algorithms.signround import SignRoundConfig, loss_mask_from_attention, rtn
 from .algorithms.tunable import LayerQuantResult
 from .export import BlockPacker, ExportContext, block_packer, check_format, export, parse_formats
 from .layers import is_conv1d, layer_shape
-from .export.writer import check_output_dir
+from .export.gguf import check_gguf_arch
+from .export.writer import ExportError, check_output_dir
 from .model.block_inputs import BlockCall, capture_block_inputs
 from .model.block_run import block_runner, run_batched
 from .model.blocks import find_block_groups, iter_blocks
@@ -36,7 +37,10 @@ from .model.loading import load_model_and_tokenizer, parse_dtype
 from .model.memory import release_memory, release_weight
 from .model.tuning_attention import tuning_attention
 from .runtime import resolve_amp_dtype, resolve_device
-from .schemes import QuantScheme, SchemeError, resolve_scheme
+from .model.gguf_plan import GGUFPlan, plan_gguf
+from .model.blocks import has_tied_embeddings
+from .algorithms.gguf import gguf_quantize_module
+from .schemes import QuantScheme, SchemeError, gguf_mix_of, resolve_scheme
 
 logger = logging.getLogger("auto_round")
 
@@ -133,16 +137,28 @@ class AutoRound:
         if iters > 0 and self.tokenizer is None and not isinstance(dataset, torch.Tensor):
             raise ValueError("a tokenizer is needed to build calibration data (iters > 0); pass tokenizer=")
         self.block_groups = _block_groups(self.model, to_quant_block_names)
-        self.layer_schemes = resolve_layer_schemes(
-            self.model, self.block_groups, self.scheme,
-            layer_config=layer_config, fp_layers=fp_layers, quant_lm_head=quant_lm_head,
-        )
-        n_quant = sum(s.is_quantized for s in self.layer_schemes.values())
-        if n_quant == 0:
-            raise SchemeError("no layer would be quantized with these settings (all fp or skipped by shape)")
+        self._layer_choices = dict(layer_config=layer_config, fp_layers=fp_layers, quant_lm_head=quant_lm_head)
+        self.gguf: Optional[GGUFPlan] = None
+        self._resolve_layers(gguf_mix_of(scheme) if isinstance(scheme, str) else None)
         self.results: dict[str, LayerQuantResult] = {}
         self.block_stats: dict[str, Any] = {}
         self.quantized = False
+
+    def _resolve_layers(self, gguf_mix: Optional[str]) -> None:
+        """Every candidate layer's scheme; with a GGUF preset, llama.cpp's per-tensor types (model/gguf_plan.py)."""
+        choices = dict(self._layer_choices)
+        if gguf_mix is not None and not has_tied_embeddings(self.model):
+            choices["quant_lm_head"] = True  # GGUF files always quantize output.weight
+        self.layer_schemes = resolve_layer_schemes(self.model, self.block_groups, self.scheme, **choices)
+        if gguf_mix is not None:
+            has_imatrix = self.tuning.iters > 0 or not self.disable_opt_rtn
+            self.gguf = plan_gguf(self.model, self.block_groups, gguf_mix, self.layer_schemes, has_imatrix=has_imatrix)
+            self.layer_schemes = self.gguf.layer_schemes
+            if self.gguf.is_float:
+                return  # gguf:bf16 / f16 / f32: nothing to quantize, the writer converts
+        n_quant = sum(s.is_quantized for s in self.layer_schemes.values())
+        if n_quant == 0:
+            raise SchemeError("no layer would be quantized with these settings (all fp or skipped by shape)")
 
     # ------------------------------------------------------------------------------------------
     def quantize(self) -> tuple[nn.Module, dict[str, LayerQuantResult]]:
@@ -153,6 +169,7 @@ class AutoRound:
         self.model.eval()
         for p in self.model.parameters():
             p.requires_grad_(False)
+        self._quantize_embedding()
         if self.tuning.iters == 0:
             self._quantize_rtn()
         else:
@@ -215,6 +232,15 @@ class AutoRound:
             logger.info("rounding %d layer(s) outside the blocks to nearest: %s", len(outside), ", ".join(outside))
             self.results.update(rtn_block(outside, scale_dtype=self.scale_dtype, device=self.device))
 
+    def _quantize_embedding(self) -> None:
+        """GGUF quantizes the token embedding (llama.cpp's search, no imatrix), before any block input is
+        captured, so the blocks are tuned on what the GGUF model will feed them."""
+        if self.gguf is None or self.gguf.embedding is None or not self.gguf.embedding[1].is_quantized:
+            return
+        name, scheme = self.gguf.embedding
+        self.results[name] = gguf_quantize_module(self.model.get_submodule(name), scheme, device=self.device)
+        logger.info("%s (token embedding) quantized to %s", name, scheme.gguf)
+
     def _calibration(self):
         if isinstance(self.dataset, torch.Tensor):  # pre-tokenized [n, T] ids: used as given
             ids = self.dataset.long()
@@ -276,9 +302,12 @@ class AutoRound:
         loss_mask = loss_mask_from_attention(calib.attention_mask)
         q_in = None
         for name, block, call in steps:
-            targets = run_batched(block, fp_in, call, self.tuning.batch_size, self.device)
-            tune_in = q_in if (self.enable_quanted_input and q_in is not None) else fp_in
             layers = self._block_layers(name)
+            # GGUF layers search their scales with the imatrix of their fp inputs before tuning V
+            ggml = {n: v for n, v in layers.items() if v[1].gguf is not None}
+            with imatrix_hooks(ggml) as imatrix:
+                targets = run_batched(block, fp_in, call, self.tuning.batch_size, self.device)
+            tune_in = q_in if (self.enable_quanted_input and q_in is not None) else fp_in
             if layers:
                 run = block_runner(block, tune_in, call, self.device)
                 # opt-in: attention in the autocast dtype too (model/tuning_attention.py; ~8 % faster steps on
@@ -286,7 +315,7 @@ class AutoRound:
                 with tuning_attention(block, enabled=self.amp_attention and self.tuning.amp_dtype is not None):
                     results, stats = tune_block(
                         layers, run, targets, loss_mask, self.tuning,
-                        scale_dtype=self.scale_dtype, device=self.device, block_name=name,
+                        scale_dtype=self.scale_dtype, device=self.device, block_name=name, imatrix=imatrix,
                     )
                 self.results.update(results)
                 self.block_stats[name] = stats
@@ -318,6 +347,7 @@ class AutoRound:
         """(formats, their directories, layer -> (scheme, in_features)), checked against the output dirs and
         the layers (before any tuning)."""
         formats = parse_formats(format)
+        self._adopt_gguf_format(formats)
         targets = format_dirs(Path(output_dir), formats)
         for d in targets.values():
             check_output_dir(d, overwrite)
@@ -327,6 +357,23 @@ class AutoRound:
         for fmt in formats:
             check_format(fmt, layers, outside, conv1d)
         return formats, targets, layers
+
+    def _adopt_gguf_format(self, formats: list[str]) -> None:
+        """format='gguf:<mix>' decides the scheme when none was given for it (reference behaviour): before
+        quantization the layers are re-planned for the mix; after, the mix must be the one quantized for."""
+        mix = gguf_mix_of(formats[0])  # parse_formats lets a gguf format only come alone
+        current = self.gguf.mix if self.gguf is not None else None
+        if mix is None or mix == current:
+            if mix is not None:
+                check_gguf_arch(self.model.config)
+            return  # a non-GGUF format of GGUF layers is refused by check_format
+        if self.quantized:
+            raise ExportError(f"the model was quantized for {'gguf:' + current if current else 'a non-GGUF scheme'}; "
+                              f"format {formats[0]!r} needs scheme {formats[0]!r} at quantization time")
+        check_gguf_arch(self.model.config)
+        logger.info("format %s: quantizing with llama.cpp's %s tensor types", formats[0], mix)
+        self.scheme = resolve_scheme(formats[0])
+        self._resolve_layers(mix)
 
     def save_quantized(self, output_dir: "str | Path", format: str = "auto_round", overwrite: bool = False) -> list[Path]:
         """Export the quantized model (quantizing first if needed); several comma-separated formats go to

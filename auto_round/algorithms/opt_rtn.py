@@ -20,11 +20,15 @@ from ..quant.int_qdq import GroupLayout, group_range, qdq_int
 from ..quant.opt_rtn import fill_importance, search_sym_clip_factor
 from ..schemes import QuantScheme
 from .tunable import LayerQuantResult, result_from_qdq
+from .gguf import gguf_rtn_block
 from .signround import rtn_block
 
 
 def uses_opt_rtn(scheme: QuantScheme) -> bool:
-    """Whether opt-RTN changes anything for this scheme (sym int below 8 bits; asym uses plain min/max)."""
+    """Whether opt-RTN changes anything for this scheme: sym int below 8 bits (asym uses plain min/max), and
+    every ggml type (llama.cpp's imatrix-weighted search)."""
+    if scheme.is_quantized and scheme.gguf is not None:
+        return True
     return scheme.is_quantized and scheme.data_type == "int" and scheme.sym and scheme.bits < 8
 
 
@@ -66,8 +70,10 @@ def opt_rtn_block(layers: dict[str, tuple[nn.Module, QuantScheme]], imatrix: dic
                   scale_dtype: torch.dtype = torch.float16, device: str = "cpu") -> dict[str, LayerQuantResult]:
     """opt-RTN for the layers that use it (and that saw calibration tokens), plain RTN for the rest."""
     searched = {n: l for n, l in layers.items() if uses_opt_rtn(l[1]) and n in imatrix}
-    results = {n: opt_rtn_layer(m, s, imatrix[n], scale_dtype=scale_dtype, device=device)
-               for n, (m, s) in searched.items()}
+    ggml = {n: l for n, l in searched.items() if l[1].gguf is not None}
+    results: dict = gguf_rtn_block(ggml, imatrix, device=device) if ggml else {}
+    results.update({n: opt_rtn_layer(m, s, imatrix[n], scale_dtype=scale_dtype, device=device)
+                    for n, (m, s) in searched.items() if n not in ggml})
     rest = {n: l for n, l in layers.items() if n not in searched}
     if rest:
         results.update(rtn_block(rest, scale_dtype=scale_dtype, device=device))

@@ -20,6 +20,7 @@ import torch
 from torch import nn
 
 from ..schemes import QuantScheme
+from .gguf import GGUFTunableLayer, gguf_rtn_block
 from .tunable import LayerQuantResult, TunableLayer
 
 logger = logging.getLogger("auto_round")
@@ -103,6 +104,7 @@ def tune_block(
     scale_dtype: torch.dtype = torch.float16,
     device: torch.device | str = "cpu",
     block_name: str = "",
+    imatrix: Optional[dict[str, torch.Tensor]] = None,
 ) -> tuple[dict[str, LayerQuantResult], BlockTuneStats]:
     """Tune the quantized layers of one block in place; returns per-layer results and loss stats.
 
@@ -110,9 +112,12 @@ def tune_block(
     run_block(indices) -> block output [len(indices), T, H] for those calibration samples, computed on
         the tuning inputs (quantized chain) with the patched layers.
     targets: [n, T, H] fp outputs; loss_mask: [n, T, 1].
+    imatrix: name -> [in] sum of squared inputs, used by GGUF layers to search their scales before tuning.
     """
+    imatrix = imatrix or {}
     tunables = {
-        name: TunableLayer(m, s, scale_dtype=scale_dtype, enable_minmax_tuning=config.enable_minmax_tuning, device=device)
+        name: GGUFTunableLayer(m, s, imatrix=imatrix.get(name), device=device) if s.gguf is not None else
+        TunableLayer(m, s, scale_dtype=scale_dtype, enable_minmax_tuning=config.enable_minmax_tuning, device=device)
         for name, (m, s) in layers.items()
     }
     round_params = [p for t in tunables.values() for p in t.round_params()]
@@ -176,9 +181,14 @@ def rtn_block(
     scale_dtype: torch.dtype = torch.float16,
     device: torch.device | str = "cpu",
 ) -> dict[str, LayerQuantResult]:
-    """Round-to-nearest: V = 0, alpha = beta = 1; writes the fake-quantized weights in place."""
-    results = {}
+    """Round-to-nearest: V = 0, alpha = beta = 1; writes the fake-quantized weights in place.
+
+    GGUF layers use llama.cpp's quantizer without an imatrix (its scale search included)."""
+    ggml_layers = {n: l for n, l in layers.items() if l[1].gguf is not None}
+    results: dict = gguf_rtn_block(ggml_layers, device=device) if ggml_layers else {}
     for name, (module, scheme) in layers.items():
+        if name in ggml_layers:
+            continue
         tunable = TunableLayer(module, scheme, scale_dtype=scale_dtype, enable_minmax_tuning=False, device=device)
         results[name] = tunable.finalize()
     return results

@@ -15,10 +15,14 @@ FORMATS = [  # (format, weights it holds, what loads it)
     ("llm_compressor", "int 1-8 bits sym/asym (compressed-tensors pack-quantized), nn.Linear, whole groups, "
      "mixed bits as config groups", "vLLM, transformers (compressed-tensors integration; sym)"),
     ("fake", "any scheme, weights stored dequantized in float", "anything that loads the original model"),
+    ("gguf:<mix>", "one .gguf file with llama.cpp's per-tensor ggml types for the mix (q2_k_s, q3_k_s/m/l, q4_k_s/m, "
+     "q5_k_s/m, q6_k, q4_0, q4_1, q5_0, q5_1, q8_0, bf16, f16, f32); llama / mistral / qwen2 / qwen3 / gemma3",
+     "llama.cpp, llama-cpp-python, Ollama, LM Studio; transformers (gguf_file=)"),
 ]
 SCHEMES = [
     ("W2A16 .. W8A16", "int weights, group 128, sym (full range)"),
     ("W2A16G64 / W2A16G32, W4A16G64 ...", "the same with group 64 / 32"),
+    ("gguf:q4_k_m, gguf:q2_k_s, ...", "llama.cpp k-quant / legacy block types per tensor (export with the same gguf:*)"),
 ]
 
 

@@ -29,7 +29,8 @@ def build_parser(prog: str = "auto-round") -> argparse.ArgumentParser:
     p.add_argument("model_pos", nargs="?", metavar="MODEL", help="model directory or hub id")
     p.add_argument("--model", "--model_name", "--model_name_or_path", dest="model", help="model directory or hub id")
     s = p.add_argument_group("scheme")
-    s.add_argument("--scheme", default="W4A16", help="preset: W2A16..W8A16, W*A16G64, W*A16G32 (default W4A16)")
+    s.add_argument("--scheme", help="preset: W2A16..W8A16, W*A16G64, W*A16G32, gguf:q4_k_m, ... (default W4A16, "
+                                     "or the format's when --format is a gguf:* preset)")
     s.add_argument("--bits", "--bit", type=int, help="weight bits (overrides the scheme)")
     s.add_argument("--group_size", type=int, help="group size along in_features; -1 per channel, 0 per tensor")
     s.add_argument("--asym", action="store_true", help="asymmetric quantization (integer zero point)")
@@ -70,9 +71,11 @@ def build_parser(prog: str = "auto-round") -> argparse.ArgumentParser:
     r.add_argument("--device", "--device_map", dest="device", help="cpu, cuda, cuda:0, ... (default: cuda if present)")
     r.add_argument("--model_dtype", help="fp32 / fp16 / bf16 (default fp32 on CPU)")
     r.add_argument("--disable_trust_remote_code", action="store_true")
-    r.add_argument("--format", "--formats", default="auto_round",
-                   help="auto_round, auto_round:auto_gptq, auto_round:auto_awq, auto_round:gptqmodel, auto_gptq, "
-                        "auto_awq, llm_compressor, fake; comma-separated for several (each in OUTPUT_DIR/<format>). "
+    r.add_argument("--format", "--formats",
+                   help="auto_round (default; the scheme's gguf:* preset for a GGUF scheme), auto_round:auto_gptq, "
+                        "auto_round:auto_awq, auto_round:gptqmodel, auto_gptq, auto_awq, llm_compressor, fake, "
+                        "gguf:q4_k_m (and every gguf:* preset: q2_k_s, q3_k_s/m/l, q4_k_s/m, q5_k_s/m, q6_k, q4_0, "
+                        "q4_1, q5_0, q5_1, q8_0, bf16, f16, f32); comma-separated for several (each in OUTPUT_DIR/<format>). "
                         "`auto-round list format` shows what each holds")
     r.add_argument("--output_dir", default="./tmp_autoround")
     r.add_argument("--overwrite", action="store_true", help="replace a non-empty output directory")
@@ -84,6 +87,15 @@ def build_parser(prog: str = "auto-round") -> argparse.ArgumentParser:
                      help="keep the whole fake-quantized model in memory until the export")
     r.add_argument("--log_level", default="INFO", choices=["DEBUG", "INFO", "WARNING", "ERROR"])
     return p
+
+
+def _default_scheme_and_format(args: argparse.Namespace) -> None:
+    """A gguf:* format alone sets the scheme, a gguf:* scheme alone sets the format (reference behaviour)."""
+    is_gguf = lambda name: isinstance(name, str) and name.strip().lower().startswith("gguf:")  # noqa: E731
+    if args.scheme is None:
+        args.scheme = args.format.strip() if is_gguf(args.format) and "," not in args.format else "W4A16"
+    if args.format is None:
+        args.format = args.scheme.strip().lower() if is_gguf(args.scheme) else "auto_round"
 
 
 def _apply_recipe(args: argparse.Namespace, recipe: str) -> None:
@@ -122,6 +134,7 @@ def main(argv: Optional[Sequence[str]] = None, recipe: str = "default", prog: st
     if not model:
         parser.error("a model is required (positional MODEL or --model)")
     _apply_recipe(args, recipe)
+    _default_scheme_and_format(args)
     from ..compressor import AutoRound, format_dirs  # imported late so that -h stays fast
     from ..export import parse_formats
     from ..export.writer import check_output_dir

@@ -5,6 +5,7 @@
     auto_awq                                      AutoAWQ GEMM (export/awq.py)
     llm_compressor                                compressed-tensors pack-quantized (export/llm_compressor.py)
     fake                                          the fake-quantized float model (export/fake.py)
+    gguf:<mix>                                    one llama.cpp GGUF file (export/gguf_export.py, export/gguf/)
 
 Every format is validated against the layers to quantize before tuning (`check_format`), and the formats
 whose layers pack independently can pack each block as soon as it is tuned (`block_packer`).
@@ -24,6 +25,7 @@ from .awq import check_awq, pack_awq_layer, save_auto_awq
 from .checkpoint import PackFn
 from .context import ExportContext
 from .fake import save_fake
+from .gguf_export import gguf_formats, mix_of_format, pack_gguf_layer, save_gguf
 from .gptq import check_gptq, pack_gptq_layer, save_auto_gptq
 from .llm_compressor import check_llm_compressor, pack_ct_layer, save_llm_compressor
 from .writer import ExportError, atomic_output_dir
@@ -38,11 +40,12 @@ _WRITERS: dict[str, Writer] = {
     "auto_awq": lambda ctx, d, variant: save_auto_awq(ctx, d),
     "llm_compressor": lambda ctx, d, variant: save_llm_compressor(ctx, d),
     "fake": lambda ctx, d, variant: save_fake(ctx, d),
+    "gguf": lambda ctx, d, variant: save_gguf(ctx, d, variant),
 }
 
 
 def supported_formats() -> list[str]:
-    return sorted(set(_WRITERS) | set(PACKINGS))
+    return sorted((set(_WRITERS) - {"gguf"}) | set(PACKINGS) | set(gguf_formats()))
 
 
 def parse_formats(formats: "str | list[str]") -> list[str]:
@@ -56,6 +59,10 @@ def parse_formats(formats: "str | list[str]") -> list[str]:
             raise ExportError(f"unknown or not yet supported format {name!r}; supported: {', '.join(supported_formats())}")
     if len(set(names)) != len(names):
         raise ExportError(f"format listed twice: {formats!r}")
+    ggufs = [n for n in names if mix_of_format(n)]
+    if ggufs and (len(ggufs) > 1 or len(names) > 1):
+        raise ExportError(f"{', '.join(ggufs)}: a GGUF preset decides how every tensor is quantized, so it cannot "
+                          f"be combined with other formats in one run ({formats!r}); quantize once per GGUF preset")
     return names
 
 
@@ -66,6 +73,8 @@ def check_format(fmt: str, layers: dict, outside_blocks: frozenset = frozenset()
     transformers Conv1D layers (GPT-2 style).
     """
     quantized = {n: v for n, v in layers.items() if v[0].is_quantized}
+    if not mix_of_format(fmt) and fmt != "fake" and any(v[0].gguf is not None for v in quantized.values()):
+        raise ExportError(f"{fmt!r} cannot hold ggml (GGUF) quantized layers; export them with a gguf:* format")
     if fmt in PACKINGS:
         check_requested_packing(fmt, quantized)
     elif fmt == "auto_gptq":
@@ -76,6 +85,10 @@ def check_format(fmt: str, layers: dict, outside_blocks: frozenset = frozenset()
         check_awq(quantized)
     elif fmt == "llm_compressor":
         check_llm_compressor(quantized, conv1d)
+    elif mix_of_format(fmt):
+        plain = sorted(n for n, v in quantized.items() if v[0].gguf is None)
+        if plain:
+            raise ExportError(f"{fmt}: layers {plain[:3]} are not quantized to a ggml type; use scheme {fmt!r}")
 
 
 @dataclass(frozen=True)
@@ -108,13 +121,15 @@ def block_packer(fmt: str, layers: dict, scale_dtype_name: str) -> Optional[Bloc
     if fmt == "llm_compressor":
         scale_dtype = torch.float16 if scale_dtype_name == "torch.float16" else torch.float32
         return BlockPacker(fmt, lambda name, res: pack_ct_layer(name, res, scale_dtype))
+    if mix_of_format(fmt):
+        return BlockPacker(fmt, pack_gguf_layer)
     return None
 
 
 def export(ctx: ExportContext, output_dir: "str | Path", fmt: str, overwrite: bool = False) -> Path:
     """Write one format atomically into output_dir. Returns the final directory."""
     family = fmt if fmt in _WRITERS else fmt.partition(":")[0]
-    variant = fmt if fmt in PACKINGS else None
+    variant = fmt if fmt in PACKINGS or mix_of_format(fmt) else None
     if ctx.packed and fmt != ctx.packed_for:
         raise ExportError(
             f"cannot write {fmt!r}: the quantized weights were released after being packed for {ctx.packed_for!r} "

@@ -120,7 +120,7 @@ def resolve_layer_schemes(
 
 
 def _apply_shape_rule(name: str, module: nn.Module, scheme: QuantScheme) -> QuantScheme:
-    if not scheme.is_quantized:
+    if not scheme.is_quantized or scheme.gguf is not None:  # ggml types: gguf_mix's row-length fallback
         return scheme
     out_f, in_f = layer_shape(module)
     if out_f % PACK_ALIGN or in_f % PACK_ALIGN:

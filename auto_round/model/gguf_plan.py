@@ -1,0 +1,74 @@
+"""Which ggml type every tensor of a model gets for a GGUF preset (gguf:q4_k_m, ...).
+
+The block Linear layers and lm_head follow llama.cpp's mix rules (model/gguf_mix.py); the token
+embedding is quantized too (to the base type, or to the output type when tied to lm_head), as llama.cpp
+does. Layers the user fixed (layer_config, fp_layers) keep their choice, mapped to a ggml type.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Optional
+
+from torch import nn
+
+from ..schemes import GGML_FLOAT_TYPES, GGUF_MIXES, QuantScheme, gguf_scheme
+from .blocks import has_tied_embeddings, layer_shape
+from .gguf_mix import ModelShape, assign_gguf_types, embedding_type
+
+
+@dataclass
+class GGUFPlan:
+    """mix: the llama.cpp file type ('q4_k_m'); layer_schemes: every candidate Linear -> its ggml scheme;
+    embedding: (module name, scheme) of the token embedding, None when the mix keeps it in float."""
+
+    mix: str
+    layer_schemes: dict[str, QuantScheme]
+    embedding: Optional[tuple[str, QuantScheme]]
+
+    @property
+    def is_float(self) -> bool:
+        return GGUF_MIXES[self.mix] in GGML_FLOAT_TYPES
+
+
+def _text_config(model: nn.Module):
+    config = model.config
+    return getattr(config, "text_config", None) or config
+
+
+def model_shape(model: nn.Module, n_layers: int) -> ModelShape:
+    config = _text_config(model)
+    heads = getattr(config, "num_attention_heads", None) or 1
+    kv_heads = getattr(config, "num_key_value_heads", None) or heads
+    return ModelShape(n_layers=n_layers, n_gqa=max(1, heads // kv_heads))
+
+
+def embedding_name(model: nn.Module) -> Optional[str]:
+    embedding = model.get_input_embeddings()
+    return next((n for n, m in model.named_modules() if m is embedding), None)
+
+
+def plan_gguf(model: nn.Module, block_groups: list[str], mix: str, base: dict[str, QuantScheme], *,
+              has_imatrix: bool) -> GGUFPlan:
+    """base: the schemes resolve_layer_schemes gave (global gguf base scheme plus the user's overrides)."""
+    base_type = GGUF_MIXES[mix]
+    if base_type in GGML_FLOAT_TYPES:
+        return GGUFPlan(mix, {n: gguf_scheme(base_type) for n in base}, None)
+    default = gguf_scheme(base_type)
+    fixed = {n: (s if s.gguf is not None else gguf_scheme("f16")) for n, s in base.items() if s != default}
+    layers: dict[str, tuple[int, Optional[int]]] = {}
+    for name in base:
+        in_features = layer_shape(model.get_submodule(name))[1]
+        group = next((g for g in block_groups if name.startswith(g + ".")), None)
+        index = int(name[len(group) + 1:].split(".")[0]) if group else None
+        layers[name] = (in_features, index)
+    n_layers = sum(len(model.get_submodule(g)) for g in block_groups)
+    outside = frozenset(n for n, (_, index) in layers.items() if index is None)
+    schemes = assign_gguf_types(mix, layers, model_shape(model, n_layers), outside=outside, fixed=fixed,
+                                has_imatrix=has_imatrix)
+    emb_name = embedding_name(model)
+    embedding = None
+    if emb_name is not None:
+        hidden = model.get_submodule(emb_name).weight.shape[1]
+        embedding = (emb_name, gguf_scheme(embedding_type(mix, has_tied_embeddings(model), hidden)))
+    return GGUFPlan(mix, schemes, embedding)

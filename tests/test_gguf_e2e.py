@@ -1,0 +1,138 @@
+"""quantize with a gguf:* preset -> one .gguf file -> transformers' GGUF loader -> the fake-quantized model.
+
+transformers dequantizes every tensor with gguf-py and undoes llama.cpp's q/k row permutation, so the
+reloaded fp32 weights must equal our fake-quantized weights bit for bit, and the logits agree to float
+rounding (|diff| <= 1e-4 * (1 + max|logit|)).
+"""
+
+import gguf
+import pytest
+import torch
+import transformers as tf
+from transformers import AutoModelForCausalLM
+
+from auto_round import AutoRound
+from auto_round.export.writer import ExportError
+from tiny_models import random_ids, tiny_model, tiny_tokenizer
+
+# hidden 256 / intermediate 512: rows that k-quants (256 per super-block) can hold
+WIDE = dict(vocab_size=260, hidden_size=256, intermediate_size=512, num_hidden_layers=2, num_attention_heads=4,
+            num_key_value_heads=2, max_position_embeddings=128, bos_token_id=256, eos_token_id=256, pad_token_id=257)
+CONFIGS = {
+    "llama": lambda: tf.LlamaConfig(**WIDE, tie_word_embeddings=False),
+    "qwen3": lambda: tf.Qwen3Config(**WIDE, head_dim=64, tie_word_embeddings=True),
+    "mistral": lambda: tf.MistralConfig(**WIDE),
+    "gemma3": lambda: tf.Gemma3TextConfig(**WIDE, head_dim=64, sliding_window=8,
+                                          layer_types=["sliding_attention", "full_attention"]),
+    "qwen2": lambda: tf.Qwen2Config(**WIDE),
+}
+
+
+def wide_model(arch: str, seed: int = 0) -> torch.nn.Module:
+    torch.manual_seed(seed)
+    return AutoModelForCausalLM.from_config(CONFIGS[arch](), dtype=torch.float32).eval()
+
+
+def quantize_to_gguf(tmp_path, model, fmt, **kw):
+    ar = AutoRound(model, tiny_tokenizer(), scheme=fmt, dataset=random_ids(8, 16), nsamples=8, seqlen=16,
+                   batch_size=4, low_cpu_mem_usage=False, **{"iters": 0, **kw})
+    out = tmp_path / fmt.replace(":", "-")
+    ar.quantize_and_save(out, format=fmt)
+    files = list(out.glob("*.gguf"))
+    assert len(files) == 1, f"expected one .gguf file, got {files}"
+    return ar, files[0]
+
+
+def reload(path, config=None) -> torch.nn.Module:
+    """transformers' GGUF loader; `config` where its GGUF config mapping loses fields (qwen3 head_dim, gemma3's
+    per-layer sliding pattern: the file stores both, llama.cpp reads them, transformers 5.24 does not)."""
+    kw = {"config": config} if config is not None else {}
+    return AutoModelForCausalLM.from_pretrained(path.parent, gguf_file=path.name, dtype=torch.float32, **kw).eval()
+
+
+def assert_same_model(ar, path) -> None:
+    needs_config = ar.model.config.model_type in ("qwen3", "gemma3_text")
+    reloaded = reload(path, ar.model.config if needs_config else None)
+    fake = dict(ar.model.named_parameters())
+    mismatched = [n for n, p in reloaded.named_parameters() if n in fake and not torch.equal(p, fake[n])]
+    assert not mismatched, f"weights differ after the GGUF round trip: {mismatched[:5]}"
+    ids = random_ids(2, 12, seed=1)
+    with torch.no_grad():
+        a, b = ar.model(input_ids=ids).logits, reloaded(input_ids=ids).logits
+    tol = 1e-4 * (1 + a.abs().max().item())
+    assert (a - b).abs().max().item() <= tol
+
+
+def tensor_types(path) -> dict[str, str]:
+    return {t.name: t.tensor_type.name for t in gguf.GGUFReader(path).tensors}
+
+
+@pytest.mark.parametrize("mode", [dict(disable_opt_rtn=True), dict(), dict(iters=2)], ids=["rtn", "opt-rtn", "tuned"])
+def test_q4_k_m_llama_round_trip(tmp_path, mode):
+    ar, path = quantize_to_gguf(tmp_path, wide_model("llama"), "gguf:q4_k_m", **mode)
+    assert path.name.endswith("-Q4_K_M.gguf")
+    types = tensor_types(path)
+    # 2 layers: use_more_bits(i, 2) holds for both (i >= 7*2/8 = 1, or i < 2/8 = 0 ... layer 0: (0-0)%3 != 2)
+    assert types["blk.0.attn_q.weight"] == "Q4_K" and types["token_embd.weight"] == "Q4_K"
+    assert types["output.weight"] == "Q6_K" and types["blk.1.attn_v.weight"] == "Q6_K"
+    assert types["blk.0.attn_norm.weight"] == "F32"
+    assert_same_model(ar, path)
+
+
+@pytest.mark.parametrize("mix", ["q2_k_s", "q3_k_m", "q5_k_s", "q6_k", "q4_0", "q4_1", "q5_0", "q5_1", "q8_0"])
+def test_every_mix_reloads_exactly(tmp_path, mix):
+    ar, path = quantize_to_gguf(tmp_path, wide_model("llama"), f"gguf:{mix}")
+    assert path.name.endswith(f"-{mix.upper()}.gguf")
+    assert_same_model(ar, path)
+
+
+@pytest.mark.parametrize("arch", ["qwen3", "gemma3", "mistral", "qwen2"])
+def test_architectures_reload_with_matching_logits(tmp_path, arch):
+    ar, path = quantize_to_gguf(tmp_path, wide_model(arch), "gguf:q4_k_m")
+    assert_same_model(ar, path)
+
+
+def test_tied_embedding_gets_the_output_type(tmp_path):
+    ar, path = quantize_to_gguf(tmp_path, wide_model("qwen3"), "gguf:q4_k_m")
+    types = tensor_types(path)
+    assert "output.weight" not in types and types["token_embd.weight"] == "Q6_K"
+
+
+def test_float_mix_writes_bf16(tmp_path):
+    model = wide_model("llama")
+    ar, path = quantize_to_gguf(tmp_path, model, "gguf:bf16")
+    types = tensor_types(path)
+    assert types["blk.0.attn_q.weight"] == "BF16" and types["blk.0.attn_norm.weight"] == "F32"
+
+
+def test_format_alone_picks_the_gguf_scheme(tmp_path):
+    ar = AutoRound(wide_model("llama"), tiny_tokenizer(), iters=0, disable_opt_rtn=True, low_cpu_mem_usage=False)
+    out = tmp_path / "fmt"
+    ar.quantize_and_save(out, format="gguf:q8_0")
+    assert ar.layer_schemes["model.layers.0.self_attn.q_proj"].gguf == "q8_0"
+    assert_same_model(ar, next(out.glob("*.gguf")))
+
+
+def test_immediate_packing_gives_the_same_file(tmp_path):
+    files = []
+    for low_mem in (False, True):
+        ar = AutoRound(wide_model("llama"), tiny_tokenizer(), scheme="gguf:q4_k_s", iters=0, disable_opt_rtn=True,
+                       low_cpu_mem_usage=low_mem)
+        out = tmp_path / f"low{low_mem}"
+        ar.quantize_and_save(out, format="gguf:q4_k_s")
+        files.append(next(out.glob("*.gguf")).read_bytes())
+    assert files[0] == files[1]
+
+
+def test_bad_gguf_requests_fail_before_quantizing(tmp_path):
+    with pytest.raises(ExportError, match="gpt2"):
+        AutoRound(tiny_model("gpt2"), iters=0, scheme="gguf:q4_0").quantize_and_save(tmp_path / "a", format="gguf:q4_0")
+    with pytest.raises(ExportError, match="cannot be combined"):
+        AutoRound(wide_model("llama"), iters=0, scheme="gguf:q4_0").quantize_and_save(tmp_path / "b", format="auto_round,gguf:q4_0")
+    ar = AutoRound(wide_model("llama"), iters=0, scheme="gguf:q4_0", disable_opt_rtn=True, low_cpu_mem_usage=False)
+    with pytest.raises(ExportError, match="ggml"):
+        ar.quantize_and_save(tmp_path / "c", format="auto_round")
+    ar.quantize()
+    with pytest.raises(ExportError, match="needs scheme"):
+        ar.save_quantized(tmp_path / "d", format="gguf:q8_0")
+    assert not any((tmp_path / d).exists() for d in "abcd")
