@@ -205,10 +205,10 @@ def scheme_for_bits(base: QuantScheme, overrides: Mapping[str, Any]) -> QuantSch
         return FP_SCHEME if base.gguf is None else gguf_scheme("f16")
     if overrides.get("data_type") in ("fp", "float"):
         return FP_SCHEME if base.gguf is None else gguf_scheme("f16")
-    if base.gguf is not None and "gguf" not in overrides and overrides.get("bits") is not None:
+    if base.gguf is not None and overrides.get("gguf") is None and overrides.get("bits") is not None:
         # a bit width in a GGUF model means the ggml type of that width (nearest, as the reference)
         return gguf_scheme(nearest_ggml_type(int(overrides["bits"]), base.gguf))
-    if "gguf" in overrides:
+    if overrides.get("gguf") is not None:
         return gguf_scheme(str(overrides["gguf"]).lower())
     return base.replace(**overrides)
 

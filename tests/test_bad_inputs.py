@@ -29,7 +29,7 @@ def run_cli(capsys, *argv):
         (["--bits", "9"], "bits=9 is not supported"),
         (["--group_size", "-5"], "group_size=-5"),
         (["--asym", "--format", "auto_round:auto_awq", "--group_size", "48"], "in_features divisible by group_size"),
-        (["--format", "gguf:q4_0"], "not yet supported format"),
+        (["--format", "gguf:q9_k"], "not yet supported format"),
         (["--layer_config", '{"no_such_layer": {"bits": 8}}'], "matches no quantizable layer"),
         (["--iters", "-1"], "iters must be an integer >= 0"),
     ],
