@@ -31,13 +31,14 @@ from .export.gguf import check_gguf_arch
 from .export.writer import ExportError, check_output_dir
 from .model.block_inputs import BlockCall, capture_block_inputs
 from .model.block_run import block_runner, run_batched
-from .model.blocks import find_block_groups, iter_blocks
+from .model.blocks import iter_blocks
 from .model.layer_config import LayerConfig, resolve_layer_schemes
 from .model.loading import load_model_and_tokenizer, parse_dtype
 from .model.memory import release_memory, release_weight
 from .model.tuning_attention import tuning_attention
 from .runtime import resolve_amp_dtype, resolve_device
 from .model.gguf_plan import GGUFPlan, plan_gguf
+from .model.setup import clamp_seqlen, select_block_groups, shared_weight_ptrs
 from .model.blocks import has_tied_embeddings
 from .algorithms.gguf import gguf_quantize_module
 from .schemes import QuantScheme, SchemeError, gguf_mix_of, resolve_scheme
@@ -136,7 +137,7 @@ class AutoRound:
             self.tokenizer = tokenizer if tokenizer is not None else loaded_tok
         if iters > 0 and self.tokenizer is None and not isinstance(dataset, torch.Tensor):
             raise ValueError("a tokenizer is needed to build calibration data (iters > 0); pass tokenizer=")
-        self.block_groups = _block_groups(self.model, to_quant_block_names)
+        self.block_groups = select_block_groups(self.model, to_quant_block_names)
         self._layer_choices = dict(layer_config=layer_config, fp_layers=fp_layers, quant_lm_head=quant_lm_head)
         self.gguf: Optional[GGUFPlan] = None
         self._resolve_layers(gguf_mix_of(scheme) if isinstance(scheme, str) else None)
@@ -250,7 +251,7 @@ class AutoRound:
                                    description=f"{ids.shape[0]} pre-tokenized samples")
         from .model.calib_data import build_calibration_set
 
-        seqlen = _clamp_seqlen(self.seqlen, self.model, self.tokenizer)
+        seqlen = clamp_seqlen(self.seqlen, self.model, self.tokenizer)
         calib = build_calibration_set(self.tokenizer, self.dataset, seqlen=seqlen, nsamples=self.nsamples, seed=self.seed)
         logger.info("calibration: %d samples x %d tokens from %s", *calib.input_ids.shape, calib.description)
         return calib
@@ -289,7 +290,7 @@ class AutoRound:
         """
         if self._packer is None:
             return
-        shared = _shared_weight_ptrs(self.model)
+        shared = shared_weight_ptrs(self.model)
         for name, (module, _) in self._block_layers(block_name).items():
             self.packed[name] = self._packer.pack(name, self.results[name])
             self.results[name] = dataclasses.replace(self.results[name], codes=None)
@@ -404,44 +405,6 @@ def _check_positive(allow_zero: tuple = (), **values: int) -> None:
         low = 0 if key in allow_zero else 1
         if not isinstance(value, int) or value < low:
             raise ValueError(f"{key} must be an integer >= {low}, got {value!r}")
-
-
-def _shared_weight_ptrs(model: nn.Module) -> set[int]:
-    """data_ptrs of parameters that more than one module holds (tied weights)."""
-    seen, shared = set(), set()
-    for _, p in model.named_parameters(remove_duplicate=False):
-        if p.is_meta or not p.numel():
-            continue
-        (shared if p.data_ptr() in seen else seen).add(p.data_ptr())
-    return shared
-
-
-def _block_groups(model: nn.Module, names: "str | Sequence[str] | None") -> list[str]:
-    if names:
-        groups = [n.strip() for n in names.split(",")] if isinstance(names, str) else list(names)
-        for g in groups:
-            try:
-                module = model.get_submodule(g)
-            except AttributeError as err:
-                raise ValueError(f"to_quant_block_names: {g!r} is not a module of this model") from err
-            if not isinstance(module, nn.ModuleList):
-                raise ValueError(f"to_quant_block_names: {g!r} is not a ModuleList of blocks")
-        return groups
-    groups = find_block_groups(model)
-    if not groups:
-        raise ValueError("no block list (nn.ModuleList of layers with Linear weights) found in this model")
-    return groups
-
-
-def _clamp_seqlen(seqlen: int, model: nn.Module, tokenizer: Any) -> int:
-    limit = getattr(model.config, "max_position_embeddings", None) or seqlen
-    tok_limit = getattr(tokenizer, "model_max_length", None)
-    if isinstance(tok_limit, int) and 0 < tok_limit < 10**8:
-        limit = min(limit, tok_limit)
-    if seqlen > limit:
-        logger.warning("seqlen %d exceeds the model's limit %d; using %d", seqlen, limit, limit)
-        return limit
-    return seqlen
 
 
 def format_dirs(output_dir: Path, formats: list[str]) -> dict[str, Path]:
