@@ -16,19 +16,18 @@ from __future__ import annotations
 import argparse
 import datetime
 import json
-import math
 import platform
 import tempfile
 import time
 from pathlib import Path
 
-import numpy as np
 import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from auto_round import AutoRound
 from auto_round.eval import perplexity
-from auto_round.eval.perplexity import token_windows
+from auto_round.eval.llama_cpp import llama_cpp_generate, llama_cpp_perplexity, load_llama
+from auto_round.eval.perplexity import EvalError, token_windows
 from auto_round.model.assets import smollm2_path
 from auto_round.model.offline_text import calibration_texts, heldout_texts
 
@@ -52,25 +51,12 @@ def parse_args() -> argparse.Namespace:
 
 
 def llama_cpp_ppl(path: Path, windows: torch.Tensor) -> tuple[float | None, str | None]:
-    """llama.cpp's perplexity over the same windows (each scored alone), and its greedy continuation."""
+    """llama.cpp's perplexity over the same windows, and its greedy continuation; (None, None) if not installed."""
     try:
-        import llama_cpp
-    except ImportError:
+        llm = load_llama(path, n_ctx=windows.shape[1])
+    except EvalError:
         return None, None
-    llm = llama_cpp.Llama(model_path=str(path), n_ctx=windows.shape[1], logits_all=True, verbose=False,
-                          n_threads=torch.get_num_threads(), n_batch=windows.shape[1])
-    nll, count = 0.0, 0
-    for window in windows.tolist():
-        llm.reset()
-        llm.eval(window)
-        logits = np.asarray(llm.scores[: len(window) - 1], dtype=np.float64)
-        logits -= logits.max(axis=1, keepdims=True)
-        logp = logits - np.log(np.exp(logits).sum(axis=1, keepdims=True))
-        nll -= logp[np.arange(len(window) - 1), window[1:]].sum()
-        count += len(window) - 1
-    llm.reset()
-    text = llm(PROMPT, max_tokens=24, temperature=0.0)["choices"][0]["text"]
-    return math.exp(nll / count), text
+    return llama_cpp_perplexity(llm, windows), llama_cpp_generate(llm, PROMPT)
 
 
 def run_one(mix: str, mode: str, args, model_dir: Path, tok, windows, work: Path) -> dict:

@@ -26,3 +26,14 @@ def tiny_tokenizer():
     trainer = trainers.WordLevelTrainer(special_tokens=["<unk>", "<pad>", "</s>"], min_frequency=1)
     tok.train_from_iterator(_TINY_CORPUS.splitlines(), trainer=trainer)
     return PreTrainedTokenizerFast(tokenizer_object=tok, unk_token="<unk>", pad_token="<pad>", eos_token="</s>")
+
+
+@pytest.fixture(scope="module")
+def one_thread():
+    """Many small tensor ops (ggml searches): one intra-op thread is fastest and immune to a busy shared CPU."""
+    import torch
+
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)

@@ -12,13 +12,7 @@ gguf = pytest.importorskip("gguf")
 TYPES = list(GGML_TYPES)
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    """Many small tensor ops: one intra-op thread is fastest and immune to a busy shared CPU."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def random_fp16(shape, gen, lo=-2.0, hi=2.0):

@@ -18,13 +18,7 @@ TYPES = list(GGML_TYPES)
 LEGACY = [n for n, t in GGML_TYPES.items() if not t.kquant]
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    """Many small tensor ops: one intra-op thread is fastest and immune to a busy shared CPU."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def special_weight(shape, seed):

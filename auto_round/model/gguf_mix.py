@@ -120,8 +120,6 @@ def fallback(ggml_type: str, in_features: int) -> str:
     chosen = FALLBACK.get(ggml_type, ggml_type)
     if in_features % BLOCK_ELEMENTS[chosen]:
         chosen = "f16"
-    logger.warning("row length %d is not a multiple of %d (%s): falling back to %s",
-                   in_features, BLOCK_ELEMENTS[ggml_type], ggml_type, chosen)
     return chosen
 
 
@@ -141,6 +139,7 @@ def assign_gguf_types(
     rules (still subject to the shape fallback).
     """
     schemes: dict[str, QuantScheme] = {}
+    fallbacks: dict[tuple[str, str, int], int] = {}
     for name, (in_features, index) in layers.items():
         if name in fixed:
             chosen = fixed[name].gguf or "f16"
@@ -148,5 +147,11 @@ def assign_gguf_types(
             chosen = output_type(mix, in_features)
         else:
             chosen = block_layer_type(mix, layer_kind(name), index, shape, has_imatrix)
-        schemes[name] = gguf_scheme(fallback(chosen, in_features))
+        final = fallback(chosen, in_features)
+        if final != chosen:
+            fallbacks[(chosen, final, in_features)] = fallbacks.get((chosen, final, in_features), 0) + 1
+        schemes[name] = gguf_scheme(final)
+    for (chosen, final, in_features), count in fallbacks.items():  # one line per kind, as llama-quantize's summary
+        logger.warning("%d tensor(s) with rows of %d elements (not a multiple of %d for %s) fall back to %s",
+                       count, in_features, BLOCK_ELEMENTS[chosen], chosen, final)
     return schemes
