@@ -35,7 +35,7 @@ def wide_model(arch: str, seed: int = 0) -> torch.nn.Module:
 
 def quantize_to_gguf(tmp_path, model, fmt, **kw):
     ar = AutoRound(model, tiny_tokenizer(), scheme=fmt, dataset=random_ids(8, 16), nsamples=8, seqlen=16,
-                   batch_size=4, low_cpu_mem_usage=False, **{"iters": 0, **kw})
+                   batch_size=4, low_cpu_mem_usage=False, **{"iters": 0, "disable_opt_rtn": True, **kw})
     out = tmp_path / fmt.replace(":", "-")
     ar.quantize_and_save(out, format=fmt)
     files = list(out.glob("*.gguf"))
@@ -67,7 +67,7 @@ def tensor_types(path) -> dict[str, str]:
     return {t.name: t.tensor_type.name for t in gguf.GGUFReader(path).tensors}
 
 
-@pytest.mark.parametrize("mode", [dict(disable_opt_rtn=True), dict(), dict(iters=2)], ids=["rtn", "opt-rtn", "tuned"])
+@pytest.mark.parametrize("mode", [dict(), dict(disable_opt_rtn=False), dict(iters=2)], ids=["rtn", "opt-rtn", "tuned"])
 def test_q4_k_m_llama_round_trip(tmp_path, mode):
     ar, path = quantize_to_gguf(tmp_path, wide_model("llama"), "gguf:q4_k_m", **mode)
     assert path.name.endswith("-Q4_K_M.gguf")
@@ -77,6 +77,23 @@ def test_q4_k_m_llama_round_trip(tmp_path, mode):
     assert types["output.weight"] == "Q6_K" and types["blk.1.attn_v.weight"] == "Q6_K"
     assert types["blk.0.attn_norm.weight"] == "F32"
     assert_same_model(ar, path)
+    for stats in ar.block_stats.values():  # tuned: iteration 0 is opt-RTN, the best iteration is kept
+        assert stats.loss_best <= stats.loss_first
+
+
+def test_tuning_starts_from_the_opt_rtn_scales():
+    """Iteration 0 of the GGUF tuning (V = 0) is exactly opt-RTN: same searched scales, same codes."""
+    from auto_round.algorithms.gguf import GGUFTunableLayer, gguf_quantize_module
+    from auto_round.schemes import gguf_scheme
+
+    torch.manual_seed(0)
+    layer = torch.nn.Linear(256, 64, bias=False).requires_grad_(False)
+    twin = torch.nn.Linear(256, 64, bias=False).requires_grad_(False)
+    twin.weight.copy_(layer.weight)
+    imatrix = torch.rand(256) * 10
+    tuned = GGUFTunableLayer(layer, gguf_scheme("q4_k"), imatrix=imatrix).finalize()
+    opt = gguf_quantize_module(twin, gguf_scheme("q4_k"), imatrix)
+    assert torch.equal(tuned.codes, opt.codes) and torch.equal(tuned.params.scale, opt.params.scale)
 
 
 @pytest.mark.parametrize("mix", ["q2_k_s", "q3_k_m", "q5_k_s", "q6_k", "q4_0", "q4_1", "q5_0", "q5_1", "q8_0"])
