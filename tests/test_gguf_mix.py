@@ -2,7 +2,8 @@
 
 import pytest
 
-from auto_round.model.gguf_mix import ModelShape, assign_gguf_types, block_layer_type, fallback, output_type, use_more_bits
+from auto_round.model.gguf_mix import (ModelShape, assign_gguf_types, block_layer_type, embedding_type, fallback,
+                                       output_type, use_more_bits)
 from auto_round.schemes import SchemeError, QuantScheme, get_scheme, gguf_mix_of, gguf_scheme, nearest_ggml_type, scheme_for_bits
 
 
@@ -66,6 +67,9 @@ def test_legacy_mixes_and_imatrix_guard():
     assert g["model.layers.0.mlp.down_proj"] == "q4_1" and g["model.layers.2.mlp.down_proj"] == "q4_0"
     assert _types("q8_0", in_features=512)["lm_head"] == "q8_0"
     assert output_type("bf16", 576) == "bf16"
+    # llama.cpp picks q6_k for a tied q4_0 embedding, then its rows (576) fall back to q8_0
+    assert embedding_type("q4_0", True, 576) == "q8_0" and embedding_type("q4_0", False, 576) == "q4_0"
+    assert embedding_type("q4_k_m", True, 512) == "q6_k" and embedding_type("q4_k_m", False, 576) == "q5_0"
     assert block_layer_type("q4_k_s", "attn_v", 3, ModelShape(30)) == "q5_k"
 
 

@@ -64,9 +64,7 @@ def output_type(mix: str, in_features: int) -> str:
 
 def embedding_type(mix: str, tied: bool, in_features: int) -> str:
     """Type of token_embd.weight: the base type, or the output type when tied to the lm_head."""
-    if tied:
-        return output_type(mix, in_features)
-    return fallback(GGUF_MIXES[mix], in_features)
+    return fallback(output_type(mix, in_features) if tied else GGUF_MIXES[mix], in_features)
 
 
 def block_layer_type(mix: str, kind: str, i_layer: int, shape: ModelShape, has_imatrix: bool = False) -> str:
