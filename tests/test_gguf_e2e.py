@@ -20,10 +20,11 @@ WIDE = dict(vocab_size=260, hidden_size=256, intermediate_size=512, num_hidden_l
             num_key_value_heads=2, max_position_embeddings=128, bos_token_id=256, eos_token_id=256, pad_token_id=257)
 CONFIGS = {
     "llama": lambda: tf.LlamaConfig(**WIDE, tie_word_embeddings=False),
-    "qwen3": lambda: tf.Qwen3Config(**WIDE, head_dim=64, tie_word_embeddings=True),
+    # head_dim 128 != hidden / heads: transformers' GGUF loader keeps Qwen3's default 128 (it maps no head_dim key)
+    "qwen3": lambda: tf.Qwen3Config(**WIDE, head_dim=128, tie_word_embeddings=True),
     "mistral": lambda: tf.MistralConfig(**WIDE),
-    "gemma3": lambda: tf.Gemma3TextConfig(**WIDE, head_dim=64, sliding_window=8,
-                                          layer_types=["sliding_attention", "full_attention"]),
+    # 6 layers: the default pattern (5 sliding, 1 full) that transformers' GGUF loader rebuilds
+    "gemma3": lambda: tf.Gemma3TextConfig(**{**WIDE, "num_hidden_layers": 6}, head_dim=64, sliding_window=8),
     "qwen2": lambda: tf.Qwen2Config(**WIDE),
 }
 
@@ -43,16 +44,12 @@ def quantize_to_gguf(tmp_path, model, fmt, **kw):
     return ar, files[0]
 
 
-def reload(path, config=None) -> torch.nn.Module:
-    """transformers' GGUF loader; `config` where its GGUF config mapping loses fields (qwen3 head_dim, gemma3's
-    per-layer sliding pattern: the file stores both, llama.cpp reads them, transformers 5.24 does not)."""
-    kw = {"config": config} if config is not None else {}
-    return AutoModelForCausalLM.from_pretrained(path.parent, gguf_file=path.name, dtype=torch.float32, **kw).eval()
+def reload(path) -> torch.nn.Module:
+    return AutoModelForCausalLM.from_pretrained(path.parent, gguf_file=path.name, dtype=torch.float32).eval()
 
 
 def assert_same_model(ar, path) -> None:
-    needs_config = ar.model.config.model_type in ("qwen3", "gemma3_text")
-    reloaded = reload(path, ar.model.config if needs_config else None)
+    reloaded = reload(path)
     fake = dict(ar.model.named_parameters())
     mismatched = [n for n, p in reloaded.named_parameters() if n in fake and not torch.equal(p, fake[n])]
     assert not mismatched, f"weights differ after the GGUF round trip: {mismatched[:5]}"
