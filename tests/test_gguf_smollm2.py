@@ -3,7 +3,7 @@
 Tolerances. transformers dequantizes the file with gguf-py into fp32: the perplexity must equal the
 fake-quantized model's to 1e-4 relative (same weights bit for bit, same kernels). llama.cpp computes
 with its own kernels, which quantize the activations to 8 bits for the quantized dot products, so its
-perplexity may differ by a little; we allow 3 % (measured: 0.2-0.6 %, bench/results/*-gguf-smollm2.md).
+perplexity may differ by a little; we allow 3 % (measured: 0.3-0.8 %, bench/results/*-gguf-smollm2.md).
 """
 
 import pytest
@@ -36,8 +36,9 @@ def llama_cpp_ppl(path, windows: torch.Tensor) -> float:
 
 @pytest.mark.parametrize("mix", ["q4_k_m", "q2_k_s", "q4_0", "q8_0"])
 def test_smollm2_gguf_matches_fake_quant(tmp_path, tokenizer, mix):
+    # q8_0 ignores the imatrix (llama.cpp's too), so it skips calibration; the others use opt-RTN, the default
     ar = AutoRound(str(smollm2_path()), scheme=f"gguf:{mix}", iters=0, dataset=calibration_texts()[:8], nsamples=8,
-                   seqlen=128, low_cpu_mem_usage=False)
+                   seqlen=128, low_cpu_mem_usage=False, disable_opt_rtn=mix == "q8_0")
     ar.quantize()
     fake = perplexity(ar.model, tokenizer, heldout_texts(), **EVAL)
     ar.save_quantized(tmp_path, format=f"gguf:{mix}")
