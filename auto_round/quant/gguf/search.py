@@ -90,6 +90,38 @@ def make_qx_quants(
     return scale, torch.where(zero.unsqueeze(-1), torch.zeros_like(best_l), best_l).to(torch.int32)
 
 
+def _refine_codes(x: torch.Tensor, w: torch.Tensor, ll: torch.Tensor, lo: int, hi: int, *,
+                  v: Optional[torch.Tensor] = None, rest_positive: bool = False):
+    """llama.cpp's coordinate descent on integer codes (make_q3_quants / make_qp_quants), in place on ll.
+
+    Up to 5 sweeps: each position in turn moves to its best level given the others, round(x*sl2/slx) in
+    [lo, hi] (plus its rounding offset v), when that raises sum(w*x*l)^2 / sum(w*l*l). rest_positive:
+    also require the other positions' sum(w*l*l) > 0 before trying (make_qp_quants' test).
+    x, w, ll: [..., n]. Returns (ll, sum(w*x*l) [...], sum(w*l*l) [...]).
+    """
+    wx = w * x
+    sumlx = (wx * ll).sum(-1)
+    suml2 = (w * ll * ll).sum(-1)
+    for _ in range(5):
+        changed = torch.zeros_like(sumlx, dtype=torch.bool)
+        for i in range(x.shape[-1]):
+            wi, xi, wxi, li = w[..., i], x[..., i], wx[..., i], ll[..., i]
+            slx = sumlx - wxi * li
+            sl2 = suml2 - wi * li * li
+            ok = (slx > 0) & (sl2 > 0) if rest_positive else slx > 0
+            new_l = _round(xi * sl2 / _safe(slx, ok), None if v is None else v[..., i]).clamp_(lo, hi)
+            slx = slx + wxi * new_l
+            sl2 = sl2 + wi * new_l * new_l
+            take = ok & (new_l != li) & (sl2 > 0) & (slx * slx * suml2 > sumlx * sumlx * sl2)
+            ll[..., i] = torch.where(take, new_l, li)
+            sumlx = torch.where(take, slx, sumlx)
+            suml2 = torch.where(take, sl2, suml2)
+            changed |= take
+        if not bool(changed.any()):
+            break
+    return ll, sumlx, suml2
+
+
 def make_q3_quants(x: torch.Tensor, nmax: int, v: Optional[torch.Tensor] = None) -> torch.Tensor:
     """make_q3_quants(do_rmse=True): q3_k's search without an imatrix. Returns scale [...].
 
@@ -102,27 +134,7 @@ def make_q3_quants(x: torch.Tensor, nmax: int, v: Optional[torch.Tensor] = None)
     mx = torch.where(zero, torch.ones_like(mx), mx)
     iscale = _div(-float(nmax), mx).unsqueeze(-1)
     ll = _round(iscale * x, v).clamp_(-nmax, nmax - 1)
-    w = x * x
-    wx = w * x
-    sumlx = (wx * ll).sum(-1)
-    suml2 = (w * ll * ll).sum(-1)
-    for _ in range(5):
-        changed = torch.zeros_like(zero)
-        for i in range(x.shape[-1]):
-            wi, xi, wxi, li = w[..., i], x[..., i], wx[..., i], ll[..., i]
-            slx = sumlx - wxi * li
-            ok = slx > 0
-            sl2 = suml2 - wi * li * li
-            new_l = _round(xi * sl2 / _safe(slx, ok), None if v is None else v[..., i]).clamp_(-nmax, nmax - 1)
-            slx = slx + wxi * new_l
-            sl2 = sl2 + wi * new_l * new_l
-            take = ok & (new_l != li) & (sl2 > 0) & (slx * slx * suml2 > sumlx * sumlx * sl2)
-            ll[..., i] = torch.where(take, new_l, li)
-            sumlx = torch.where(take, slx, sumlx)
-            suml2 = torch.where(take, sl2, suml2)
-            changed |= take
-        if not bool(changed.any()):
-            break
+    ll, sumlx, suml2 = _refine_codes(x, x * x, ll, -nmax, nmax - 1, v=v)
     scale = torch.where(suml2 > 0, sumlx / _safe(suml2, suml2 > 0), torch.zeros_like(sumlx))
     return torch.where(zero, torch.zeros_like(scale), scale)
 
@@ -219,26 +231,7 @@ def make_qp_quants(x: torch.Tensor, nmax: int, weights: torch.Tensor) -> tuple[t
         best = torch.where(better, err, best)
         iscale = torch.where(better.unsqueeze(-1), cand, iscale)
     ll = torch.round(iscale * x).clamp_(0, nmax)
-    wx = w * x
-    sumlx = (wx * ll).sum(-1)
-    suml2 = (w * ll * ll).sum(-1)
-    for _ in range(5):
-        changed = torch.zeros_like(zero)
-        for i in range(x.shape[-1]):
-            wi, xi, wxi, li = w[..., i], x[..., i], wx[..., i], ll[..., i]
-            slx = sumlx - wxi * li
-            sl2 = suml2 - wi * li * li
-            ok = (slx > 0) & (sl2 > 0)
-            new_l = torch.round(xi * sl2 / _safe(slx, ok)).clamp_(0, nmax)
-            slx = slx + wxi * new_l
-            sl2 = sl2 + wi * new_l * new_l
-            take = ok & (new_l != li) & (slx * slx * suml2 > sumlx * sumlx * sl2)
-            ll[..., i] = torch.where(take, new_l, li)
-            sumlx = torch.where(take, slx, sumlx)
-            suml2 = torch.where(take, sl2, suml2)
-            changed |= take
-        if not bool(changed.any()):
-            break
+    ll, sumlx, suml2 = _refine_codes(x, w, ll, 0, nmax, rest_positive=True)
     d = torch.where(suml2 > 0, sumlx / _safe(suml2, suml2 > 0), torch.zeros_like(sumlx))
     d = torch.where(zero, torch.zeros_like(d), d)
     ll = torch.where(zero.unsqueeze(-1), torch.zeros_like(ll), ll)
