@@ -22,6 +22,7 @@ from typing import Any, Iterator, Optional, Sequence
 import torch
 from torch import nn
 
+from .algorithms.gguf import gguf_quantize_module
 from .algorithms.opt_rtn import imatrix_hooks, opt_rtn_block, uses_opt_rtn
 from .algorithms.signround import SignRoundConfig, loss_mask_from_attention, rtn_block, tune_block
 from .algorithms.tunable import LayerQuantResult
@@ -31,7 +32,7 @@ from .export.gguf import check_gguf_arch
 from .export.writer import ExportError, check_output_dir
 from .model.block_inputs import BlockCall, capture_block_inputs
 from .model.block_run import block_runner, run_batched
-from .model.blocks import iter_blocks
+from .model.blocks import has_tied_embeddings, iter_blocks
 from .model.layer_config import LayerConfig, resolve_layer_schemes
 from .model.loading import load_model_and_tokenizer, parse_dtype
 from .model.memory import release_memory, release_weight
@@ -39,8 +40,6 @@ from .model.tuning_attention import tuning_attention
 from .runtime import resolve_amp_dtype, resolve_device
 from .model.gguf_plan import GGUFPlan, plan_gguf
 from .model.setup import clamp_seqlen, select_block_groups, shared_weight_ptrs
-from .model.blocks import has_tied_embeddings
-from .algorithms.gguf import gguf_quantize_module
 from .schemes import QuantScheme, SchemeError, gguf_mix_of, resolve_scheme
 
 logger = logging.getLogger("auto_round")
@@ -363,15 +362,15 @@ class AutoRound:
         """format='gguf:<mix>' decides the scheme when none was given for it (reference behaviour): before
         quantization the layers are re-planned for the mix; after, the mix must be the one quantized for."""
         mix = gguf_mix_of(formats[0])  # parse_formats lets a gguf format only come alone
-        current = self.gguf.mix if self.gguf is not None else None
-        if mix is None or mix == current:
-            if mix is not None:
-                check_gguf_arch(self.model.config)
+        if mix is None:
             return  # a non-GGUF format of GGUF layers is refused by check_format
+        check_gguf_arch(self.model.config)
+        current = self.gguf.mix if self.gguf is not None else None
+        if mix == current:
+            return
         if self.quantized:
             raise ExportError(f"the model was quantized for {'gguf:' + current if current else 'a non-GGUF scheme'}; "
                               f"format {formats[0]!r} needs scheme {formats[0]!r} at quantization time")
-        check_gguf_arch(self.model.config)
         logger.info("format %s: quantizing with llama.cpp's %s tensor types", formats[0], mix)
         self.scheme = resolve_scheme(formats[0])
         self._resolve_layers(mix)
