@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import dataclasses
 import logging
+import random
 import time
 from types import SimpleNamespace
 from pathlib import Path
@@ -300,6 +301,7 @@ class AutoRound:
         calib = self._calibration()
         fp_in, steps = self._walk_blocks(calib, "SignRound")
         loss_mask = loss_mask_from_attention(calib.attention_mask)
+        batch_order = random.Random(self.tuning.seed)  # one stream through all blocks (see IndexSampler)
         q_in = None
         for name, block, call in steps:
             layers = self._block_layers(name)
@@ -316,6 +318,7 @@ class AutoRound:
                     results, stats = tune_block(
                         layers, run, targets, loss_mask, self.tuning,
                         scale_dtype=self.scale_dtype, device=self.device, block_name=name, imatrix=imatrix,
+                        rng=batch_order,
                     )
                 self.results.update(results)
                 self.block_stats[name] = stats

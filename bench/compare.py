@@ -33,8 +33,12 @@ SETTINGS = {  # name: (scheme, iters, lr)
     "w2g64_sr200": ("W2A16G64", 200, None),
     "w2g64_sr200_amp": ("W2A16G64", 200, None),
     "w4_sr200": ("W4A16", 200, None),
+    "w2g64_sr200_bf16": ("W2A16G64", 200, None),
+    "w2g64_sr50": ("W2A16G64", 50, None),
+    "w2g64_sr50_bf16": ("W2A16G64", 50, None),
 }
-# Ours tunes in the model's dtype (fp32) unless --amp; the reference always autocasts to bf16 on CPU.
+# Ours keeps the model fp32 and autocasts the tuning matmuls to bf16 where bf16 is fast; "*_bf16" settings
+# load ours in bf16 instead (--model_dtype bf16), as the reference does with its whole model on CPU.
 
 
 def parse_args() -> argparse.Namespace:
@@ -100,6 +104,8 @@ def cli_command(impl: str, model: Path, setting: str, calib: Path, out: Path, ar
            "--seed", str(args.seed), "--dataset", str(calib), "--format", "auto_round", "--output_dir", str(out), "--device_map", "cpu"]
     if setting.endswith("_amp") and impl == "ours":
         cmd.append("--amp")
+    if setting.endswith("_bf16") and impl == "ours":
+        cmd += ["--model_dtype", "bf16"]
     if iters == 0 and setting.endswith("_rtn"):
         cmd.append("--disable_opt_rtn")  # plain RTN; "*_optrtn" keeps both sides' iters=0 default (opt-RTN)
     return cmd + (["--lr", str(lr)] if lr is not None else [])

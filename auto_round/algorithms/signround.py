@@ -53,11 +53,16 @@ class SignRoundConfig:
 
 
 class IndexSampler:
-    """Yields batches of sample indices from seeded shuffles; reshuffles when too few remain."""
+    """Yields batches of sample indices from shuffles drawn from `rng`; reshuffles when too few remain.
 
-    def __init__(self, n: int, batch: int, seed: int):
+    The caller owns `rng` so one stream can run through every block of a model: each block then sees its
+    own batch order. (A fresh `Random(seed)` per block gave every block the same order, so the same easy
+    batches won the best-iteration pick in every block and the errors lined up across blocks.)
+    """
+
+    def __init__(self, n: int, batch: int, rng: random.Random):
         self.n, self.batch = n, min(batch, n)
-        self.rng = random.Random(seed)
+        self.rng = rng
         self.order: list[int] = []
 
     def next(self) -> list[int]:
@@ -105,6 +110,7 @@ def tune_block(
     device: torch.device | str = "cpu",
     block_name: str = "",
     imatrix: Optional[dict[str, torch.Tensor]] = None,
+    rng: Optional[random.Random] = None,
 ) -> tuple[dict[str, LayerQuantResult], BlockTuneStats]:
     """Tune the quantized layers of one block in place; returns per-layer results and loss stats.
 
@@ -113,6 +119,8 @@ def tune_block(
         the tuning inputs (quantized chain) with the patched layers.
     targets: [n, T, H] fp outputs; loss_mask: [n, T, 1].
     imatrix: name -> [in] sum of squared inputs, used by GGUF layers to search their scales before tuning.
+    rng: the batch-order stream; pass one `random.Random(seed)` for the whole model so that blocks get
+        different batch orders (None: a fresh `random.Random(config.seed)`, for tuning one block alone).
     """
     imatrix = imatrix or {}
     tunables = {
@@ -123,7 +131,8 @@ def tune_block(
     round_params = [p for t in tunables.values() for p in t.round_params()]
     minmax_params = [p for t in tunables.values() for p in t.minmax_params()]
     n = targets.shape[0]
-    sampler = IndexSampler(n, config.batch_size * config.gradient_accumulate_steps, config.seed)
+    rng = rng if rng is not None else random.Random(config.seed)
+    sampler = IndexSampler(n, config.batch_size * config.gradient_accumulate_steps, rng)
     micro = min(config.batch_size, n)
     lr0, mm_lr0 = config.resolved_lr, config.resolved_minmax_lr
     device_type, amp_dtype = torch.device(device).type, config.amp_dtype or torch.bfloat16
