@@ -85,5 +85,7 @@ def test_scheme_overrides_and_validation():
             resolve_scheme("W4A16", **bad)
     with pytest.raises(SchemeError, match="unknown scheme"):
         resolve_scheme("W4A17")
-    with pytest.raises(SchemeError, match="activation quantization"):
-        resolve_scheme("W4A16", act_bits=8)
+    w4a8 = resolve_scheme("W4A16", act_bits=8)  # activations follow the weight: int, group 128, sym
+    assert (w4a8.resolved_act_data_type, w4a8.resolved_act_group_size, w4a8.resolved_act_sym) == ("int", 128, True)
+    with pytest.raises(SchemeError, match="act_bits=3"):
+        resolve_scheme("W4A16", act_bits=3)

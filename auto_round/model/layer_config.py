@@ -120,9 +120,19 @@ def resolve_layer_schemes(
 
 
 def _apply_shape_rule(name: str, module: nn.Module, scheme: QuantScheme) -> QuantScheme:
+    """Reference rules: int layers need in/out multiples of 32 (packing); MX / NVFP4 layers need whole
+    groups along in_features; FP8 has no shape rule (ragged blocks are padded)."""
     if not scheme.is_quantized or scheme.gguf is not None:  # ggml types: gguf_mix's row-length fallback
         return scheme
     out_f, in_f = layer_shape(module)
+    if scheme.data_type in ("mx_fp", "mx_int", "nv_fp"):
+        if in_f % scheme.group_size:
+            logger.warning("%s has in_features=%d, not a multiple of the %s group (%d); it stays in fp",
+                           name, in_f, scheme.data_type, scheme.group_size)
+            return FP_SCHEME
+        return scheme
+    if not scheme.is_int:
+        return scheme
     if out_f % PACK_ALIGN or in_f % PACK_ALIGN:
         logger.warning(
             "%s has shape [out=%d, in=%d], not multiples of %d; it cannot be packed and stays in fp",
