@@ -19,10 +19,11 @@ import platform
 import shutil
 import sys
 import tempfile
-from dataclasses import asdict
+from dataclasses import asdict, replace
 from pathlib import Path
 
-from harness import OURS_BIN, PEER_BIN, ROOT, RunRecord, record_from_log, run_json, run_quantization
+from harness import (OURS_BIN, PEER_BIN, ROOT, RunRecord, record_from_log, reference_loss_to_mse, run_json,
+                     run_quantization)
 
 RESULTS = ROOT / "bench" / "results"
 SETTINGS = {  # name: (scheme, iters, lr)
@@ -185,6 +186,9 @@ def main() -> None:
                 record: RunRecord = record_from_log(impl, log, out)
             else:
                 record = run_quantization(impl, cli_command(impl, model, setting, calib, out, args), out, log, cwd=work)
+            if impl == "reference":  # same units as ours (plain masked MSE)
+                record = replace(record, block_losses=reference_loss_to_mse(record.block_losses, args.batch_size,
+                                                                            args.seqlen))
             row = {"setting": setting, **asdict(record)}
             if record.output_dir:
                 try:

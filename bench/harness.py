@@ -19,7 +19,8 @@ ROOT = Path(__file__).resolve().parents[1]
 OURS_BIN = ROOT / ".venv" / "bin"
 PEER_BIN = ROOT / ".venv-peer" / "bin"
 
-BLOCK_LOSS = re.compile(r"(\S+?):? .*?loss iter 0: ([0-9.eE+-]+) -> iter (\d+): ([0-9.eE+-]+)")
+BLOCK_LOSS = re.compile(r"(?:(\S+): )?quantized \S+ layers in the block, loss iter 0: ([0-9.eE+-]+) -> iter (\d+): "
+                        r"([0-9.eE+-]+)")
 TUNING_TIME = [re.compile(r"quantization done in ([0-9.]+) s"),
                re.compile(r"quantization tuning time[: ]+([0-9.]+)")]
 PEAK_RSS = re.compile(r"Maximum resident set size \(kbytes\): (\d+)")
@@ -50,11 +51,22 @@ def offline_env(threads: int | None = None) -> dict[str, str]:
 
 def parse_block_losses(log: str) -> list[dict]:
     rows = []
-    for match in BLOCK_LOSS.finditer(log):
-        name = match.group(1).split()[-1].rstrip(":")
+    for i, match in enumerate(BLOCK_LOSS.finditer(log)):
+        name = match.group(1)
+        if not name or re.fullmatch(r"L\d+", name):  # the reference's line names no block, only its source line
+            name = f"block {i}"
         rows.append({"block": name, "loss_first": float(match.group(2)), "best_iter": int(match.group(3)),
                      "loss_best": float(match.group(4))})
     return rows
+
+
+def reference_loss_to_mse(rows: list[dict], batch_size: int, seqlen: int) -> list[dict]:
+    """The reference logs each block's loss divided once more by the number of unmasked tokens in the batch
+    (its `total_loss += loss.item() / num_elm`, with num_elm = batch_size * (seqlen - 1): the last position
+    is masked). Ours logs the plain masked MSE. Multiplying puts both on the same scale."""
+    tokens = batch_size * (seqlen - 1)
+    return [{**r, "loss_first": r["loss_first"] * tokens, "loss_best": r["loss_best"] * tokens,
+             "loss_scale": f"x{tokens} (reference log / unmasked tokens)"} for r in rows]
 
 
 def parse_tuning_time(log: str) -> float | None:
