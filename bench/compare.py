@@ -57,6 +57,9 @@ def parse_args() -> argparse.Namespace:
     p.add_argument("--rescore", default=None, metavar="WORKDIR",
                    help="do not quantize: rebuild the report from the logs and exports a --keep run left in WORKDIR")
     p.add_argument("--keep", action="store_true", help="keep the exported folders (printed at the end)")
+    p.add_argument("--threads", type=int, default=None,
+                   help="OMP_NUM_THREADS for the quantization runs (1 keeps a shared, busy machine from "
+                        "oversubscribing; times are then not comparable with other runs)")
     return p.parse_args()
 
 
@@ -185,7 +188,8 @@ def main() -> None:
                     continue
                 record: RunRecord = record_from_log(impl, log, out)
             else:
-                record = run_quantization(impl, cli_command(impl, model, setting, calib, out, args), out, log, cwd=work)
+                record = run_quantization(impl, cli_command(impl, model, setting, calib, out, args), out, log, cwd=work,
+                                          threads=args.threads)
             if impl == "reference":  # same units as ours (plain masked MSE)
                 record = replace(record, block_losses=reference_loss_to_mse(record.block_losses, args.batch_size,
                                                                             args.seqlen))
