@@ -167,7 +167,7 @@ def test_gradients_reach_v_and_max_scale(name):
     # the exponent's straight-through floor: d scale / d max_scale = scale / max_scale
     ms2 = torch.tensor([[0.5]], requires_grad=True)
     x = torch.full((1, 1, 32), 0.0)
-    x[0, 0, 0] = 100.0  # with ms 0.5 the element saturates: W^_0 = max_norm * scale, d W^_0 / d ms = max_norm * scale / ms
+    x[0, 0, 0] = 100.0  # with ms 0.5 it saturates: W^_0 = max_norm * scale, d W^_0 / d ms = max_norm * scale / ms
     r2 = qdq_mx(x, MX_FORMATS[name], max_scale=ms2)
     r2.weight[0, 0, 0].backward()
     fmt = MX_FORMATS[name]
