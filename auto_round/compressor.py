@@ -24,6 +24,7 @@ import torch
 from torch import nn
 
 from .algorithms.gguf import gguf_quantize_module
+from .algorithms.act_quant import act_max_hooks, needs_act_calibration
 from .algorithms.opt_rtn import imatrix_hooks, opt_rtn_block, uses_opt_rtn
 from .algorithms.signround import SignRoundConfig, loss_mask_from_attention, rtn_block, tune_block
 from .algorithms.tunable import LayerQuantResult
@@ -160,11 +161,6 @@ class AutoRound:
         n_quant = sum(s.is_quantized for s in self.layer_schemes.values())
         if n_quant == 0:
             raise SchemeError("no layer would be quantized with these settings (all fp or skipped by shape)")
-        pending = sorted({f"{s.data_type} W{s.bits}A{s.act_bits}" for s in self.layer_schemes.values()
-                          if s.is_quantized and (not s.is_int or s.quantizes_activations)})
-        if pending:  # the schemes exist (presets, validation); the tuning/export paths for them land next
-            raise SchemeError(f"quantizing {', '.join(pending)} is not implemented yet; integer weight-only schemes "
-                              "(W2A16..W8A16) and gguf:* work")
 
     # ------------------------------------------------------------------------------------------
     def quantize(self) -> tuple[nn.Module, dict[str, LayerQuantResult]]:
@@ -204,9 +200,12 @@ class AutoRound:
             raise ValueError("disable_opt_rtn=False needs calibration data: pass a tokenizer or a tensor dataset")
         return True
 
+    def _needs_act_calibration(self) -> bool:
+        return any(needs_act_calibration(s) for s in self.layer_schemes.values())
+
     def _quantize_rtn(self) -> None:
-        if self._wants_opt_rtn():
-            self._quantize_opt_rtn()
+        if self._wants_opt_rtn() or self._needs_act_calibration():
+            self._quantize_opt_rtn(search=self._wants_opt_rtn())
             return
         for name, block in iter_blocks(self.model, self.block_groups):
             layers = self._block_layers(name)
@@ -215,17 +214,22 @@ class AutoRound:
             self._block_done(name)
         logger.info("RTN: rounded %d layers to nearest (iters=0)", len(self.results))
 
-    def _quantize_opt_rtn(self) -> None:
-        """imatrix from each block's fp inputs, then a per-group scale search (algorithms/opt_rtn.py)."""
-        fp_in, steps = self._walk_blocks(self._calibration(), "opt-RTN")
+    def _quantize_opt_rtn(self, search: bool = True) -> None:
+        """imatrix (and static activation ranges) from each block's fp inputs, then a per-group scale search
+        (algorithms/opt_rtn.py); search=False: plain RTN, data only for the static activation ranges."""
+        fp_in, steps = self._walk_blocks(self._calibration(), "opt-RTN" if search else "activation calibration")
         for name, block, call in steps:
             layers = self._block_layers(name)
-            with imatrix_hooks(layers) as imatrix:
+            with imatrix_hooks(layers if search else {}) as imatrix, act_max_hooks(layers) as act_max:
                 fp_out = run_batched(block, fp_in, call, self.tuning.batch_size, self.device)
             if layers:
-                self.results.update(opt_rtn_block(layers, imatrix, scale_dtype=self.scale_dtype, device=self.device))
+                self.results.update(opt_rtn_block(layers, imatrix, scale_dtype=self.scale_dtype, device=self.device,
+                                                  act_max=act_max))
             fp_in = fp_out
-        logger.info("opt-RTN: %d layers quantized with imatrix-weighted scale search (iters=0)", len(self.results))
+        if search:
+            logger.info("opt-RTN: %d layers quantized with imatrix-weighted scale search (iters=0)", len(self.results))
+        else:
+            logger.info("RTN: %d layers rounded to nearest, static activation ranges calibrated", len(self.results))
 
     def _quantize_outside_blocks(self) -> None:
         """Layers outside the blocks (lm_head with quant_lm_head) are rounded to nearest."""
@@ -312,7 +316,7 @@ class AutoRound:
             layers = self._block_layers(name)
             # GGUF layers search their scales with the imatrix of their fp inputs before tuning V
             ggml = {n: v for n, v in layers.items() if v[1].gguf is not None}
-            with imatrix_hooks(ggml) as imatrix:
+            with imatrix_hooks(ggml) as imatrix, act_max_hooks(layers) as act_max:
                 targets = run_batched(block, fp_in, call, self.tuning.batch_size, self.device)
             tune_in = q_in if (self.enable_quanted_input and q_in is not None) else fp_in
             if layers:
@@ -323,7 +327,7 @@ class AutoRound:
                     results, stats = tune_block(
                         layers, run, targets, loss_mask, self.tuning,
                         scale_dtype=self.scale_dtype, device=self.device, block_name=name, imatrix=imatrix,
-                        rng=batch_order,
+                        rng=batch_order, act_max=act_max,
                     )
                 self.results.update(results)
                 self.block_stats[name] = stats

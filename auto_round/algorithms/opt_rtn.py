@@ -10,18 +10,21 @@ reference's RTN does not use quantized inputs).
 from __future__ import annotations
 
 from contextlib import contextmanager
-from typing import Iterator
+from typing import Iterator, Optional
 
 import torch
 from torch import nn
 
 from ..layers import layer_weight, set_layer_weight
+from ..quant.fp_opt_rtn import importance_to_groups, search_mx_scale, search_nvfp4_scale
 from ..quant.int_qdq import GroupLayout, group_range, qdq_int
+from ..quant.mx_qdq import get_mx_format
 from ..quant.opt_rtn import fill_importance, search_sym_clip_factor
 from ..schemes import QuantScheme
+from .float_tunable import float_layout
 from .tunable import LayerQuantResult, result_from_qdq
 from .gguf import gguf_rtn_block
-from .signround import rtn_block
+from .signround import install_act_quantizers, nvfp4_global_scales, rtn_block
 
 
 def uses_opt_rtn(scheme: QuantScheme) -> bool:
@@ -29,6 +32,8 @@ def uses_opt_rtn(scheme: QuantScheme) -> bool:
     every ggml type (llama.cpp's imatrix-weighted search)."""
     if scheme.is_quantized and scheme.gguf is not None:
         return True
+    if scheme.is_quantized and scheme.data_type in ("mx_fp", "mx_int", "nv_fp"):
+        return True  # MX: shared exponent -1/0/+1; NVFP4: per-16 coefficient 0.50..1.51
     return scheme.is_quantized and scheme.data_type == "int" and scheme.sym and scheme.bits < 8
 
 
@@ -66,15 +71,40 @@ def opt_rtn_layer(module: nn.Module, scheme: QuantScheme, imatrix: torch.Tensor,
     return result_from_qdq(res, scheme, layout)
 
 
+@torch.no_grad()
+def float_init_scale(module: nn.Module, scheme: QuantScheme, imatrix: torch.Tensor, *,
+                     gscale: Optional[torch.Tensor] = None, device: str = "cpu") -> torch.Tensor:
+    """MX / NVFP4 opt-RTN: the per-group multiplier of the block max [rows, n_groups] with the lowest
+    imatrix-weighted error (quant/fp_opt_rtn.py), for FloatTunableLayer's init_scale."""
+    weight = layer_weight(module).detach().to(device=device, dtype=torch.float32)
+    layout = float_layout(scheme, *weight.shape)
+    grouped = layout.to_groups(weight)
+    importance = fill_importance(importance_to_groups(imatrix.to(device), layout), grouped, scheme.bits)
+    if scheme.data_type == "nv_fp":
+        return search_nvfp4_scale(grouped, importance, gscale=gscale)
+    return search_mx_scale(grouped, get_mx_format(scheme.data_type, scheme.bits), importance)
+
+
 def opt_rtn_block(layers: dict[str, tuple[nn.Module, QuantScheme]], imatrix: dict[str, torch.Tensor], *,
-                  scale_dtype: torch.dtype = torch.float16, device: str = "cpu") -> dict[str, LayerQuantResult]:
-    """opt-RTN for the layers that use it (and that saw calibration tokens), plain RTN for the rest."""
+                  scale_dtype: torch.dtype = torch.float16, device: str = "cpu",
+                  act_max: Optional[dict[str, torch.Tensor]] = None) -> dict[str, LayerQuantResult]:
+    """opt-RTN for the layers that use it (and that saw calibration tokens), plain RTN for the rest.
+    Activation quantizers (static from `act_max`) are installed on every layer whose scheme has them."""
     searched = {n: l for n, l in layers.items() if uses_opt_rtn(l[1]) and n in imatrix}
     ggml = {n: l for n, l in searched.items() if l[1].gguf is not None}
+    floats = {n: l for n, l in searched.items() if l[1].gguf is None and not l[1].is_int}
     results: dict = gguf_rtn_block(ggml, imatrix, device=device) if ggml else {}
+    ints = {n: l for n, l in searched.items() if n not in ggml and n not in floats}
     results.update({n: opt_rtn_layer(m, s, imatrix[n], scale_dtype=scale_dtype, device=device)
-                    for n, (m, s) in searched.items() if n not in ggml})
-    rest = {n: l for n, l in layers.items() if n not in searched}
+                    for n, (m, s) in ints.items()})
+    quantizers = install_act_quantizers(ints, act_max or {}, tune_clip=False, scale_dtype=scale_dtype)
+    for n, q in quantizers.items():
+        results[n].act_max = None if q.effective_act_max is None else q.effective_act_max.cpu()
+    gscales = nvfp4_global_scales(floats)
+    init_scales = {n: float_init_scale(m, s, imatrix[n], gscale=gscales.get(n), device=device)
+                   for n, (m, s) in floats.items()}
+    rest = {n: l for n, l in layers.items() if n not in ggml and n not in ints}
     if rest:
-        results.update(rtn_block(rest, scale_dtype=scale_dtype, device=device))
+        results.update(rtn_block(rest, scale_dtype=scale_dtype, device=device, act_max=act_max,
+                                 init_scales=init_scales))
     return results

@@ -19,7 +19,12 @@ from typing import Callable, Optional, Sequence
 import torch
 from torch import nn
 
+from ..quant.nvfp_qdq import shared_global_scale
+from ..layers import layer_weight
 from ..schemes import QuantScheme
+from .act_quant import ActQuantizer
+from .float_tunable import FloatTunableLayer
+from .fused import fused_groups
 from .gguf import GGUFTunableLayer, gguf_rtn_block
 from .tunable import LayerQuantResult, TunableLayer
 
@@ -91,6 +96,48 @@ def loss_mask_from_attention(attention_mask: torch.Tensor) -> torch.Tensor:
     return mask.unsqueeze(-1)
 
 
+def nvfp4_global_scales(layers: dict[str, tuple[nn.Module, QuantScheme]]) -> dict[str, torch.Tensor]:
+    """NVFP4 layers' global scales: each its own 448*6/amax, but fused siblings (q/k/v, gate/up) share the
+    smallest, so a runtime that concatenates them keeps one scale (reference default)."""
+    nv = {n: m for n, (m, s) in layers.items() if s.is_quantized and s.data_type == "nv_fp"}
+    scales = {n: shared_global_scale([layer_weight(m).float()]) for n, m in nv.items()}
+    for group in fused_groups(nv):
+        shared = shared_global_scale([layer_weight(nv[n]).float() for n in group])
+        scales.update({n: shared for n in group})
+    return scales
+
+
+def make_tunable(module: nn.Module, scheme: QuantScheme, *, scale_dtype: torch.dtype, enable_minmax_tuning: bool,
+                 device, imatrix: Optional[torch.Tensor] = None, gscale: Optional[torch.Tensor] = None,
+                 init_scale: Optional[torch.Tensor] = None):
+    """The tunable state for one layer's weight type: ggml, integer, or MX / NVFP4 / FP8."""
+    if scheme.gguf is not None:
+        return GGUFTunableLayer(module, scheme, imatrix=imatrix, device=device)
+    if scheme.is_int:
+        return TunableLayer(module, scheme, scale_dtype=scale_dtype, enable_minmax_tuning=enable_minmax_tuning,
+                            device=device)
+    return FloatTunableLayer(module, scheme, enable_minmax_tuning=enable_minmax_tuning, device=device,
+                             gscale=gscale, init_scale=init_scale)
+
+
+def install_act_quantizers(layers: dict[str, tuple[nn.Module, QuantScheme]], act_max: dict[str, torch.Tensor], *,
+                           tune_clip: bool, scale_dtype: torch.dtype) -> dict[str, ActQuantizer]:
+    """An input quantizer on every layer whose scheme quantizes activations; it stays installed after tuning."""
+    quantizers = {}
+    for name, (module, scheme) in layers.items():
+        if scheme.quantizes_activations:
+            q = ActQuantizer(scheme, act_max.get(name), tune_clip=tune_clip, scale_dtype=scale_dtype)
+            q.install(module)
+            quantizers[name] = q
+    return quantizers
+
+
+def _with_act_max(result, quantizer: Optional[ActQuantizer]):
+    if quantizer is not None and quantizer.effective_act_max is not None:
+        result.act_max = quantizer.effective_act_max.cpu()
+    return result
+
+
 def _signed_step(params: Sequence[torch.Tensor], lr: float) -> None:
     with torch.no_grad():
         for p in params:
@@ -111,6 +158,7 @@ def tune_block(
     block_name: str = "",
     imatrix: Optional[dict[str, torch.Tensor]] = None,
     rng: Optional[random.Random] = None,
+    act_max: Optional[dict[str, torch.Tensor]] = None,
 ) -> tuple[dict[str, LayerQuantResult], BlockTuneStats]:
     """Tune the quantized layers of one block in place; returns per-layer results and loss stats.
 
@@ -121,15 +169,20 @@ def tune_block(
     imatrix: name -> [in] sum of squared inputs, used by GGUF layers to search their scales before tuning.
     rng: the batch-order stream; pass one `random.Random(seed)` for the whole model so that blocks get
         different batch orders (None: a fresh `random.Random(config.seed)`, for tuning one block alone).
+    act_max: name -> calibrated max |input| ([] fp32) of layers with static activation quantization.
     """
     imatrix = imatrix or {}
+    gscales = nvfp4_global_scales(layers)
     tunables = {
-        name: GGUFTunableLayer(m, s, imatrix=imatrix.get(name), device=device) if s.gguf is not None else
-        TunableLayer(m, s, scale_dtype=scale_dtype, enable_minmax_tuning=config.enable_minmax_tuning, device=device)
+        name: make_tunable(m, s, scale_dtype=scale_dtype, enable_minmax_tuning=config.enable_minmax_tuning,
+                           device=device, imatrix=imatrix.get(name), gscale=gscales.get(name))
         for name, (m, s) in layers.items()
     }
+    act_quant = install_act_quantizers(layers, act_max or {}, tune_clip=config.enable_minmax_tuning,
+                                       scale_dtype=scale_dtype)
     round_params = [p for t in tunables.values() for p in t.round_params()]
     minmax_params = [p for t in tunables.values() for p in t.minmax_params()]
+    minmax_params += [p for q in act_quant.values() for p in q.params()]
     n = targets.shape[0]
     rng = rng if rng is not None else random.Random(config.seed)
     sampler = IndexSampler(n, config.batch_size * config.gradient_accumulate_steps, rng)
@@ -144,7 +197,7 @@ def tune_block(
     iters_run = 0
     try:
         for it in range(config.iters):
-            for t in tunables.values():
+            for t in [*tunables.values(), *act_quant.values()]:
                 t.clamp_()
             indices = sampler.next()
             total = 0.0
@@ -165,6 +218,7 @@ def tune_block(
             if (not config.not_use_best_mse and total < best_loss) or (config.not_use_best_mse and is_last):
                 best_loss, best_iter = total, it
                 best_params = {name: t.snapshot() for name, t in tunables.items()}
+                best_params.update({("act", n): q.max_scale.detach().clone() for n, q in act_quant.items()})
             iters_run = it + 1
             if config.dynamic_max_gap > 0 and it - best_iter >= config.dynamic_max_gap:
                 break
@@ -174,7 +228,14 @@ def tune_block(
     finally:
         for t in tunables.values():
             t.detach()
-    results = {name: t.finalize(best_params[name] if best_params else None) for name, t in tunables.items()}
+    if best_params:
+        with torch.no_grad():
+            for n, q in act_quant.items():
+                q.max_scale.copy_(best_params[("act", n)])
+    for q in act_quant.values():
+        q.clamp_()
+    results = {name: _with_act_max(t.finalize(best_params[name] if best_params else None), act_quant.get(name))
+               for name, t in tunables.items()}
     stats = BlockTuneStats(first_loss or 0.0, best_loss if best_params else math.nan, best_iter, iters_run)
     logger.info(
         "%s: quantized %d layers in the block, loss iter 0: %.6f -> iter %d: %.6f",
@@ -189,15 +250,23 @@ def rtn_block(
     *,
     scale_dtype: torch.dtype = torch.float16,
     device: torch.device | str = "cpu",
+    act_max: Optional[dict[str, torch.Tensor]] = None,
+    init_scales: Optional[dict[str, torch.Tensor]] = None,
 ) -> dict[str, LayerQuantResult]:
     """Round-to-nearest: V = 0, alpha = beta = 1; writes the fake-quantized weights in place.
 
-    GGUF layers use llama.cpp's quantizer without an imatrix (its scale search included)."""
+    GGUF layers use llama.cpp's quantizer without an imatrix (its scale search included). MX / NVFP4 / FP8
+    layers take `init_scales` (the opt-RTN search's per-group multipliers) where given. Activation
+    quantizers are installed (static ones from `act_max`)."""
     ggml_layers = {n: l for n, l in layers.items() if l[1].gguf is not None}
     results: dict = gguf_rtn_block(ggml_layers, device=device) if ggml_layers else {}
+    gscales = nvfp4_global_scales(layers)
+    quantizers = install_act_quantizers(layers, act_max or {}, tune_clip=False, scale_dtype=scale_dtype)
     for name, (module, scheme) in layers.items():
         if name in ggml_layers:
             continue
-        tunable = TunableLayer(module, scheme, scale_dtype=scale_dtype, enable_minmax_tuning=False, device=device)
-        results[name] = tunable.finalize()
+        init = (init_scales or {}).get(name)
+        tunable = make_tunable(module, scheme, scale_dtype=scale_dtype, enable_minmax_tuning=False, device=device,
+                               gscale=gscales.get(name), init_scale=init)
+        results[name] = _with_act_max(tunable.finalize(), quantizers.get(name))
     return results

@@ -27,6 +27,7 @@ class LayerQuantResult:
     scale / zero_point: float32 [rows, n_groups] (zero points integer-valued; 2^(b-1) for sym);
     codes: uint8 [out, in], the stored integers in [0, 2^b - 1]. Weight = scale * (codes - zero_point).
         None once the layer has been packed for export and its codes released (immediate packing).
+    act_max: set for static activation quantization (W8A8 static); dynamic schemes need nothing stored.
     """
 
     scheme: QuantScheme
@@ -34,6 +35,7 @@ class LayerQuantResult:
     scale: torch.Tensor
     zero_point: torch.Tensor
     codes: Optional[torch.Tensor]
+    act_max: Optional[torch.Tensor] = None  # static activations: calibrated (and tuned) max |input|, fp32 []
 
 
 def result_from_qdq(res: QdqResult, scheme: QuantScheme, layout: GroupLayout) -> LayerQuantResult:

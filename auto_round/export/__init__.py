@@ -75,6 +75,7 @@ def check_format(fmt: str, layers: dict, outside_blocks: frozenset = frozenset()
     quantized = {n: v for n, v in layers.items() if v[0].is_quantized}
     if not mix_of_format(fmt) and fmt != "fake" and any(v[0].gguf is not None for v in quantized.values()):
         raise ExportError(f"{fmt!r} cannot hold ggml (GGUF) quantized layers; export them with a gguf:* format")
+    _check_float_and_act_layers(fmt, quantized)
     if fmt in PACKINGS:
         check_requested_packing(fmt, quantized)
     elif fmt == "auto_gptq":
@@ -89,6 +90,20 @@ def check_format(fmt: str, layers: dict, outside_blocks: frozenset = frozenset()
         plain = sorted(n for n, v in quantized.items() if v[0].gguf is None)
         if plain:
             raise ExportError(f"{fmt}: layers {plain[:3]} are not quantized to a ggml type; use scheme {fmt!r}")
+
+
+# formats that hold MX / NVFP4 / FP8 weights or quantized activations (the rest hold integer weights only)
+FLOAT_FORMATS = ("fake",)
+
+
+def _check_float_and_act_layers(fmt: str, quantized: dict) -> None:
+    odd = {n: s for n, (s, _) in quantized.items() if s.gguf is None and (not s.is_int or s.quantizes_activations)}
+    if not odd or fmt in FLOAT_FORMATS:
+        return
+    name, s = next(iter(odd.items()))
+    what = f"{s.data_type} W{s.bits}A{s.act_bits}"
+    raise ExportError(f"format {fmt!r} holds integer weight-only layers; {name} is {what} ({len(odd)} such layers). "
+                      f"Formats for it: {', '.join(FLOAT_FORMATS)}")
 
 
 @dataclass(frozen=True)

@@ -1,0 +1,98 @@
+"""Activation quantization on a layer's input, during tuning and in the fake-quantized model.
+
+A scheme with act_bits < 16 gets an `ActQuantizer` installed as a forward pre-hook on its Linear: the
+input x [..., in] is replaced by qdq_act(x) before the matmul, in the tuning forward (so SignRound sees
+the activation error) and afterwards (the returned model computes what the deployed one does).
+
+Static schemes (act_dynamic=False, and NVFP4's "nv_fp4_with_static_gs") need `act_max`, the max |x|
+over the calibration inputs, per tensor; `act_max_hooks` collects it on the block's fp inputs. Static
+int / fp8 activations also get a tunable clip `max_scale` (the reference's act_max_scale, init 1, [0, 1]).
+"""
+
+from __future__ import annotations
+
+from contextlib import contextmanager
+from typing import Iterator, Optional
+
+import torch
+from torch import nn
+
+from ..quant.act_qdq import qdq_act
+from ..schemes import QuantScheme
+
+
+def needs_act_calibration(scheme: QuantScheme) -> bool:
+    """True when the activation range is calibrated once (static) rather than taken from each input."""
+    if not scheme.quantizes_activations:
+        return False
+    return not scheme.act_dynamic or scheme.resolved_act_data_type == "nv_fp4_with_static_gs"
+
+
+class ActQuantizer:
+    """qdq of a layer's input under `scheme`'s act_* fields. act_max: [] fp32 for static schemes."""
+
+    def __init__(self, scheme: QuantScheme, act_max: Optional[torch.Tensor] = None, *,
+                 tune_clip: bool = False, scale_dtype: torch.dtype = torch.float16):
+        if needs_act_calibration(scheme) and act_max is None:
+            raise ValueError(f"static activation quantization ({scheme.resolved_act_data_type}) needs a calibrated "
+                             "act_max; none was collected for this layer (did it see calibration tokens?)")
+        self.scheme = scheme
+        self.act_max = None if act_max is None else act_max.detach().float().reshape(())
+        # only a static int / fp8 range is a single number a clip can scale; NVFP4's per-16 maxima stay dynamic
+        tunable = tune_clip and not scheme.act_dynamic
+        self.max_scale = torch.ones((), device=self.act_max.device if self.act_max is not None else None,
+                                    requires_grad=tunable)
+        self.scale_dtype = scale_dtype
+        self._handle = None
+
+    def params(self) -> list[torch.Tensor]:
+        return [self.max_scale] if self.max_scale.requires_grad else []
+
+    def clamp_(self) -> None:
+        with torch.no_grad():
+            self.max_scale.clamp_(0.0, 1.0)
+
+    @property
+    def effective_act_max(self) -> Optional[torch.Tensor]:
+        """The static range after the tuned clip (what export turns into input scales); None if dynamic."""
+        if self.act_max is None:
+            return None
+        clip = self.max_scale.detach() if not self.scheme.act_dynamic else 1.0
+        return self.act_max * clip
+
+    def __call__(self, x: torch.Tensor) -> torch.Tensor:
+        s = self.scheme
+        static_clip = self.max_scale if (self.act_max is not None and not s.act_dynamic) else None
+        return qdq_act(x, s.resolved_act_data_type, s.act_bits, s.resolved_act_group_size, sym=s.resolved_act_sym,
+                       act_max=self.act_max, max_scale=static_clip, scale_dtype=self.scale_dtype)
+
+    def install(self, module: nn.Module) -> None:
+        """Quantize `module`'s input from now on (idempotent)."""
+        if self._handle is None:
+            self._handle = module.register_forward_pre_hook(lambda _m, args: (self(args[0]), *args[1:]))
+
+    def remove(self) -> None:
+        if self._handle is not None:
+            self._handle.remove()
+            self._handle = None
+
+
+@contextmanager
+def act_max_hooks(layers: dict[str, tuple[nn.Module, QuantScheme]]) -> Iterator[dict[str, torch.Tensor]]:
+    """While active, track max |x| ([] fp32) of the input of every layer whose scheme is static."""
+    maxima: dict[str, torch.Tensor] = {}
+    handles = []
+    for name, (module, scheme) in layers.items():
+        if not needs_act_calibration(scheme):
+            continue
+
+        def hook(_mod, args, name=name):
+            m = args[0].detach().abs().amax().float()
+            maxima[name] = m if name not in maxima else torch.maximum(maxima[name], m)
+
+        handles.append(module.register_forward_pre_hook(hook))
+    try:
+        yield maxima
+    finally:
+        for h in handles:
+            h.remove()
