@@ -144,6 +144,7 @@ class AutoRound:
         self._resolve_layers(gguf_mix_of(scheme) if isinstance(scheme, str) else None)
         self.results: dict[str, LayerQuantResult] = {}
         self.block_stats: dict[str, Any] = {}
+        self.calibration_info: Optional[dict] = None  # hash of the calibration tokens, once built
         self.quantized = False
 
     def _resolve_layers(self, gguf_mix: Optional[str]) -> None:
@@ -256,13 +257,16 @@ class AutoRound:
             ids = self.dataset.long()
             if ids.dim() != 2 or ids.numel() == 0:
                 raise ValueError(f"a tensor dataset must be non-empty token ids [n, seqlen], got shape {tuple(ids.shape)}")
-            return SimpleNamespace(input_ids=ids, attention_mask=torch.ones_like(ids),
-                                   description=f"{ids.shape[0]} pre-tokenized samples")
+            calib = SimpleNamespace(input_ids=ids, attention_mask=torch.ones_like(ids),
+                                    description=f"{ids.shape[0]} pre-tokenized samples")
+            self.calibration_info = calibration_fingerprint(ids, calib.attention_mask, calib.description)
+            return calib
         from .model.calib_data import build_calibration_set
 
         seqlen = clamp_seqlen(self.seqlen, self.model, self.tokenizer)
         calib = build_calibration_set(self.tokenizer, self.dataset, seqlen=seqlen, nsamples=self.nsamples, seed=self.seed)
         logger.info("calibration: %d samples x %d tokens from %s", *calib.input_ids.shape, calib.description)
+        self.calibration_info = calibration_fingerprint(calib.input_ids, calib.attention_mask, calib.description)
         return calib
 
     def _walk_blocks(self, calib: Any, what: str) -> tuple[torch.Tensor, Iterator[tuple[str, nn.Module, BlockCall]]]:
@@ -346,12 +350,22 @@ class AutoRound:
             "enable_quanted_input": self.enable_quanted_input and t.iters > 0,
             "low_gpu_mem_usage": False,
         }
+        run_info = {
+            "seed": self.seed, "scheme": self.scheme.to_dict(), "tuning": tuning,
+            "amp_dtype": str(t.amp_dtype) if t.iters and t.amp_dtype is not None else None,
+            "scale_dtype": _SCALE_DTYPES[self.scale_dtype], "device_type": torch.device(self.device).type,
+            "calibration": self.calibration_info,
+            "layers": {"quantized": sum(s.is_quantized for s in self.layer_schemes.values()),
+                       "kept_in_fp": sum(not s.is_quantized for s in self.layer_schemes.values())},
+            "block_losses": {n: {"first": st.loss_first, "best": st.loss_best, "best_iter": st.best_iter}
+                             for n, st in self.block_stats.items()},
+        }
         return ExportContext(
             model=self.model, tokenizer=self.tokenizer, results=self.results, layer_schemes=self.layer_schemes,
             scheme=self.scheme, block_groups=self.block_groups, tuning=tuning, max_shard_size=self.max_shard_size,
             scale_dtype_name=_SCALE_DTYPES[self.scale_dtype],
             packing=self._packer.packing if self.packed else None, packed=self.packed,
-            packed_for=self._packer.fmt if self.packed else None,
+            packed_for=self._packer.fmt if self.packed else None, run_info=run_info,
         )
 
     def _check_export(self, output_dir: "str | Path", format: str, overwrite: bool
@@ -416,6 +430,17 @@ def _check_positive(allow_zero: tuple = (), **values: int) -> None:
         low = 0 if key in allow_zero else 1
         if not isinstance(value, int) or value < low:
             raise ValueError(f"{key} must be an integer >= {low}, got {value!r}")
+
+
+def calibration_fingerprint(input_ids: torch.Tensor, attention_mask: torch.Tensor, description: str) -> dict:
+    """SHA-256 of the calibration token ids and mask (int64 bytes, row-major): equal hashes = equal data."""
+    import hashlib
+
+    digest = hashlib.sha256()
+    for t in (input_ids, attention_mask):
+        digest.update(t.to(torch.int64).contiguous().numpy().tobytes())
+    return {"sha256": digest.hexdigest(), "samples": int(input_ids.shape[0]), "seqlen": int(input_ids.shape[1]),
+            "source": description}
 
 
 def format_dirs(output_dir: Path, formats: list[str]) -> dict[str, Path]:

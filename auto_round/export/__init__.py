@@ -28,6 +28,7 @@ from .fake import save_fake
 from .gguf_export import gguf_formats, mix_of_format, pack_gguf_layer, save_gguf
 from .gptq import check_gptq, pack_gptq_layer, save_auto_gptq
 from .llm_compressor import check_llm_compressor, pack_ct_layer, save_llm_compressor
+from .manifest import write_manifest
 from .writer import ExportError, atomic_output_dir
 
 logger = logging.getLogger("auto_round")
@@ -152,6 +153,7 @@ def export(ctx: ExportContext, output_dir: "str | Path", fmt: str, overwrite: bo
         )
     with atomic_output_dir(output_dir, overwrite=overwrite) as tmp:
         _WRITERS[family](ctx, tmp, variant)
+        write_manifest(tmp, fmt, ctx.run_info)  # last: its presence marks a finished directory
     final = Path(output_dir).expanduser().resolve()
     logger.info("saved %s checkpoint to %s", fmt, final)
     return final
