@@ -36,7 +36,7 @@ from .model.block_inputs import BlockCall, capture_block_inputs
 from .model.block_run import block_runner, run_batched
 from .model.blocks import has_tied_embeddings, iter_blocks
 from .model.layer_config import LayerConfig, resolve_layer_schemes
-from .model.loading import load_model_and_tokenizer, parse_dtype
+from .model.loading import check_finite, load_model_and_tokenizer, parse_dtype
 from .model.memory import release_memory, release_weight
 from .model.tuning_attention import tuning_attention
 from .runtime import resolve_amp_dtype, resolve_device
@@ -86,7 +86,7 @@ class AutoRound:
         minmax_lr: Optional[float] = None,
         nsamples: int = 128,
         seqlen: int = 2048,
-        batch_size: int = 8,
+        batch_size: Optional[int] = None,
         gradient_accumulate_steps: int = 1,
         enable_minmax_tuning: bool = True,
         enable_quanted_input: bool = True,
@@ -104,10 +104,16 @@ class AutoRound:
         trust_remote_code: bool = True,
         max_shard_size: "int | str" = "5GB",
         low_cpu_mem_usage: bool = True,
+        allow_pickle_checkpoint: bool = False,
     ):
         self.scheme = resolve_scheme(scheme, bits=bits, group_size=group_size, sym=sym, data_type=data_type, act_bits=act_bits)
-        _check_positive(iters=iters, nsamples=nsamples, seqlen=seqlen, batch_size=batch_size,
+        _check_positive(iters=iters, nsamples=nsamples, seqlen=seqlen, batch_size=8 if batch_size is None else batch_size,
                         gradient_accumulate_steps=gradient_accumulate_steps, allow_zero=("iters",))
+        if batch_size is None:  # the reference default, 8, clamped to nsamples (an explicit larger one is an error)
+            batch_size = min(8, nsamples)
+        elif iters > 0 and batch_size > nsamples and not isinstance(dataset, torch.Tensor):
+            raise ValueError(f"batch_size={batch_size} is larger than nsamples={nsamples}: every step would use all "
+                             f"samples; pass batch_size <= {nsamples} (CLI: --batch_size) or more samples")
         self.device = resolve_device(device, device_map)
         if lr is None and iters >= 1000 and self.scheme.bits <= 3:
             lr = 2.0 / iters  # reference: long low-bit runs take a larger step
@@ -129,11 +135,14 @@ class AutoRound:
         self.low_cpu_mem_usage = low_cpu_mem_usage
         self._packer: Optional[BlockPacker] = None  # set by quantize_and_save for immediate packing
         self.packed: dict[str, dict[str, torch.Tensor]] = {}
+        self.source_dir = _local_source_dir(model)  # never written to (see check_output_dir)
         if isinstance(model, nn.Module):
             self.model, self.tokenizer = model, tokenizer
+            check_finite(self.model)
         else:
             self.model, loaded_tok = load_model_and_tokenizer(
-                str(model), dtype=model_dtype, trust_remote_code=trust_remote_code, device=self.device
+                str(model), dtype=model_dtype, trust_remote_code=trust_remote_code, device=self.device,
+                allow_pickle=allow_pickle_checkpoint,
             )
             self.tokenizer = tokenizer if tokenizer is not None else loaded_tok
         if iters > 0 and self.tokenizer is None and not isinstance(dataset, torch.Tensor):
@@ -261,11 +270,16 @@ class AutoRound:
                                     description=f"{ids.shape[0]} pre-tokenized samples")
             self.calibration_info = calibration_fingerprint(ids, calib.attention_mask, calib.description)
             return calib
-        from .model.calib_data import build_calibration_set
+        from .model.calib_data import CalibrationDataError, build_calibration_set
 
         seqlen = clamp_seqlen(self.seqlen, self.model, self.tokenizer)
         calib = build_calibration_set(self.tokenizer, self.dataset, seqlen=seqlen, nsamples=self.nsamples, seed=self.seed)
         logger.info("calibration: %d samples x %d tokens from %s", *calib.input_ids.shape, calib.description)
+        real = int(calib.attention_mask.sum())
+        if real < seqlen:  # not one full sample: tuning/statistics on mostly padding would be meaningless
+            raise CalibrationDataError(
+                f"the calibration data ({calib.description}) holds {real} tokens, fewer than seqlen={seqlen}: not "
+                f"even one full sample; give more text or a smaller seqlen (CLI: --seqlen)")
         self.calibration_info = calibration_fingerprint(calib.input_ids, calib.attention_mask, calib.description)
         return calib
 
@@ -376,7 +390,7 @@ class AutoRound:
         self._adopt_gguf_format(formats)
         targets = format_dirs(Path(output_dir), formats)
         for d in targets.values():
-            check_output_dir(d, overwrite)
+            check_output_dir(d, overwrite, self.source_dir)
         layers = {n: (s, layer_shape(self.model.get_submodule(n))[1]) for n, s in self.layer_schemes.items()}
         outside = frozenset(n for n in layers if not any(n.startswith(g + ".") for g in self.block_groups))
         conv1d = frozenset(n for n in layers if is_conv1d(self.model.get_submodule(n)))
@@ -430,6 +444,15 @@ def _check_positive(allow_zero: tuple = (), **values: int) -> None:
         low = 0 if key in allow_zero else 1
         if not isinstance(value, int) or value < low:
             raise ValueError(f"{key} must be an integer >= {low}, got {value!r}")
+
+
+def _local_source_dir(model: Any) -> Optional[Path]:
+    """The local folder the model was loaded from, if any (a path, or an nn.Module's config._name_or_path)."""
+    name = model if isinstance(model, (str, Path)) else getattr(getattr(model, "config", None), "_name_or_path", None)
+    if not name:
+        return None
+    path = Path(str(name)).expanduser()
+    return path if path.is_dir() else None
 
 
 def calibration_fingerprint(input_ids: torch.Tensor, attention_mask: torch.Tensor, description: str) -> dict:

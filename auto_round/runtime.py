@@ -53,5 +53,20 @@ def resolve_device(device: Optional[str], device_map: Any) -> str:
         if spec.isdigit():
             return f"cuda:{spec}" if torch.cuda.is_available() else "cpu"
         if spec and spec != "auto":
-            return spec
+            return check_device(spec)
     return "cuda" if torch.cuda.is_available() else "cpu"
+
+
+def check_device(spec: str) -> str:
+    """`spec` if torch can use it here; a ValueError naming what is available otherwise."""
+    try:
+        dev = torch.device(spec)
+    except RuntimeError as err:
+        raise ValueError(f"device {spec!r} is not a torch device ({err}); use cpu, cuda, cuda:N, xpu, ...") from err
+    if dev.type == "cuda":
+        count = torch.cuda.device_count() if torch.cuda.is_available() else 0
+        if count == 0:
+            raise ValueError(f"device {spec!r}: no CUDA device is available here; use --device cpu")
+        if dev.index is not None and dev.index >= count:
+            raise ValueError(f"device {spec!r}: only {count} CUDA device(s) here (cuda:0..cuda:{count - 1})")
+    return spec

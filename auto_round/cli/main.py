@@ -1,7 +1,7 @@
 """Command line: `auto-round`, `auto-round-best`, `auto-round-light`, `auto-round-rtn`.
 
 Recipes fill only the settings the user left unset (reference behaviour):
-    default: iters 200,  nsamples 128, seqlen 2048, batch_size 8, lr 1/iters
+    default: iters 200,  nsamples 128, seqlen 2048, batch_size 8 (at most nsamples), lr 1/iters
     best:    iters 1000, nsamples 512                             (lr 2/iters for <= 3 bits)
     light:   iters 50,                                lr 5e-3
     rtn:     iters 0,    nsamples 1,                          plain round-to-nearest (opt-RTN off)
@@ -17,10 +17,10 @@ from pathlib import Path
 from typing import Optional, Sequence
 
 RECIPES = {
-    "default": {"iters": 200, "nsamples": 128, "seqlen": 2048, "batch_size": 8, "lr": None},
-    "best": {"iters": 1000, "nsamples": 512, "seqlen": 2048, "batch_size": 8, "lr": None},
-    "light": {"iters": 50, "nsamples": 128, "seqlen": 2048, "batch_size": 8, "lr": 5e-3},
-    "rtn": {"iters": 0, "nsamples": 1, "seqlen": 2048, "batch_size": 8, "lr": None, "disable_opt_rtn": True},
+    "default": {"iters": 200, "nsamples": 128, "seqlen": 2048, "lr": None},
+    "best": {"iters": 1000, "nsamples": 512, "seqlen": 2048, "lr": None},
+    "light": {"iters": 50, "nsamples": 128, "seqlen": 2048, "lr": 5e-3},
+    "rtn": {"iters": 0, "nsamples": 1, "seqlen": 2048, "lr": None, "disable_opt_rtn": True},
 }
 
 
@@ -71,6 +71,8 @@ def build_parser(prog: str = "auto-round") -> argparse.ArgumentParser:
     r.add_argument("--device", "--device_map", dest="device", help="cpu, cuda, cuda:0, ... (default: cuda if present)")
     r.add_argument("--model_dtype", help="fp32 / fp16 / bf16 (default fp32 on CPU)")
     r.add_argument("--disable_trust_remote_code", action="store_true")
+    r.add_argument("--allow_pickle_checkpoint", action="store_true",
+                   help="load a model whose weights are only pickle files (pytorch_model.bin); unpickling can run code")
     r.add_argument("--format", "--formats",
                    help="auto_round (default; the scheme's gguf:* preset for a GGUF scheme), auto_round:auto_gptq, "
                         "auto_round:auto_awq, auto_round:gptqmodel, auto_gptq, auto_awq, llm_compressor, fake, "
@@ -86,6 +88,7 @@ def build_parser(prog: str = "auto-round") -> argparse.ArgumentParser:
     mem.add_argument("--disable_low_cpu_mem_usage", dest="low_cpu_mem_usage", action="store_false",
                      help="keep the whole fake-quantized model in memory until the export")
     r.add_argument("--log_level", default="INFO", choices=["DEBUG", "INFO", "WARNING", "ERROR"])
+    r.add_argument("--debug", action="store_true", help="show the Python traceback of an error")
     return p
 
 
@@ -142,7 +145,7 @@ def main(argv: Optional[Sequence[str]] = None, recipe: str = "default", prog: st
     try:
         # cheap checks first: nobody should wait for a model to load to learn the output dir is taken
         for directory in format_dirs(Path(args.output_dir), parse_formats(args.format)).values():
-            check_output_dir(directory, args.overwrite)
+            check_output_dir(directory, args.overwrite, Path(model) if Path(model).is_dir() else None)
         ar = AutoRound(
             model, scheme=args.scheme, bits=args.bits, group_size=args.group_size,
             sym=False if args.asym else None, data_type=args.data_type,
@@ -157,12 +160,20 @@ def main(argv: Optional[Sequence[str]] = None, recipe: str = "default", prog: st
             amp_attention=args.amp_attention,
             scale_dtype=args.scale_dtype, model_dtype=args.model_dtype, device=args.device,
             trust_remote_code=not args.disable_trust_remote_code, max_shard_size=args.max_shard_size,
-            low_cpu_mem_usage=args.low_cpu_mem_usage,
+            low_cpu_mem_usage=args.low_cpu_mem_usage, allow_pickle_checkpoint=args.allow_pickle_checkpoint,
         )
         _, paths = ar.quantize_and_save(args.output_dir, format=args.format, overwrite=args.overwrite)
     except ValueError as err:  # every input error of the package is a ValueError subclass
+        if args.debug:
+            raise
         print(f"{prog}: error: {err}", file=sys.stderr)
         return 2
+    except (KeyboardInterrupt, MemoryError, OSError, RuntimeError, NotImplementedError) as err:
+        if args.debug:
+            raise
+        kind = "interrupted" if isinstance(err, KeyboardInterrupt) else f"{type(err).__name__}: {err}"
+        print(f"{prog}: error: {kind} (nothing was written; --debug shows the traceback)", file=sys.stderr)
+        return 1
     for path in paths:
         print(f"saved: {path}")
     return 0

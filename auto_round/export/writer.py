@@ -39,10 +39,24 @@ def parse_size(size: "int | str") -> int:
     return int(float(m.group(1)) * _UNITS[m.group(2)])
 
 
-def check_output_dir(output_dir: Path, overwrite: bool) -> None:
-    """Refuse to replace a non-empty directory unless `overwrite` (never lose a user's files)."""
+def check_output_dir(output_dir: Path, overwrite: bool, source_dir: "Path | None" = None) -> None:
+    """Refuse to replace a non-empty directory unless `overwrite` (never lose a user's files), to write into
+    or over the source model's directory, or to write where no directory can be created."""
+    output_dir = Path(output_dir).expanduser()
+    if source_dir is not None:
+        src, out = Path(source_dir).expanduser().resolve(), output_dir.resolve()
+        if out == src or src in out.parents:
+            raise ExportError(f"output directory {output_dir} is (inside) the source model directory {src}; "
+                              "the source model is never written to: choose another --output_dir")
     if output_dir.exists() and not output_dir.is_dir():
         raise ExportError(f"output path {output_dir} exists and is not a directory")
+    ancestor = output_dir.resolve()
+    while not ancestor.exists():
+        ancestor = ancestor.parent
+    if not ancestor.is_dir():
+        raise ExportError(f"output directory {output_dir} cannot be created: {ancestor} is a file")
+    if not output_dir.exists() and not os.access(ancestor, os.W_OK | os.X_OK):
+        raise ExportError(f"output directory {output_dir} cannot be created: {ancestor} is not writable")
     if output_dir.is_dir() and any(output_dir.iterdir()) and not overwrite:
         raise ExportError(
             f"output directory {output_dir} already exists and is not empty; "

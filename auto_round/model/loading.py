@@ -42,11 +42,13 @@ def load_model_and_tokenizer(
     dtype: "str | torch.dtype | None" = None,
     trust_remote_code: bool = True,
     device: str = "cpu",
+    allow_pickle: bool = False,
 ) -> tuple[torch.nn.Module, Any]:
     """(model, tokenizer) from a local directory or a hub id.
 
     dtype None means fp32 on CPU (bf16 matmuls are ~5x slower than fp32 on CPUs without AMX) and the
-    checkpoint's own dtype elsewhere.
+    checkpoint's own dtype elsewhere. A local folder whose weights are only pickle files (pytorch_model.bin,
+    *.pt) is refused unless `allow_pickle` (unpickling runs code from the file).
     """
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
@@ -56,6 +58,8 @@ def load_model_and_tokenizer(
         raise ModelLoadError(f"model path {name_or_path!r} does not exist (and is not a hub id like 'org/name')")
     if is_local and not (path / "config.json").is_file():
         raise ModelLoadError(f"{path} has no config.json; pass a Hugging Face model directory")
+    if is_local and not allow_pickle:
+        _refuse_pickle_only(path)
     torch_dtype = parse_dtype(dtype) or (torch.float32 if device == "cpu" else "auto")
     source = str(path) if is_local else name_or_path
     try:
@@ -64,6 +68,43 @@ def load_model_and_tokenizer(
     except OSError as err:
         where = "local directory" if is_local else "Hugging Face hub (is it reachable? pass a local directory otherwise)"
         raise ModelLoadError(f"could not load {name_or_path!r} from the {where}: {err}") from err
+    except ValueError as err:
+        raise ModelLoadError(_explain_value_error(name_or_path, err)) from err
     model.eval()
+    check_finite(model)
     logger.info("loaded %s (%s, %.1f M parameters)", source, model.dtype, sum(p.numel() for p in model.parameters()) / 1e6)
     return model, tokenizer
+
+
+def _refuse_pickle_only(path: Path) -> None:
+    if any(path.glob("*.safetensors")) or any(path.glob("*.gguf")):
+        return
+    pickles = sorted(p.name for ext in ("*.bin", "*.pt", "*.pth", "*.ckpt") for p in path.glob(ext))
+    if pickles:
+        raise ModelLoadError(f"{path} holds its weights only as pickle files ({', '.join(pickles[:3])}); loading them "
+                             "can run code from the file. Convert the checkpoint to safetensors, or pass "
+                             "allow_pickle=True (CLI: --allow_pickle_checkpoint) if you trust it")
+
+
+def _explain_value_error(name: str, err: ValueError) -> str:
+    text = str(err)
+    if "trust_remote_code" in text:
+        return (f"{name!r} needs its own modeling code (trust_remote_code); drop --disable_trust_remote_code "
+                "(trust_remote_code=True) if you trust that code")
+    if "Unrecognized configuration class" in text or "AutoModelForCausalLM" in text:
+        return (f"{name!r} is not a causal language model (transformers has no AutoModelForCausalLM class for "
+                f"it); auto-round quantizes decoder-only LMs. ({text.splitlines()[0][:200]})")
+    return f"could not load {name!r}: {text}"
+
+
+def check_finite(model: torch.nn.Module, limit: int = 3) -> None:
+    """Raise ModelLoadError naming the tensors (up to `limit`) that hold NaN or Inf."""
+    bad = []
+    for name, tensor in model.state_dict().items():
+        if tensor.is_floating_point() and tensor.device.type != "meta" and not torch.isfinite(tensor).all():
+            bad.append(name)
+            if len(bad) >= limit:
+                break
+    if bad:
+        raise ModelLoadError(f"the model's weights hold NaN or Inf values in {', '.join(bad)}; quantizing them would "
+                             "give a broken checkpoint: fix or re-download the model")
