@@ -102,3 +102,22 @@ def test_importance_changes_the_choice():
     fmt = MX_FORMATS["mx_fp4"]
     assert search_mx_scale(w, fmt, heavy_big).item() == 2.0
     assert search_mx_scale(w, fmt, heavy_small).item() == 0.5  # scale 0.5: 0.3 -> 0.6 -> 0.5 -> 0.25
+
+
+def test_nvfp4_search_equals_the_brute_force_search():
+    """The search skips groups whose E4M3 block scale did not change between candidates; it must pick what
+    trying every candidate on every group with the qdq itself picks."""
+    from auto_round.quant.fp_opt_rtn import NVFP4_CANDIDATES, search_nvfp4_scale, weighted_sse
+    from auto_round.quant.nvfp_qdq import global_scale, qdq_nvfp4
+
+    gen = torch.Generator().manual_seed(3)
+    grouped = torch.randn(24, 12, 16, generator=gen) * torch.rand(24, 12, 1, generator=gen) * 3
+    importance = torch.rand(1, 12, 16, generator=gen).expand_as(grouped)
+    g = global_scale(grouped)
+    best_c = torch.full(grouped.shape[:-1], NVFP4_CANDIDATES[0])
+    best_err = weighted_sse(qdq_nvfp4(grouped, gscale=g, init_scale=best_c).weight, grouped, importance)
+    for c in NVFP4_CANDIDATES[1:]:
+        cand = torch.full_like(best_c, c)
+        err = weighted_sse(qdq_nvfp4(grouped, gscale=g, init_scale=cand).weight, grouped, importance)
+        best_c, best_err = torch.where(err < best_err, cand, best_c), torch.minimum(err, best_err)
+    assert torch.equal(search_nvfp4_scale(grouped, importance, gscale=g), best_c)

@@ -25,7 +25,8 @@ from typing import Optional, Sequence
 import torch
 
 from .mx_qdq import MxFormat, qdq_mx
-from .nvfp_qdq import global_scale, qdq_nvfp4
+from .fp_formats import E2M1, round_to_format
+from .nvfp_qdq import FP4_MAX, global_scale, nvfp_block_scale
 
 MX_CANDIDATES = (1.0, 0.5, 2.0)
 NVFP4_CANDIDATES = tuple((50 + k) / 100 for k in range(102))  # 0.50 .. 1.51; 1.0 is exact (100 / 100)
@@ -70,5 +71,29 @@ def search_nvfp4_scale(grouped: torch.Tensor, importance: torch.Tensor, gscale: 
     gscale: the (possibly fused-shared) global scale; default `global_scale(grouped)`.
     """
     x = grouped.float()
-    g = global_scale(x) if gscale is None else gscale
-    return _search(lambda c: qdq_nvfp4(x, gscale=g, init_scale=c).weight, x, importance, candidates)
+    g = (global_scale(x) if gscale is None else gscale.float()).reshape(-1)
+    shape = x.shape[:-1]
+    xf = x.reshape(-1, x.shape[-1])  # [groups, 16]
+    imp = importance.float().expand_as(x).reshape(-1, x.shape[-1])
+    amax = xf.abs().amax(dim=-1)
+    best_c = torch.full_like(amax, float(candidates[0]))
+    best_err = torch.full_like(amax, float("inf"))
+    last_sb = torch.full_like(amax, float("nan"))
+    for c in candidates:
+        s_b = nvfp_block_scale(amax * c, g)
+        # the E4M3 cast maps ~8 neighbouring coefficients to one block scale; a group whose scale did not
+        # change has the error it had, so only changed groups are evaluated (same result as all of them)
+        idx = (s_b != last_sb).nonzero().squeeze(-1)
+        last_sb = s_b
+        if idx.numel() == 0:
+            continue
+        s = (s_b[idx] / g).unsqueeze(-1)
+        xs = xf[idx]
+        nonzero = s != 0
+        y = torch.where(nonzero, xs / torch.where(nonzero, s, torch.ones_like(s)), torch.zeros_like(xs))
+        w_hat = round_to_format(torch.clamp(y, -FP4_MAX, FP4_MAX), E2M1) * s
+        err = (imp[idx] * (w_hat - xs).pow(2)).sum(-1)
+        better = err < best_err[idx]
+        best_err[idx] = torch.where(better, err, best_err[idx])
+        best_c[idx] = torch.where(better, torch.full_like(err, float(c)), best_c[idx])
+    return best_c.reshape(shape)
