@@ -28,6 +28,7 @@ from .fake import save_fake
 from .gguf_export import gguf_formats, mix_of_format, pack_gguf_layer, save_gguf
 from .gptq import check_gptq, pack_gptq_layer, save_auto_gptq
 from .llm_compressor import check_llm_compressor, pack_ct_layer, save_llm_compressor
+from .llm_compressor_float import ct_misfit
 from .writer import ExportError, atomic_output_dir
 
 logger = logging.getLogger("auto_round")
@@ -92,18 +93,38 @@ def check_format(fmt: str, layers: dict, outside_blocks: frozenset = frozenset()
             raise ExportError(f"{fmt}: layers {plain[:3]} are not quantized to a ggml type; use scheme {fmt!r}")
 
 
-# formats that hold MX / NVFP4 / FP8 weights or quantized activations (the rest hold integer weights only)
-FLOAT_FORMATS = ("fake",)
+# formats that hold MX / NVFP4 / FP8 weights or quantized activations for some schemes (the rest hold integer
+# weight-only layers only); `float_misfit` says which scheme each can hold
+FLOAT_FORMATS = ("fake", "llm_compressor")
+
+
+def float_misfit(fmt: str, scheme, in_features: int) -> Optional[str]:
+    """Why `fmt` cannot hold a layer whose weights are not integer or whose activations are quantized (None: it can)."""
+    if fmt == "fake":
+        return None
+    if fmt == "llm_compressor":
+        return ct_misfit(scheme, in_features)
+    return "it holds integer weight-only layers only"
+
+
+def _describe(s) -> str:
+    what = f"{s.data_type} W{s.bits}A{s.act_bits}"
+    if s.quantizes_activations:
+        what += f" ({s.resolved_act_data_type} activations, {'dynamic' if s.act_dynamic else 'static'})"
+    return what
 
 
 def _check_float_and_act_layers(fmt: str, quantized: dict) -> None:
-    odd = {n: s for n, (s, _) in quantized.items() if s.gguf is None and (not s.is_int or s.quantizes_activations)}
-    if not odd or fmt in FLOAT_FORMATS:
-        return
-    name, s = next(iter(odd.items()))
-    what = f"{s.data_type} W{s.bits}A{s.act_bits}"
-    raise ExportError(f"format {fmt!r} holds integer weight-only layers; {name} is {what} ({len(odd)} such layers). "
-                      f"Formats for it: {', '.join(FLOAT_FORMATS)}")
+    odd = {n: v for n, v in quantized.items() if v[0].gguf is None and (not v[0].is_int or v[0].quantizes_activations)}
+    family = fmt if fmt in FLOAT_FORMATS else fmt.partition(":")[0]
+    for name, (s, in_features) in odd.items():
+        problem = float_misfit(family, s, in_features)
+        if problem is None:
+            continue
+        holders = [f for f in FLOAT_FORMATS if float_misfit(f, s, in_features) is None]
+        n_same = sum(1 for v in odd.values() if v[0] == s)
+        raise ExportError(f"format {fmt!r} cannot hold layer {name}, {_describe(s)} ({n_same} such layers): {problem}. "
+                          f"Formats that can hold it: {', '.join(holders)}")
 
 
 @dataclass(frozen=True)
