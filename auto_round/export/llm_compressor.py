@@ -91,12 +91,11 @@ def ct_config(ctx: ExportContext) -> dict[str, Any]:
     for i, key in enumerate(ordered):
         targets = ["Linear"] if key == main else sorted(by_key[key])
         groups[f"group_{i}"] = {**_group_entry(ctx.results[by_key[key][0]].scheme), "targets": targets}
-    formats = {g["format"] for g in groups.values()}
     ignore = sorted(name for name, module in ctx.model.named_modules()
                     if name and is_quantizable(module) and name not in ctx.results)
     return {
         "config_groups": groups,
-        "format": formats.pop() if len(formats) == 1 else "mixed-precision",
+        "format": groups["group_0"]["format"] if len(groups) == 1 else "mixed-precision",
         "global_compression_ratio": None,
         "ignore": ignore,
         "kv_cache_scheme": None,
