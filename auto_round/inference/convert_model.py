@@ -20,6 +20,7 @@ import torch
 from torch import nn
 
 from ..layers import layer_shape
+from .act_layers import FAKE_PACKING, convert_fake_model, install_act_quantizers
 from .layer_match import INT_DATA_TYPES, LayerQuantSpec, build_layer_specs, config_to_dict
 from .qlinear import QuantLinear, packing_problem
 
@@ -181,6 +182,9 @@ def convert_hf_model(model: nn.Module, target_device: str = "cpu") -> tuple[nn.M
     Returns (model, backend names used), e.g. (model, ["auto_round:torch"]); [] if nothing was quantized.
     """
     qconfig = normalize_config(config_to_dict(getattr(model.config, "quantization_config", None)))
+    if qconfig.get("packing_format") == FAKE_PACKING:  # float weights; activation quantizers after loading
+        model._auto_round_scale_dtype = _scale_dtype(qconfig)
+        return convert_fake_model(model, qconfig)
     packing = resolve_packing(qconfig)
     scale_dtype = _scale_dtype(qconfig)
     specs = build_layer_specs(model, qconfig)
@@ -217,4 +221,5 @@ def post_init(model: nn.Module, used_backends: Optional[list[str]] = None) -> nn
     for module in model.modules():
         if isinstance(module, QuantLinear):
             module.post_init(cache=module.qweight.device.type != "meta")
+    install_act_quantizers(model, getattr(model, "_auto_round_scale_dtype", torch.float16))
     return model
