@@ -57,7 +57,7 @@ def check_llm_compressor(layers: dict[str, tuple[QuantScheme, int]], conv1d: fro
 def pack_ct_layer(name: str, res: "LayerQuantResult | FloatQuantResult",
                   scale_dtype: torch.dtype = torch.float16) -> dict[str, torch.Tensor]:
     if isinstance(res, FloatQuantResult):
-        return pack_float_layer(name, res)
+        return pack_float_layer(name, res, scale_dtype)
     if res.scheme.quantizes_activations:
         return pack_int_quantized_layer(name, res, scale_dtype)
     scales, zeros = scales_and_zeros(name, res, scale_dtype)  # [n_groups, out]

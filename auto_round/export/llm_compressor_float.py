@@ -205,8 +205,9 @@ def static_input_tensors(name: str, scheme: QuantScheme, act_max: Optional[torch
     return {f"{name}.input_scale": scale.float().reshape(1)}
 
 
-def pack_float_layer(name: str, res: FloatQuantResult) -> dict[str, torch.Tensor]:
-    """The compressed-tensors tensors of one MX / NVFP4 / FP8 layer (see the module docstring)."""
+def pack_float_layer(name: str, res: FloatQuantResult, scale_dtype: torch.dtype = torch.float16) -> dict[str, torch.Tensor]:
+    """The compressed-tensors tensors of one MX / NVFP4 / FP8 layer (see the module docstring). scale_dtype: the
+    rounding of a static int input scale (the quantizer's scale dtype)."""
     if res.codes is None:
         raise _released(name)
     s, codes = res.scheme, res.codes
@@ -230,7 +231,7 @@ def pack_float_layer(name: str, res: FloatQuantResult) -> dict[str, torch.Tensor
         tensors = {f"{name}.weight": codes.contiguous(), f"{name}.weight_scale": scale.contiguous()}
     else:
         raise ExportError(f"{name}: data_type {s.data_type!r} has no compressed-tensors layout")
-    tensors.update(static_input_tensors(name, s, res.act_max, torch.float32))
+    tensors.update(static_input_tensors(name, s, res.act_max, scale_dtype))
     return tensors
 
 

@@ -25,6 +25,7 @@ from .layer_match import _in_blocks, discover_blocks, linear_layers, match_extra
 logger = logging.getLogger("auto_round")
 
 FAKE_PACKING = "auto_round:fake"
+FLOAT_PACKINGS = ("auto_round:llm_compressor", "auto_round:fp8_static")
 _FIELDS = ("bits", "group_size", "sym", "data_type", "weight_block_size", "act_bits", "act_data_type",
            "act_group_size", "act_sym", "act_dynamic")
 
@@ -110,3 +111,25 @@ def install_act_quantizers(model: nn.Module, scale_dtype: torch.dtype = torch.fl
         module._auto_round_act_quantizer = quantizer
         count += 1
     return count
+
+
+def convert_float_model(model: nn.Module, qconfig: Mapping[str, Any], scale_dtype: torch.dtype = torch.float16
+                        ) -> tuple[nn.Module, list[str]]:
+    """auto_round:llm_compressor / auto_round:fp8_static: every quantized layer -> FloatQuantLinear (before loading)."""
+    from ..layers import layer_shape
+    from .qlinear_float import FloatQuantLinear
+
+    packing = qconfig.get("packing_format")
+    replaced = 0
+    for name, scheme in layer_schemes_from_config(model, qconfig).items():
+        if scheme.data_type not in ("mx_fp", "nv_fp", "fp"):
+            raise NotImplementedError(f"layer {name}: data_type {scheme.data_type!r} in a {packing} checkpoint")
+        module = model.get_submodule(name)
+        out_f, in_f = layer_shape(module)
+        weight = module.weight
+        dtype = weight.dtype if weight.is_floating_point() else torch.get_default_dtype()
+        model.set_submodule(name, FloatQuantLinear(in_f, out_f, scheme, bias=getattr(module, "bias", None) is not None,
+                                                   dtype=dtype, device=weight.device, scale_dtype=scale_dtype))
+        replaced += 1
+    logger.info("auto_round: %d layers -> FloatQuantLinear (%s)", replaced, packing)
+    return model, ["auto_round:torch_float"] if replaced else []
