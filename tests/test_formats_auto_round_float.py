@@ -110,6 +110,7 @@ def test_fp8_format_loads_through_transformers(tmp_path):
     ("auto_round", {"scheme": "MXINT4"}, "MXINT"),
     ("auto_round", {"scheme": "NVFP4", "layer_config": {"down_proj": "W4A16"}}, "one packing_format"),
     ("auto_round:fp8_static", {"scheme": "NVFP4"}, "needs packing auto_round:llm_compressor"),
+    ("auto_round:llm_compressor", {"scheme": "W4A16", "group_size": 32}, "holds MX / NVFP4 weights"),
 ])
 def test_formats_refuse_what_they_cannot_hold_before_tuning(tmp_path, fmt, kw, match):
     model = llama128() if kw.pop("model", None) else tiny_model("llama")

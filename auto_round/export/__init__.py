@@ -31,7 +31,7 @@ from .fp8 import check_fp8, fp8_misfit, pack_fp8_layer, save_fp8
 from .gguf_export import gguf_formats, mix_of_format, pack_gguf_layer, save_gguf
 from .gptq import check_gptq, pack_gptq_layer, save_auto_gptq
 from .llm_compressor import check_llm_compressor, pack_ct_layer, save_llm_compressor
-from .auto_round_float import FLOAT_PACKINGS, auto_round_misfit, check_auto_round_packing
+from .auto_round_float import FLOAT_PACKINGS, auto_round_misfit, check_auto_round_packing, float_packing_of
 from .llm_compressor_float import ct_misfit
 from .writer import ExportError, atomic_output_dir
 
@@ -86,6 +86,11 @@ def check_format(fmt: str, layers: dict, outside_blocks: frozenset = frozenset()
     if fmt in PACKINGS:
         check_requested_packing(fmt, quantized)
         check_auto_round_packing(quantized)
+        if fmt in FLOAT_PACKINGS:
+            ints = sorted(n for n, (s, _) in quantized.items() if float_packing_of(s) != fmt)
+            if ints:
+                raise ExportError(f"{fmt} holds {'FP8' if 'fp8' in fmt else 'MX / NVFP4'} weights; {ints[0]} is "
+                                  f"{_describe(quantized[ints[0]][0])}. Use format 'auto_round'")
     elif fmt == "auto_gptq":
         check_gptq(quantized)
     elif fmt == "auto_awq":
