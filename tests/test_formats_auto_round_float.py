@@ -51,7 +51,8 @@ def logits(model, ids):
 
 
 @pytest.mark.parametrize("scheme,iters,packing", [
-    ("MXFP4", 0, "auto_round:llm_compressor"), ("MXFP8", 0, "auto_round:llm_compressor"),
+    ("MXFP4", 0, "auto_round:llm_compressor"), ("MXFP6", 0, "auto_round:llm_compressor"),
+    ("MXFP8", 0, "auto_round:llm_compressor"),
     ("NVFP4", 2, "auto_round:llm_compressor"), ("FP8_STATIC", 2, "auto_round:fp8_static"),
     ("FP8_BLOCK", 0, "auto_round:fp8_static"),  # 64-wide layers: ragged blocks and activation groups
     ("FPW8A16", 0, "auto_round:fp8_static"),

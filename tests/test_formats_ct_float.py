@@ -9,14 +9,15 @@ Tolerances (compressed-tensors 0.20, transformers 5.24, CPU, fp32 models):
   FP8_STATIC, FP8_BLOCK, FPW8A16: bit-identical (same fp8 activation rule, same static input_scale).
   NVFP4: bit-identical once our weights are rounded to bf16 as the decompressor rounds them (its activation
       rule, e4m3(g * amax/6) with g = input_global_scale, is ours).
-  MXFP4, INT8, MIXED (MXFP8 main group): the consumer picks dynamic activation scales its own way (MX: power of two rounded at mantissa
-      1.75 vs our OCP floor; int8: amax/127.5 vs our full-range amax/128), so logits differ by up to
-      0.25 * max|logit| (MXFP4) / 0.05 * max|logit| (INT8) on these random tiny models (measured 0.11 / 0.6, 0.013 / 0.9);
-      with our activation quantizer on the loaded (decompressed) weights they are bit-identical.
+  MXFP4, INT8, MIXED (MXFP8 main group): the consumer picks dynamic activation scales its own way (MX: a power
+      of two rounded up from mantissa 1.75 vs our OCP floor; int8: amax/127.5 vs our full-range amax/128), so
+      logits differ, within 0.25 / 0.05 / 0.1 * max|logit| here (measured max|diff| / max|logit|: MXFP4 0.111 /
+      0.614, INT8 0.0074 / 0.644, MIXED 0.0118 / 0.649); with our activation quantizer on the loaded weights
+      they are bit-identical.
 - Not on CPU as is: compressed-tensors' FP4 decompressors always return bf16 weights, so an fp32 model loaded
   with from_pretrained(dtype=float32) fails at its first forward ("expected m1 and m2 to have the same dtype, but
   got: float != c10::BFloat16"); the tests decompress (what that first forward does) and cast the weights to
-  fp32; in bf16 the model runs as loaded.
+  fp32; in bf16 the model runs as loaded (NVFP4: max|diff| 0.068 / 0.620 from our fp32 model, bound 0.25).
 """
 
 import json
@@ -167,7 +168,7 @@ def logits(model, ids):
 
 
 @pytest.mark.parametrize("case,rel_tol", [("FP8_STATIC", 0.0), ("FP8_BLOCK", 0.0), ("NVFP4", 0.0), ("MXFP4", 0.25),
-                                          ("INT8", 0.05), ("MIXED", 0.25)])
+                                          ("INT8", 0.05), ("MIXED", 0.1)])
 def test_transformers_round_trip(saved, case, rel_tol):
     ar, out = saved(case)
     ids = random_ids(2, 12, seed=1)
@@ -216,17 +217,17 @@ def test_immediate_packing_writes_the_same_checkpoint(saved, tmp_path, case):
     assert json.loads((tmp_path / "low" / "config.json").read_text()) == json.loads((full / "config.json").read_text())
 
 
-@pytest.mark.parametrize("kw,match", [
-    ({"scheme": "MXINT4"}, "MXINT has no compressed-tensors layout"),
-    ({"scheme": "FP8_BLOCK"}, "128-column blocks"),  # 64-wide layers
+@pytest.mark.parametrize("kw,match,holders", [
+    ({"scheme": "MXINT4"}, "MXINT has no compressed-tensors layout", "fake"),
+    ({"scheme": "FP8_BLOCK"}, "128-column blocks", "auto_round, fake"),  # 64-wide layers
     ({"scheme": {"bits": 4, "group_size": 16, "data_type": "nv_fp", "act_bits": 4, "act_data_type": "nv_fp",
-                 "act_group_size": 16}}, "dynamic global scale"),
+                 "act_group_size": 16}}, "dynamic global scale", "auto_round, fake"),
 ])
-def test_what_llm_compressor_cannot_hold_fails_before_tuning(tmp_path, kw, match):
+def test_what_llm_compressor_cannot_hold_fails_before_tuning(tmp_path, kw, match, holders):
     ar = AutoRound(tiny_model("llama"), dataset=random_ids(8, 16), nsamples=8, seqlen=16, iters=2, **kw)
     with pytest.raises(ExportError, match=match) as err:
         ar.quantize_and_save(tmp_path / "x", format="llm_compressor")
-    assert "model.layers.0" in str(err.value) and "Formats that can hold it: fake" in str(err.value)
+    assert "model.layers.0" in str(err.value) and str(err.value).endswith(f"Formats that can hold it: {holders}")
     assert not ar.quantized
 
 
