@@ -394,8 +394,9 @@ class AutoRound:
         layers = {n: (s, layer_shape(self.model.get_submodule(n))[1]) for n, s in self.layer_schemes.items()}
         outside = frozenset(n for n in layers if not any(n.startswith(g + ".") for g in self.block_groups))
         conv1d = frozenset(n for n in layers if is_conv1d(self.model.get_submodule(n)))
+        out_features = {n: layer_shape(self.model.get_submodule(n))[0] for n in layers}
         for fmt in formats:
-            check_format(fmt, layers, outside, conv1d)
+            check_format(fmt, layers, outside, conv1d, out_features)
         return formats, targets, layers
 
     def _adopt_gguf_format(self, formats: list[str]) -> None:

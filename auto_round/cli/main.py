@@ -75,7 +75,7 @@ def build_parser(prog: str = "auto-round") -> argparse.ArgumentParser:
                    help="load a model whose weights are only pickle files (pytorch_model.bin); unpickling can run code")
     r.add_argument("--format", "--formats",
                    help="auto_round (default; the scheme's gguf:* preset for a GGUF scheme), auto_round:auto_gptq, "
-                        "auto_round:auto_awq, auto_round:gptqmodel, auto_gptq, auto_awq, llm_compressor, fake, "
+                        "auto_round:auto_awq, auto_round:gptqmodel, auto_gptq, auto_awq, llm_compressor, fp8, fake, "
                         "gguf:q4_k_m (and every gguf:* preset: q2_k_s, q3_k_s/m/l, q4_k_s/m, q5_k_s/m, q6_k, q4_0, "
                         "q4_1, q5_0, q5_1, q8_0, bf16, f16, f32); comma-separated for several (each in OUTPUT_DIR/<format>). "
                         "`auto-round list format` shows what each holds")

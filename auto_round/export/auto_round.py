@@ -5,7 +5,9 @@ Packing by scheme:
     asym, every quantized layer 4-bit, in % G == 0 -> auto_round:auto_awq (AWQ GEMM layout)
     anything else (other asym bits, mixed, ragged) -> auto_round         (GPTQ layout, raw zp)
     explicit auto_round:gptqmodel                  -> GPTQ layout, raw zp, g_idx tensors
-Tensors per quantized layer: qweight, qzeros, scales (+ bias); everything else is saved as it is.
+    MX / NVFP4, FP8 weights                        -> auto_round:llm_compressor, auto_round:fp8_static
+                                                      (export/auto_round_float.py)
+Tensors per quantized integer layer: qweight, qzeros, scales (+ bias); everything else is saved as it is.
 """
 
 from __future__ import annotations
@@ -19,6 +21,7 @@ from ..packing.awq import pack_awq_qweight, pack_awq_qzeros
 from ..packing.gptq import pack_qweight, pack_qzeros
 from ..algorithms.tunable import LayerQuantResult
 from ..schemes import QuantScheme
+from .auto_round_float import FLOAT_PACKINGS, check_auto_round_packing, float_packing_of, pack_auto_round_float
 from .context import ExportContext
 from .checkpoint import group_index, quantized_state_dict, scales_and_zeros, write_checkpoint
 from .quant_config import build_quantization_config
@@ -30,7 +33,7 @@ GPTQ_PACKING = "auto_round:auto_gptq"
 AWQ_PACKING = "auto_round:auto_awq"
 PLAIN_PACKING = "auto_round"
 GPTQMODEL_PACKING = "auto_round:gptqmodel"  # GPTQ layout, raw zero points ("v2"), g_idx written
-PACKINGS = (GPTQ_PACKING, AWQ_PACKING, GPTQMODEL_PACKING, PLAIN_PACKING)
+PACKINGS = (GPTQ_PACKING, AWQ_PACKING, GPTQMODEL_PACKING, PLAIN_PACKING, *FLOAT_PACKINGS)
 
 
 def awq_misfits(layers: dict[str, tuple[QuantScheme, int]]) -> list[str]:
@@ -64,6 +67,10 @@ def choose_packing_for(layers: dict[str, tuple[QuantScheme, int]], requested: st
     Known before tuning, so layers can be packed as soon as their block is done.
     """
     schemes = [scheme for scheme, _ in layers.values()]
+    float_packings = {float_packing_of(s) for s in schemes} - {None}
+    if float_packings:  # MX / NV / FP8 weights: their packing (check_auto_round_packing refused mixes)
+        check_auto_round_packing(layers)
+        return float_packings.pop()
     if requested and requested != PLAIN_PACKING:
         check_requested_packing(requested, layers)
         if requested == GPTQ_PACKING and not all(s.sym for s in schemes):
@@ -88,6 +95,8 @@ def choose_packing(ctx: ExportContext, requested: str | None = None) -> str:
 def pack_result(name: str, res: LayerQuantResult, packing: str, scale_dtype_name: str) -> dict[str, torch.Tensor]:
     """qweight / qzeros / scales (+ g_idx for gptqmodel) of one quantized layer, in the given packing."""
     scale_dtype = torch.float16 if scale_dtype_name == "torch.float16" else torch.float32
+    if packing in FLOAT_PACKINGS:
+        return pack_auto_round_float(name, res, scale_dtype)
     scales, zeros = scales_and_zeros(name, res, scale_dtype)
     bits = res.scheme.bits
     if packing == AWQ_PACKING:

@@ -13,10 +13,14 @@ is our scale * (code - zp). A sym scale may be negative (full-range sym); the pr
 quantization_config: one config group per (bits, group_size, sym); the most common one targets "Linear",
 the others name their layers exactly (exact names win over class targets in compressed-tensors). Every
 other Linear is listed in `ignore`. "format" is "pack-quantized", or "mixed-precision" with several groups.
+
+MX / NVFP4 / FP8 weights and activation-quantized schemes (INT8 W8A8, ...) use the other compressed-tensors
+layouts (llm_compressor_float.py); every config group then carries its own "format" and `input_activations`.
 """
 
 from __future__ import annotations
 
+import json
 import logging
 from collections import Counter
 from pathlib import Path
@@ -24,33 +28,38 @@ from typing import Any
 
 import torch
 
+from ..algorithms.float_tunable import FloatQuantResult
 from ..algorithms.tunable import LayerQuantResult
 from ..layers import is_conv1d, is_quantizable
 from ..packing.bitstream import pack_last_dim
 from ..schemes import QuantScheme
 from .checkpoint import quantized_state_dict, scales_and_zeros, write_checkpoint
 from .context import ExportContext
+from .llm_compressor_float import (ct_format, ct_misfit, input_args, pack_float_layer,
+                                   pack_int_quantized_layer, weights_args)
 from .writer import ExportError
 
 logger = logging.getLogger("auto_round")
 
-PACK_QUANTIZED = "pack-quantized"
 
 
 def check_llm_compressor(layers: dict[str, tuple[QuantScheme, int]], conv1d: frozenset = frozenset()) -> None:
-    """Before tuning: integer schemes, whole groups, nn.Linear layers (compressed-tensors packs no Conv1D)."""
+    """Before tuning: schemes compressed-tensors has a layout for, whole groups, nn.Linear layers (compressed-tensors
+    packs no Conv1D)."""
     for name, (scheme, in_features) in layers.items():
-        if scheme.data_type != "int":
-            raise ExportError(f"llm_compressor export here covers integer weight-only schemes; {name} is {scheme.data_type}")
-        group = in_features if scheme.group_size <= 0 else scheme.group_size
-        if in_features % group:
-            raise ExportError(f"llm_compressor needs in_features divisible by group_size; {name} has in_features="
-                              f"{in_features}, group_size={scheme.group_size}. Use format 'auto_round'.")
+        problem = ct_misfit(scheme, in_features)
+        if problem:
+            raise ExportError(f"llm_compressor cannot hold {name}: {problem}")
         if name in conv1d:
             raise ExportError(f"llm_compressor (compressed-tensors) packs nn.Linear only; {name} is a Conv1D")
 
 
-def pack_ct_layer(name: str, res: LayerQuantResult, scale_dtype: torch.dtype = torch.float16) -> dict[str, torch.Tensor]:
+def pack_ct_layer(name: str, res: "LayerQuantResult | FloatQuantResult",
+                  scale_dtype: torch.dtype = torch.float16) -> dict[str, torch.Tensor]:
+    if isinstance(res, FloatQuantResult):
+        return pack_float_layer(name, res, scale_dtype)
+    if res.scheme.quantizes_activations:
+        return pack_int_quantized_layer(name, res, scale_dtype)
     scales, zeros = scales_and_zeros(name, res, scale_dtype)  # [n_groups, out]
     bits = res.scheme.bits
     tensors = {
@@ -63,36 +72,30 @@ def pack_ct_layer(name: str, res: LayerQuantResult, scale_dtype: torch.dtype = t
     return tensors
 
 
-def _weights_args(scheme: QuantScheme) -> dict[str, Any]:
-    grouped = scheme.group_size > 0
-    return {
-        "actorder": None, "block_structure": None, "dynamic": False,
-        "group_size": scheme.group_size if grouped else None, "num_bits": scheme.bits, "observer": "minmax",
-        "observer_kwargs": {}, "strategy": "group" if grouped else "channel", "symmetric": scheme.sym, "type": "int",
-    }
+def _group_entry(scheme: QuantScheme) -> dict[str, Any]:
+    return {"format": ct_format(scheme), "input_activations": input_args(scheme), "output_activations": None,
+            "weights": weights_args(scheme)}
 
 
-def _key(scheme: QuantScheme) -> tuple:
-    return scheme.bits, scheme.group_size if scheme.group_size > 0 else -1, scheme.sym
+def _key(scheme: QuantScheme) -> str:
+    return json.dumps(_group_entry(scheme), sort_keys=True)
 
 
 def ct_config(ctx: ExportContext) -> dict[str, Any]:
-    by_key: dict[tuple, list[str]] = {}
+    by_key: dict[str, list[str]] = {}
     for name, res in ctx.results.items():
         by_key.setdefault(_key(res.scheme), []).append(name)
     main = Counter({k: len(v) for k, v in by_key.items()}).most_common(1)[0][0]
     ordered = [main] + sorted(k for k in by_key if k != main)
     groups = {}
     for i, key in enumerate(ordered):
-        scheme = ctx.results[by_key[key][0]].scheme
         targets = ["Linear"] if key == main else sorted(by_key[key])
-        groups[f"group_{i}"] = {"format": PACK_QUANTIZED, "input_activations": None, "output_activations": None,
-                                "targets": targets, "weights": _weights_args(scheme)}
+        groups[f"group_{i}"] = {**_group_entry(ctx.results[by_key[key][0]].scheme), "targets": targets}
     ignore = sorted(name for name, module in ctx.model.named_modules()
                     if name and is_quantizable(module) and name not in ctx.results)
     return {
         "config_groups": groups,
-        "format": PACK_QUANTIZED if len(groups) == 1 else "mixed-precision",
+        "format": groups["group_0"]["format"] if len(groups) == 1 else "mixed-precision",
         "global_compression_ratio": None,
         "ignore": ignore,
         "kv_cache_scheme": None,

@@ -52,21 +52,43 @@ def filter_tuning(tuning: dict[str, Any]) -> dict[str, Any]:
 
 
 def export_group_size(scheme: QuantScheme) -> int:
-    """Per-tensor (0) is written as per-channel (-1) with identical scales: loaders accept only -1 or > 0."""
+    """Per-tensor (0) is written as per-channel (-1) with identical scales: loaders accept only -1 or > 0. A 2-D
+    block (FP8, (rows, cols)) is written as its column count, with the block in `weight_block_size`."""
+    if isinstance(scheme.group_size, tuple):
+        return scheme.group_size[1]
     return -1 if scheme.group_size == 0 else scheme.group_size
 
 
-def scheme_entry(scheme: QuantScheme) -> dict[str, Any]:
+ACT_KEYS = ("act_bits", "act_data_type", "act_group_size", "act_sym", "act_dynamic")
+
+
+def quantizes_activations(ctx: ExportContext) -> bool:
+    return any(s.is_quantized and s.quantizes_activations for s in ctx.layer_schemes.values())
+
+
+def scheme_entry(scheme: QuantScheme, act: bool = False) -> dict[str, Any]:
+    """The config keys of a scheme; `act`: the act_* keys too (models with quantized activations only, as the
+    reference drops every act_* key when act_bits >= 16)."""
     if not scheme.is_quantized:
         return {"bits": 16, "data_type": "fp"}
-    return {"bits": scheme.bits, "group_size": export_group_size(scheme), "sym": scheme.sym, "data_type": scheme.data_type}
+    entry = {"bits": scheme.bits, "group_size": export_group_size(scheme), "sym": scheme.sym,
+             "data_type": scheme.data_type}
+    if isinstance(scheme.group_size, tuple):
+        entry["weight_block_size"] = list(scheme.group_size)
+    if act:
+        entry["act_bits"] = scheme.act_bits
+        if scheme.quantizes_activations:
+            entry.update(act_data_type=scheme.resolved_act_data_type, act_group_size=scheme.resolved_act_group_size,
+                         act_sym=scheme.resolved_act_sym, act_dynamic=scheme.act_dynamic)
+    return entry
 
 
 def build_extra_config(ctx: ExportContext) -> dict[str, dict[str, Any]]:
-    base = scheme_entry(ctx.scheme)
+    act = quantizes_activations(ctx)
+    base = scheme_entry(ctx.scheme, act)
     extra: dict[str, dict[str, Any]] = {}
     for name, scheme in ctx.layer_schemes.items():
-        entry = scheme_entry(scheme)
+        entry = scheme_entry(scheme, act)
         if not ctx.in_block(name):
             if scheme.is_quantized:
                 extra[name] = entry
@@ -84,7 +106,7 @@ def base_config(ctx: ExportContext) -> dict[str, Any]:
     """The keys every format built on auto-round's config shares: version, main scheme, non-default tuning."""
     return {
         "autoround_version": __version__,
-        **scheme_entry(ctx.scheme),
+        **scheme_entry(ctx.scheme, quantizes_activations(ctx)),
         **filter_tuning({**ctx.tuning, "scale_dtype": ctx.scale_dtype_name}),
     }
 

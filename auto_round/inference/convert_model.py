@@ -20,8 +20,10 @@ import torch
 from torch import nn
 
 from ..layers import layer_shape
+from .act_layers import FAKE_PACKING, FLOAT_PACKINGS, convert_fake_model, convert_float_model, install_act_quantizers
 from .layer_match import INT_DATA_TYPES, LayerQuantSpec, build_layer_specs, config_to_dict
 from .qlinear import QuantLinear, packing_problem
+from .qlinear_float import FloatQuantLinear
 
 logger = logging.getLogger("auto_round")
 
@@ -181,6 +183,11 @@ def convert_hf_model(model: nn.Module, target_device: str = "cpu") -> tuple[nn.M
     Returns (model, backend names used), e.g. (model, ["auto_round:torch"]); [] if nothing was quantized.
     """
     qconfig = normalize_config(config_to_dict(getattr(model.config, "quantization_config", None)))
+    if qconfig.get("packing_format") == FAKE_PACKING:  # float weights; activation quantizers after loading
+        model._auto_round_scale_dtype = _scale_dtype(qconfig)
+        return convert_fake_model(model, qconfig)
+    if qconfig.get("packing_format") in FLOAT_PACKINGS:  # MX / NVFP4 / FP8 weights, activation qdq in the layer
+        return convert_float_model(model, qconfig, _scale_dtype(qconfig))
     packing = resolve_packing(qconfig)
     scale_dtype = _scale_dtype(qconfig)
     specs = build_layer_specs(model, qconfig)
@@ -217,4 +224,7 @@ def post_init(model: nn.Module, used_backends: Optional[list[str]] = None) -> nn
     for module in model.modules():
         if isinstance(module, QuantLinear):
             module.post_init(cache=module.qweight.device.type != "meta")
+        elif isinstance(module, FloatQuantLinear):
+            module.post_init()
+    install_act_quantizers(model, getattr(model, "_auto_round_scale_dtype", torch.float16))
     return model
