@@ -13,7 +13,6 @@ from dataclasses import dataclass, field
 from typing import Optional
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
 from ..layers import layer_weight, set_layer_weight
@@ -22,6 +21,7 @@ from ..quant.int_qdq import GroupLayout, group_range
 from ..quant.mx_qdq import get_mx_format, qdq_mx
 from ..quant.nvfp_qdq import global_scale, qdq_nvfp4
 from ..schemes import QuantScheme
+from .tunable import PatchedForward
 
 
 @dataclass
@@ -53,7 +53,7 @@ def float_layout(scheme: QuantScheme, out_features: int, in_features: int):
     return GroupLayout(out_features, in_features, scheme.group_size)
 
 
-class FloatTunableLayer:
+class FloatTunableLayer(PatchedForward):
     """V and max_scale of one MX / NVFP4 / FP8 layer plus the qdq that uses them."""
 
     def __init__(self, module: nn.Module, scheme: QuantScheme, *, enable_minmax_tuning: bool = True,
@@ -107,22 +107,6 @@ class FloatTunableLayer:
 
     def qdq_weight(self) -> torch.Tensor:
         return self.layout.from_groups(self.qdq().weight)
-
-    def attach(self) -> None:
-        module = self.module
-        self._own_forward = module.__dict__.get("forward")
-        bias = module.bias
-
-        def forward(x: torch.Tensor) -> torch.Tensor:
-            return F.linear(x, self.qdq_weight().to(x.dtype), bias.to(x.dtype) if bias is not None else None)
-
-        module.forward = forward
-
-    def detach(self) -> None:
-        if self._own_forward is None:
-            self.module.__dict__.pop("forward", None)
-        else:
-            self.module.forward = self._own_forward
 
     @torch.no_grad()
     def finalize(self, params: Optional[tuple] = None) -> FloatQuantResult:

@@ -49,7 +49,35 @@ def result_from_qdq(res: QdqResult, scheme: QuantScheme, layout: GroupLayout) ->
     )
 
 
-class TunableLayer:
+class PatchedForward:
+    """attach() makes `self.module` compute with `self.qdq_weight()` (recomputed at every call, so gradients
+    reach the tuned parameters); detach() restores the module's own forward."""
+
+    module: nn.Module
+    _own_forward = None
+
+    def qdq_weight(self) -> torch.Tensor:
+        raise NotImplementedError
+
+    def attach(self) -> None:
+        module = self.module
+        self._own_forward = module.__dict__.get("forward")
+        bias = module.bias
+
+        def forward(x: torch.Tensor) -> torch.Tensor:
+            w = self.qdq_weight().to(x.dtype)
+            return F.linear(x, w, bias.to(x.dtype) if bias is not None else None)
+
+        module.forward = forward
+
+    def detach(self) -> None:
+        if self._own_forward is None:
+            self.module.__dict__.pop("forward", None)
+        else:
+            self.module.forward = self._own_forward
+
+
+class TunableLayer(PatchedForward):
     """SignRound parameters of one layer plus the qdq that uses them."""
 
     def __init__(
@@ -112,25 +140,6 @@ class TunableLayer:
     def qdq_weight(self) -> torch.Tensor:
         """Differentiable fake-quantized weight [out, in] in fp32."""
         return self.layout.from_groups(self.qdq().weight)
-
-    # ---- module patching ----------------------------------------------------------------------
-    def attach(self) -> None:
-        """Make the module compute with the fake-quantized weight (recomputed at every call)."""
-        module = self.module
-        self._own_forward = module.__dict__.get("forward")
-        bias = module.bias
-
-        def forward(x: torch.Tensor) -> torch.Tensor:
-            w = self.qdq_weight().to(x.dtype)
-            return F.linear(x, w, bias.to(x.dtype) if bias is not None else None)
-
-        module.forward = forward
-
-    def detach(self) -> None:
-        if self._own_forward is None:
-            self.module.__dict__.pop("forward", None)
-        else:
-            self.module.forward = self._own_forward
 
     @torch.no_grad()
     def finalize(self, params: Optional[tuple] = None) -> LayerQuantResult:
