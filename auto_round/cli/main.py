@@ -1,4 +1,5 @@
-"""Command line: `auto-round`, `auto-round-best`, `auto-round-light`, `auto-round-rtn`.
+"""Command line: `auto-round`, `auto-round-best`, `auto-round-light`, `auto-round-rtn` (evaluation:
+`--tasks` after quantization, `--eval` / `auto-round eval` / `auto-round-eval` alone, see eval_cmd).
 
 Recipes fill only the settings the user left unset (reference behaviour):
     default: iters 200,  nsamples 128, seqlen 2048, batch_size 8, lr 1/iters
@@ -15,6 +16,8 @@ import logging
 import sys
 from pathlib import Path
 from typing import Optional, Sequence
+
+from .eval_cmd import add_eval_args, check_tasks, evaluate_after_quantize
 
 RECIPES = {
     "default": {"iters": 200, "nsamples": 128, "seqlen": 2048, "batch_size": 8, "lr": None},
@@ -86,6 +89,7 @@ def build_parser(prog: str = "auto-round") -> argparse.ArgumentParser:
     mem.add_argument("--disable_low_cpu_mem_usage", dest="low_cpu_mem_usage", action="store_false",
                      help="keep the whole fake-quantized model in memory until the export")
     r.add_argument("--log_level", default="INFO", choices=["DEBUG", "INFO", "WARNING", "ERROR"])
+    add_eval_args(p)
     return p
 
 
@@ -127,6 +131,11 @@ def main(argv: Optional[Sequence[str]] = None, recipe: str = "default", prog: st
             print(f"{prog}: error: {err}", file=sys.stderr)
             return 2
         return 0
+    if argv[:1] == ["eval"] or "--eval" in argv:  # evaluate an existing model, no quantization
+        from .eval_cmd import main as eval_main
+
+        rest = argv[1:] if argv[:1] == ["eval"] else [a for a in argv if a != "--eval"]
+        return eval_main(rest, prog=prog)
     parser = build_parser(prog)
     args = parser.parse_args(argv)
     logging.basicConfig(level=args.log_level, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
@@ -143,6 +152,7 @@ def main(argv: Optional[Sequence[str]] = None, recipe: str = "default", prog: st
         # cheap checks first: nobody should wait for a model to load to learn the output dir is taken
         for directory in format_dirs(Path(args.output_dir), parse_formats(args.format)).values():
             check_output_dir(directory, args.overwrite)
+        eval_tasks = check_tasks(args)  # unknown task names fail now, not after the tuning
         ar = AutoRound(
             model, scheme=args.scheme, bits=args.bits, group_size=args.group_size,
             sym=False if args.asym else None, data_type=args.data_type,
@@ -160,11 +170,14 @@ def main(argv: Optional[Sequence[str]] = None, recipe: str = "default", prog: st
             low_cpu_mem_usage=args.low_cpu_mem_usage,
         )
         _, paths = ar.quantize_and_save(args.output_dir, format=args.format, overwrite=args.overwrite)
+        for path in paths:
+            print(f"saved: {path}")
+        if eval_tasks:
+            del ar  # the quantized model in memory is not needed: the export is reloaded from disk
+            evaluate_after_quantize(args, model, eval_tasks, paths)
     except ValueError as err:  # every input error of the package is a ValueError subclass
         print(f"{prog}: error: {err}", file=sys.stderr)
         return 2
-    for path in paths:
-        print(f"saved: {path}")
     return 0
 
 
