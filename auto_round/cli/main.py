@@ -1,4 +1,5 @@
-"""Command line: `auto-round`, `auto-round-best`, `auto-round-light`, `auto-round-rtn`.
+"""Command line: `auto-round`, `auto-round-best`, `auto-round-light`, `auto-round-rtn` (evaluation:
+`--tasks` after quantization, `--eval` / `auto-round eval` / `auto-round-eval` alone, see eval_cmd).
 
 Recipes fill only the settings the user left unset (reference behaviour):
     default: iters 200,  nsamples 128, seqlen 2048, batch_size 8 (at most nsamples), lr 1/iters
@@ -15,6 +16,8 @@ import logging
 import sys
 from pathlib import Path
 from typing import Optional, Sequence
+
+from .eval_cmd import add_eval_args, check_tasks, evaluate_after_quantize
 
 RECIPES = {
     "default": {"iters": 200, "nsamples": 128, "seqlen": 2048, "lr": None},
@@ -89,6 +92,7 @@ def build_parser(prog: str = "auto-round") -> argparse.ArgumentParser:
                      help="keep the whole fake-quantized model in memory until the export")
     r.add_argument("--log_level", default="INFO", choices=["DEBUG", "INFO", "WARNING", "ERROR"])
     r.add_argument("--debug", action="store_true", help="show the Python traceback of an error")
+    add_eval_args(p)
     return p
 
 
@@ -130,6 +134,11 @@ def main(argv: Optional[Sequence[str]] = None, recipe: str = "default", prog: st
             print(f"{prog}: error: {err}", file=sys.stderr)
             return 2
         return 0
+    if argv[:1] == ["eval"] or "--eval" in argv:  # evaluate an existing model, no quantization
+        from .eval_cmd import main as eval_main
+
+        rest = argv[1:] if argv[:1] == ["eval"] else [a for a in argv if a != "--eval"]
+        return eval_main(rest, prog=prog)
     parser = build_parser(prog)
     args = parser.parse_args(argv)
     logging.basicConfig(level=args.log_level, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
@@ -146,6 +155,7 @@ def main(argv: Optional[Sequence[str]] = None, recipe: str = "default", prog: st
         # cheap checks first: nobody should wait for a model to load to learn the output dir is taken
         for directory in format_dirs(Path(args.output_dir), parse_formats(args.format)).values():
             check_output_dir(directory, args.overwrite, Path(model) if Path(model).is_dir() else None)
+        eval_tasks = check_tasks(args)  # unknown task names fail now, not after the tuning
         ar = AutoRound(
             model, scheme=args.scheme, bits=args.bits, group_size=args.group_size,
             sym=False if args.asym else None, data_type=args.data_type,
@@ -163,6 +173,11 @@ def main(argv: Optional[Sequence[str]] = None, recipe: str = "default", prog: st
             low_cpu_mem_usage=args.low_cpu_mem_usage, allow_pickle_checkpoint=args.allow_pickle_checkpoint,
         )
         _, paths = ar.quantize_and_save(args.output_dir, format=args.format, overwrite=args.overwrite)
+        for path in paths:
+            print(f"saved: {path}")
+        if eval_tasks:
+            del ar  # the quantized model in memory is not needed: the export is reloaded from disk
+            evaluate_after_quantize(args, model, eval_tasks, paths)
     except ValueError as err:  # every input error of the package is a ValueError subclass
         if args.debug:
             raise
@@ -172,10 +187,8 @@ def main(argv: Optional[Sequence[str]] = None, recipe: str = "default", prog: st
         if args.debug:
             raise
         kind = "interrupted" if isinstance(err, KeyboardInterrupt) else f"{type(err).__name__}: {err}"
-        print(f"{prog}: error: {kind} (nothing was written; --debug shows the traceback)", file=sys.stderr)
+        print(f"{prog}: error: {kind} (--debug shows the traceback)", file=sys.stderr)
         return 1
-    for path in paths:
-        print(f"saved: {path}")
     return 0
 
 
