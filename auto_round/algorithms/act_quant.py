@@ -11,14 +11,14 @@ int / fp8 activations also get a tunable clip `max_scale` (the reference's act_m
 
 from __future__ import annotations
 
-from contextlib import contextmanager
-from typing import Iterator, Optional
+from typing import Optional
 
 import torch
 from torch import nn
 
 from ..quant.act_qdq import qdq_act
 from ..schemes import QuantScheme
+from .input_stats import input_stat_hooks
 
 
 def needs_act_calibration(scheme: QuantScheme) -> bool:
@@ -77,22 +77,7 @@ class ActQuantizer:
             self._handle = None
 
 
-@contextmanager
-def act_max_hooks(layers: dict[str, tuple[nn.Module, QuantScheme]]) -> Iterator[dict[str, torch.Tensor]]:
+def act_max_hooks(layers: dict[str, tuple[nn.Module, QuantScheme]]):
     """While active, track max |x| ([] fp32) of the input of every layer whose scheme is static."""
-    maxima: dict[str, torch.Tensor] = {}
-    handles = []
-    for name, (module, scheme) in layers.items():
-        if not needs_act_calibration(scheme):
-            continue
-
-        def hook(_mod, args, name=name):
-            m = args[0].detach().abs().amax().float()
-            maxima[name] = m if name not in maxima else torch.maximum(maxima[name], m)
-
-        handles.append(module.register_forward_pre_hook(hook))
-    try:
-        yield maxima
-    finally:
-        for h in handles:
-            h.remove()
+    static = {n: m for n, (m, s) in layers.items() if needs_act_calibration(s)}
+    return input_stat_hooks(static, lambda x: x.abs().amax().float(), torch.maximum)

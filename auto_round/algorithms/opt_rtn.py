@@ -9,8 +9,7 @@ reference's RTN does not use quantized inputs).
 
 from __future__ import annotations
 
-from contextlib import contextmanager
-from typing import Iterator, Optional
+from typing import Optional
 
 import torch
 from torch import nn
@@ -22,9 +21,10 @@ from ..quant.mx_qdq import get_mx_format
 from ..quant.opt_rtn import fill_importance, search_sym_clip_factor
 from ..schemes import QuantScheme
 from .float_tunable import float_layout
+from .input_stats import input_stat_hooks
 from .tunable import LayerQuantResult, result_from_qdq
 from .gguf import gguf_rtn_block
-from .signround import install_act_quantizers, nvfp4_global_scales, rtn_block
+from .signround import install_act_quantizers, nvfp4_global_scales, rtn_block, with_act_max
 
 
 def uses_opt_rtn(scheme: QuantScheme) -> bool:
@@ -37,22 +37,10 @@ def uses_opt_rtn(scheme: QuantScheme) -> bool:
     return scheme.is_quantized and scheme.data_type == "int" and scheme.sym and scheme.bits < 8
 
 
-@contextmanager
-def imatrix_hooks(layers: dict[str, tuple[nn.Module, QuantScheme]]) -> Iterator[dict[str, torch.Tensor]]:
+def imatrix_hooks(layers: dict[str, tuple[nn.Module, QuantScheme]]):
     """While active, accumulate sum of x^2 per input channel (fp32 [in]) of each layer's input."""
-    sums: dict[str, torch.Tensor] = {}
-    handles = []
-    for name, (module, _) in layers.items():
-        def hook(mod, args, _out, name=name):
-            x = args[0].detach()
-            sq = x.reshape(-1, x.shape[-1]).float().pow(2).sum(0)
-            sums[name] = sq if name not in sums else sums[name] + sq
-        handles.append(module.register_forward_hook(hook))
-    try:
-        yield sums
-    finally:
-        for h in handles:
-            h.remove()
+    return input_stat_hooks({n: m for n, (m, _) in layers.items()},
+                            lambda x: x.reshape(-1, x.shape[-1]).float().pow(2).sum(0), torch.add)
 
 
 @torch.no_grad()
@@ -99,12 +87,14 @@ def opt_rtn_block(layers: dict[str, tuple[nn.Module, QuantScheme]], imatrix: dic
                     for n, (m, s) in ints.items()})
     quantizers = install_act_quantizers(ints, act_max or {}, tune_clip=False, scale_dtype=scale_dtype)
     for n, q in quantizers.items():
-        results[n].act_max = None if q.effective_act_max is None else q.effective_act_max.cpu()
-    gscales = nvfp4_global_scales(floats)
+        with_act_max(results[n], q)
+    # one set of global scales for the whole block: the search and the final qdq must use the same ones,
+    # also for a fused group some of whose members saw no calibration tokens
+    gscales = nvfp4_global_scales(layers)
     init_scales = {n: float_init_scale(m, s, imatrix[n], gscale=gscales.get(n), device=device)
                    for n, (m, s) in floats.items()}
     rest = {n: l for n, l in layers.items() if n not in ggml and n not in ints}
     if rest:
         results.update(rtn_block(rest, scale_dtype=scale_dtype, device=device, act_max=act_max,
-                                 init_scales=init_scales))
+                                 init_scales=init_scales, gscales=gscales))
     return results

@@ -132,7 +132,7 @@ def install_act_quantizers(layers: dict[str, tuple[nn.Module, QuantScheme]], act
     return quantizers
 
 
-def _with_act_max(result, quantizer: Optional[ActQuantizer]):
+def with_act_max(result, quantizer: Optional[ActQuantizer]):
     if quantizer is not None and quantizer.effective_act_max is not None:
         result.act_max = quantizer.effective_act_max.cpu()
     return result
@@ -234,7 +234,7 @@ def tune_block(
                 q.max_scale.copy_(best_params[("act", n)])
     for q in act_quant.values():
         q.clamp_()
-    results = {name: _with_act_max(t.finalize(best_params[name] if best_params else None), act_quant.get(name))
+    results = {name: with_act_max(t.finalize(best_params[name] if best_params else None), act_quant.get(name))
                for name, t in tunables.items()}
     stats = BlockTuneStats(first_loss or 0.0, best_loss if best_params else math.nan, best_iter, iters_run)
     logger.info(
@@ -252,15 +252,17 @@ def rtn_block(
     device: torch.device | str = "cpu",
     act_max: Optional[dict[str, torch.Tensor]] = None,
     init_scales: Optional[dict[str, torch.Tensor]] = None,
+    gscales: Optional[dict[str, torch.Tensor]] = None,
 ) -> dict[str, LayerQuantResult]:
     """Round-to-nearest: V = 0, alpha = beta = 1; writes the fake-quantized weights in place.
 
     GGUF layers use llama.cpp's quantizer without an imatrix (its scale search included). MX / NVFP4 / FP8
-    layers take `init_scales` (the opt-RTN search's per-group multipliers) where given. Activation
-    quantizers are installed (static ones from `act_max`)."""
+    layers take `init_scales` (the opt-RTN search's per-group multipliers) where given, NVFP4 layers the
+    block's `gscales` (computed here when None). Activation quantizers are installed (static ones from
+    `act_max`)."""
     ggml_layers = {n: l for n, l in layers.items() if l[1].gguf is not None}
     results: dict = gguf_rtn_block(ggml_layers, device=device) if ggml_layers else {}
-    gscales = nvfp4_global_scales(layers)
+    gscales = nvfp4_global_scales(layers) if gscales is None else gscales
     quantizers = install_act_quantizers(layers, act_max or {}, tune_clip=False, scale_dtype=scale_dtype)
     for name, (module, scheme) in layers.items():
         if name in ggml_layers:
@@ -268,5 +270,5 @@ def rtn_block(
         init = (init_scales or {}).get(name)
         tunable = make_tunable(module, scheme, scale_dtype=scale_dtype, enable_minmax_tuning=False, device=device,
                                gscale=gscales.get(name), init_scale=init)
-        results[name] = _with_act_max(tunable.finalize(), quantizers.get(name))
+        results[name] = with_act_max(tunable.finalize(), quantizers.get(name))
     return results
