@@ -38,6 +38,12 @@ SETTINGS = {  # name: (scheme, iters, lr)
     "w2g64_sr50": ("W2A16G64", 50, None),
     "w2g64_sr50_bf16": ("W2A16G64", 50, None),
 }
+for _name, _scheme in (("mxfp4", "MXFP4"), ("nvfp4", "NVFP4"), ("fp8static", "FP8_STATIC"), ("mxfp8", "MXFP8"),
+                       ("w2", "W2A16"), ("w3", "W3A16"), ("w2g64", "W2A16G64")):
+    # the data-type grid (issue 6): RTN, opt-RTN (the iters=0 default of both) and SignRound at 50 iterations
+    SETTINGS.setdefault(f"{_name}_rtn", (_scheme, 0, None))
+    SETTINGS.setdefault(f"{_name}_optrtn", (_scheme, 0, None))
+    SETTINGS.setdefault(f"{_name}_sr50", (_scheme, 50, None))
 # Ours keeps the model fp32 and autocasts the tuning matmuls to bf16 where bf16 is fast; "*_bf16" settings
 # load ours in bf16 instead (--model_dtype bf16), as the reference does with its whole model on CPU.
 

@@ -3,7 +3,7 @@
     mx_fp (MXFP4/6/8), nv_fp (NVFP4)   packing_format "auto_round:llm_compressor": the compressed-tensors tensors
                                        (weight_packed or weight, weight_scale, weight_global_scale)
     fp (FP8 per tensor / channel /     packing_format "auto_round:fp8_static": weight float8_e4m3fn, weight_scale
-        group / 2-D block)             [out, 1] (per tensor too: equal rows) / [out, in/G]; blocks: weight_scale_inv,
+        group / 2-D block)             [out] (per tensor too: equal rows) / [out, in/G]; blocks: weight_scale_inv,
                                        the dequant multiplier [ceil(out/bm), ceil(in/bn)]
     static activations                 input_scale [1] (fp8 / int) or input_global_scale [1] (NVFP4)
 quant_method stays "auto-round"; the act_* keys are written with the scheme keys (per-layer differences in
@@ -70,9 +70,10 @@ def pack_auto_round_float(name: str, res: FloatQuantResult, scale_dtype: torch.d
     tensors = pack_float_layer(name, res, scale_dtype)
     if isinstance(res.scheme.group_size, tuple):  # blocks: the DeepSeek / FP8BlockQLinear name
         tensors[f"{name}.weight_scale_inv"] = tensors.pop(f"{name}.weight_scale")
-    elif res.scheme.data_type == "fp" and res.scheme.group_size == 0:
+    elif res.scheme.data_type == "fp" and res.scheme.group_size in (0, -1):
+        # per channel: a 1-D [out] scale, the reference's FP8QLinear layout (compressed-tensors' is [out, 1]);
         # per tensor is written as per channel with equal scales (the config says group_size -1: loaders accept
         # only -1 or > 0), the same weights
         key = f"{name}.weight_scale"
-        tensors[key] = tensors[key].reshape(1, 1).expand(res.layout.out_features, 1).contiguous()
+        tensors[key] = tensors[key].reshape(-1).expand(res.layout.out_features).contiguous()
     return tensors

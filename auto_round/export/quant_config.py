@@ -75,11 +75,15 @@ def scheme_entry(scheme: QuantScheme, act: bool = False) -> dict[str, Any]:
              "data_type": scheme.data_type}
     if isinstance(scheme.group_size, tuple):
         entry["weight_block_size"] = list(scheme.group_size)
+    if scheme.data_type == "fp":  # the FP8 element format, named as the reference and vLLM's fp8 configs do
+        entry["fmt"] = "e4m3"
     if act:
         entry["act_bits"] = scheme.act_bits
         if scheme.quantizes_activations:
             entry.update(act_data_type=scheme.resolved_act_data_type, act_group_size=scheme.resolved_act_group_size,
                          act_sym=scheme.resolved_act_sym, act_dynamic=scheme.act_dynamic)
+            if scheme.data_type == "fp":
+                entry["activation_scheme"] = "dynamic" if scheme.act_dynamic else "static"
     return entry
 
 
@@ -88,7 +92,8 @@ def build_extra_config(ctx: ExportContext) -> dict[str, dict[str, Any]]:
     base = scheme_entry(ctx.scheme, act)
     extra: dict[str, dict[str, Any]] = {}
     for name, scheme in ctx.layer_schemes.items():
-        entry = scheme_entry(scheme, act)
+        # fmt / activation_scheme are top-level descriptors (data_type + bits + act_dynamic say the same per layer)
+        entry = {k: v for k, v in scheme_entry(scheme, act).items() if k not in ("fmt", "activation_scheme")}
         if not ctx.in_block(name):
             if scheme.is_quantized:
                 extra[name] = entry

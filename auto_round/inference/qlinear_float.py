@@ -90,6 +90,8 @@ class FloatQuantLinear(nn.Module):
             buf("weight", (out_features, in_features), torch.float8_e4m3fn)
             if isinstance(scheme.group_size, tuple):
                 buf("weight_scale_inv", (rows, n_groups), torch.float32)
+            elif n_groups == 1:  # per channel / per tensor: auto_round:fp8_static stores [out] (the reference's)
+                buf("weight_scale", (rows,), torch.float32)
             else:
                 buf("weight_scale", (rows, n_groups), torch.float32)
         else:
