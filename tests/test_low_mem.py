@@ -83,3 +83,50 @@ def test_anonymous_memory_is_never_dropped():
     layer = torch.nn.Linear(8, 4)
     release_weight(layer)
     assert layer.weight.is_meta and layer.weight.shape == (4, 8) and not layer.bias.is_meta
+
+
+def test_clean_file_pages_are_evicted_but_written_ones_never(tmp_path):
+    from auto_round.model.memory import evict_clean_file_pages
+
+    path = tmp_path / "w.bin"
+    values = np.arange(4 * 4096, dtype=np.float32)
+    values.tofile(path)
+    mapped = torch.from_numpy(np.memmap(path, dtype=np.float32, mode="c"))
+    assert float(mapped.sum()) == float(values.sum())  # every page resident, none written
+    released = evict_clean_file_pages(mapped)
+    assert released >= 4096 * 4 * 3 and released % 4096 == 0
+    assert torch.equal(mapped, torch.from_numpy(values))  # read back from the file
+    mapped[5000] = -7.0  # one page becomes a private copy: the only place the new value lives
+    assert evict_clean_file_pages(mapped) == 0
+    assert mapped[5000].item() == -7.0 and torch.equal(mapped[:5000], torch.from_numpy(values[:5000]))
+    anonymous = torch.arange(100_000, dtype=torch.float32)
+    assert evict_clean_file_pages(anonymous) == 0
+
+
+def resident_pages(tensor: torch.Tensor) -> int:
+    """Pages of the tensor's whole-page range present in memory (/proc/self/pagemap bit 63)."""
+    first = -(-tensor.data_ptr() // 4096) * 4096
+    last = (tensor.data_ptr() + tensor.numel() * tensor.element_size()) // 4096 * 4096
+    with open("/proc/self/pagemap", "rb") as pagemap:
+        pagemap.seek(first // 4096 * 8)
+        entries = np.frombuffer(pagemap.read((last - first) // 4096 * 8), dtype=np.uint64)
+    return int(((entries >> np.uint64(63)) & np.uint64(1)).sum())
+
+
+def test_check_finite_leaves_the_checkpoint_unresident(tmp_path):
+    """Checking every weight for NaN must not page the whole memory-mapped checkpoint in."""
+    from transformers import AutoModelForCausalLM
+
+    from auto_round.model.loading import check_finite
+    from auto_round.model.memory import _private_file_mapping
+
+    tiny_model("llama").save_pretrained(tmp_path)
+    model = AutoModelForCausalLM.from_pretrained(tmp_path, dtype=torch.float32)
+    weight = model.get_submodule("model.layers.0.mlp.up_proj").weight.detach()
+    if not _private_file_mapping(weight.data_ptr()):
+        pytest.skip("this transformers copies the weights instead of mapping the file")
+    before = weight.clone()  # reads every page
+    assert resident_pages(weight) >= 2
+    check_finite(model)
+    assert resident_pages(weight) == 0
+    assert torch.equal(weight, before)  # values unchanged: read back from the file

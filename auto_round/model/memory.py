@@ -92,6 +92,50 @@ def drop_file_backed_pages(tensor: torch.Tensor) -> int:
     return last - first
 
 
+_PAGE_PRESENT, _PAGE_FILE = 1 << 63, 1 << 61  # /proc/self/pagemap entry bits (Documentation/admin-guide/mm/pagemap)
+
+
+def _pages_unmodified(first: int, last: int) -> bool:
+    """True when no page in [first, last) of a private file mapping has been written (copy-on-write makes a
+    written page anonymous: present without the file-page bit). False when pagemap cannot be read."""
+    page = mmap.PAGESIZE
+    count = (last - first) // page
+    try:
+        with open("/proc/self/pagemap", "rb") as pagemap:
+            pagemap.seek(first // page * 8)
+            raw = pagemap.read(count * 8)
+    except OSError:
+        return False
+    if len(raw) != count * 8:
+        return False
+    entries = torch.frombuffer(bytearray(raw), dtype=torch.int64)
+    present = (entries & _PAGE_PRESENT) != 0  # the sign bit: int64 & (1 << 63) wraps to the sign bit
+    file_backed = (entries & _PAGE_FILE) != 0
+    return bool((~present | file_backed).all())
+
+
+def evict_clean_file_pages(tensor: torch.Tensor) -> int:
+    """Let the OS reclaim the resident file pages of a memory-mapped CPU tensor that stays in use.
+
+    A later read faults the pages back in from the page cache or the file, with the same bytes. Done only
+    when no page of the tensor has been written since it was mapped (a written page of a private mapping is
+    the only copy of the new values): then it is a pure memory saving. Returns the bytes released (0 when
+    anything is doubtful: anonymous memory, written pages, no pagemap, no madvise).
+    """
+    madvise = _madvise()
+    if madvise is None or tensor.device.type != "cpu" or tensor.numel() == 0 or not tensor.is_contiguous():
+        return 0
+    start = tensor.data_ptr()
+    if not _private_file_mapping(start):
+        return 0
+    page = mmap.PAGESIZE
+    first = -(-start // page) * page
+    last = (start + tensor.numel() * tensor.element_size()) // page * page
+    if last <= first or not _pages_unmodified(first, last) or madvise(first, last - first, _MADV_DONTNEED) != 0:
+        return 0
+    return last - first
+
+
 def release_weight(module: torch.nn.Module) -> int:
     """Replace `module.weight` by a meta tensor of the same shape and dtype; returns file bytes released.
 
