@@ -65,8 +65,9 @@ class AutoRound:
     amp_attention: with amp on CPU, run attention in the amp dtype too (faster steps, slightly worse accuracy).
     enable_alg_ext: SignRoundV2 additions (algorithms/alg_ext.py): tuning starts from the opt-RTN scale search,
         max_scale in [0, 2], and below 4 bits / with 4-bit activations the top 0.1 % output errors are left out
-        of the loss. Needs iters > 0 and a sym int, MXFP/MXINT or NVFP4 scheme (SchemeError / ValueError
-        otherwise); layers of other types (layer_config) are tuned as usual, with a warning.
+        of the loss. Needs iters > 0 (ValueError) and a sym int, MXFP/MXINT or NVFP4 scheme (SchemeError for asym
+        int / FP8); with a GGUF scheme it is a warned no-op (GGUF tuning already is its alg_ext variant); layers
+        of other types (layer_config) are tuned as usual, with a warning.
     The remaining arguments are SignRound's (reference defaults).
     """
 
@@ -185,10 +186,18 @@ class AutoRound:
             self._check_alg_ext()
 
     def _check_alg_ext(self) -> None:
-        """enable_alg_ext needs a supported main scheme; other in-block layers get plain SignRound (warned)."""
+        """enable_alg_ext needs a supported main scheme; other in-block layers get plain SignRound (warned).
+
+        GGUF: warned and turned off, not refused: our GGUF SignRound already is the reference's alg_ext GGUF
+        algorithm (llama.cpp's imatrix-weighted search up front, no min/max tuning, V tuned), so a reference
+        command line with --enable_alg_ext and a gguf scheme gets the same algorithm here."""
+        if self.scheme.gguf is not None:
+            logger.warning("enable_alg_ext: GGUF k-quants always search their scales with the imatrix and tune only V "
+                           "(the reference's alg_ext GGUF path); the flag changes nothing for %s", self.scheme.gguf)
+            self.tuning = dataclasses.replace(self.tuning, enable_alg_ext=False)
+            return
         if not supports_alg_ext(self.scheme):
-            kind = "a GGUF type (its own scale search is always on)" if self.scheme.gguf is not None else \
-                f"{'asym ' if not self.scheme.sym else ''}{self.scheme.data_type} {self.scheme.bits}-bit"
+            kind = f"{'asym ' if not self.scheme.sym else ''}{self.scheme.data_type} {self.scheme.bits}-bit"
             raise SchemeError(f"enable_alg_ext supports sym int, mx_fp / mx_int and nv_fp weights; the scheme is {kind}: "
                               "drop enable_alg_ext (CLI: --enable_alg_ext) or use e.g. W2A16G64, MXFP4, NVFP4")
         prefixes = tuple(g + "." for g in self.block_groups)

@@ -231,12 +231,18 @@ def test_iters_0_is_refused():
 
 
 @pytest.mark.parametrize("kw,what", [(dict(scheme="W4A16", sym=False), "asym int"),
-                                     (dict(scheme="gguf:q4_k_m"), "GGUF"),
                                      (dict(scheme="FP8_STATIC"), "fp 8-bit")])
 def test_unsupported_schemes_are_refused(kw, what):
     with pytest.raises(SchemeError, match=f"enable_alg_ext supports .*{what}"):
         AutoRound(tiny_model("llama"), iters=2, enable_alg_ext=True, dataset=random_ids(2, 16), nsamples=2,
                   seqlen=16, **kw)
+
+
+def test_gguf_is_a_warned_no_op(caplog):
+    """Our GGUF SignRound already is the reference's alg_ext GGUF algorithm (imatrix search, V only)."""
+    ar = AutoRound(tiny_model("llama"), scheme="gguf:q4_k_m", iters=2, enable_alg_ext=True,
+                   dataset=random_ids(2, 16), nsamples=2, seqlen=16)
+    assert "the flag changes nothing" in caplog.text and not ar.tuning.enable_alg_ext
 
 
 def test_other_layer_types_are_warned_and_tuned_plainly(caplog):
