@@ -198,8 +198,8 @@ class AutoRound:
             return
         if not supports_alg_ext(self.scheme):
             kind = f"{'asym ' if not self.scheme.sym else ''}{self.scheme.data_type} {self.scheme.bits}-bit"
-            raise SchemeError(f"enable_alg_ext supports sym int, mx_fp / mx_int and nv_fp weights; the scheme is {kind}: "
-                              "drop enable_alg_ext (CLI: --enable_alg_ext) or use e.g. W2A16G64, MXFP4, NVFP4")
+            raise SchemeError(f"enable_alg_ext supports sym int, mx_fp / mx_int and nv_fp weights; the scheme is "
+                              f"{kind}: drop enable_alg_ext (CLI: --enable_alg_ext) or use e.g. W2A16G64, MXFP4, NVFP4")
         prefixes = tuple(g + "." for g in self.block_groups)
         other = sorted(n for n, s in self.layer_schemes.items()
                        if s.is_quantized and n.startswith(prefixes) and not supports_alg_ext(s))
