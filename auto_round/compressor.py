@@ -25,6 +25,7 @@ from torch import nn
 
 from .algorithms.gguf import gguf_quantize_module
 from .algorithms.act_quant import act_max_hooks, needs_act_calibration
+from .algorithms.alg_ext import supports_alg_ext
 from .algorithms.opt_rtn import imatrix_hooks, opt_rtn_block, uses_opt_rtn
 from .algorithms.signround import SignRoundConfig, loss_mask_from_attention, rtn_block, tune_block
 from .algorithms.tunable import LayerQuantResult
@@ -62,6 +63,11 @@ class AutoRound:
         checkpoint too): the returned model then has meta weights in its quantized layers. quantize()
         alone never does this; pass False to keep the fake-quantized model after quantize_and_save.
     amp_attention: with amp on CPU, run attention in the amp dtype too (faster steps, slightly worse accuracy).
+    enable_alg_ext: SignRoundV2 additions (algorithms/alg_ext.py): tuning starts from the opt-RTN scale search,
+        max_scale in [0, 2], and below 4 bits / with 4-bit activations the top 0.1 % output errors are left out
+        of the loss. Needs iters > 0 (ValueError) and a sym int, MXFP/MXINT or NVFP4 scheme (SchemeError for asym
+        int / FP8); with a GGUF scheme it is a warned no-op (GGUF tuning already is its alg_ext variant); layers
+        of other types (layer_config) are tuned as usual, with a warning.
     The remaining arguments are SignRound's (reference defaults).
     """
 
@@ -94,6 +100,7 @@ class AutoRound:
         dynamic_max_gap: int = -1,
         seed: int = 42,
         disable_opt_rtn: Optional[bool] = None,
+        enable_alg_ext: bool = False,
         amp: Optional[bool] = None,
         amp_dtype: "str | torch.dtype" = "bf16",
         amp_attention: bool = False,
@@ -124,8 +131,12 @@ class AutoRound:
             iters=iters, lr=lr, minmax_lr=minmax_lr, batch_size=batch_size,
             gradient_accumulate_steps=gradient_accumulate_steps, enable_minmax_tuning=enable_minmax_tuning,
             not_use_best_mse=not_use_best_mse, dynamic_max_gap=dynamic_max_gap, seed=seed,
-            amp_dtype=resolve_amp_dtype(amp, amp_dtype, self.device),
+            amp_dtype=resolve_amp_dtype(amp, amp_dtype, self.device), enable_alg_ext=enable_alg_ext,
         )
+        if enable_alg_ext and iters == 0:
+            raise ValueError("enable_alg_ext changes SignRound's tuning and needs iters > 0 (iters=0 is RTN / opt-RTN, "
+                             "which already uses the imatrix scale search): pass iters > 0 or drop enable_alg_ext "
+                             "(CLI: --enable_alg_ext)")
         self.enable_quanted_input = enable_quanted_input
         self.amp_attention = amp_attention
         # None = the reference default: opt-RTN on for iters=0 (sym int < 8 bits), off for W8 and asym
@@ -171,6 +182,30 @@ class AutoRound:
         n_quant = sum(s.is_quantized for s in self.layer_schemes.values())
         if n_quant == 0:
             raise SchemeError("no layer would be quantized with these settings (all fp or skipped by shape)")
+        if self.tuning.enable_alg_ext:
+            self._check_alg_ext()
+
+    def _check_alg_ext(self) -> None:
+        """enable_alg_ext needs a supported main scheme; other in-block layers get plain SignRound (warned).
+
+        GGUF: warned and turned off, not refused: our GGUF SignRound already is the reference's alg_ext GGUF
+        algorithm (llama.cpp's imatrix-weighted search up front, no min/max tuning, V tuned), so a reference
+        command line with --enable_alg_ext and a gguf scheme gets the same algorithm here."""
+        if self.scheme.gguf is not None:
+            logger.warning("enable_alg_ext: GGUF k-quants always search their scales with the imatrix and tune only V "
+                           "(the reference's alg_ext GGUF path); the flag changes nothing for %s", self.scheme.gguf)
+            self.tuning = dataclasses.replace(self.tuning, enable_alg_ext=False)
+            return
+        if not supports_alg_ext(self.scheme):
+            kind = f"{'asym ' if not self.scheme.sym else ''}{self.scheme.data_type} {self.scheme.bits}-bit"
+            raise SchemeError(f"enable_alg_ext supports sym int, mx_fp / mx_int and nv_fp weights; the scheme is "
+                              f"{kind}: drop enable_alg_ext (CLI: --enable_alg_ext) or use e.g. W2A16G64, MXFP4, NVFP4")
+        prefixes = tuple(g + "." for g in self.block_groups)
+        other = sorted(n for n, s in self.layer_schemes.items()
+                       if s.is_quantized and n.startswith(prefixes) and not supports_alg_ext(s))
+        if other:
+            logger.warning("enable_alg_ext: %d layer(s) of another weight type are tuned without it: %s%s",
+                           len(other), ", ".join(other[:5]), " ..." if len(other) > 5 else "")
 
     # ------------------------------------------------------------------------------------------
     def quantize(self) -> tuple[nn.Module, dict[str, LayerQuantResult]]:
@@ -332,9 +367,10 @@ class AutoRound:
         q_in = None
         for name, block, call in steps:
             layers = self._block_layers(name)
-            # GGUF layers search their scales with the imatrix of their fp inputs before tuning V
-            ggml = {n: v for n, v in layers.items() if v[1].gguf is not None}
-            with imatrix_hooks(ggml) as imatrix, act_max_hooks(layers) as act_max:
+            # GGUF layers (and alg_ext ones) search their scales with the imatrix of their fp inputs before tuning V
+            searched = {n: v for n, v in layers.items()
+                        if v[1].gguf is not None or (self.tuning.enable_alg_ext and supports_alg_ext(v[1]))}
+            with imatrix_hooks(searched) as imatrix, act_max_hooks(layers) as act_max:
                 targets = run_batched(block, fp_in, call, self.tuning.batch_size, self.device)
             tune_in = q_in if (self.enable_quanted_input and q_in is not None) else fp_in
             if layers:
@@ -360,6 +396,7 @@ class AutoRound:
             "nsamples": self.nsamples if t.iters else None, "seqlen": self.seqlen if t.iters else None,
             "batch_size": t.batch_size, "gradient_accumulate_steps": t.gradient_accumulate_steps,
             "enable_minmax_tuning": t.enable_minmax_tuning,
+            "enable_alg_ext": t.enable_alg_ext and t.iters > 0,
             # RTN feeds no quantized inputs anywhere; the reference records that too
             "enable_quanted_input": self.enable_quanted_input and t.iters > 0,
             "low_gpu_mem_usage": False,

@@ -37,6 +37,12 @@ SETTINGS = {  # name: (scheme, iters, lr)
     "w2g64_sr200_bf16": ("W2A16G64", 200, None),
     "w2g64_sr50": ("W2A16G64", 50, None),
     "w2g64_sr50_bf16": ("W2A16G64", 50, None),
+    # "*_algext": the same with --enable_alg_ext on both sides (SignRoundV2: opt-RTN init scales, clip scales
+    # in [0, 2], top-0.1 % outlier-masked loss); compare each with its plain setting at the same iters
+    "w2g64_sr200_algext": ("W2A16G64", 200, None),
+    "w2g64_sr50_algext": ("W2A16G64", 50, None),
+    "mxfp4_sr200": ("MXFP4", 200, None),
+    "mxfp4_sr200_algext": ("MXFP4", 200, None),
 }
 for _name, _scheme in (("mxfp4", "MXFP4"), ("nvfp4", "NVFP4"), ("fp8static", "FP8_STATIC"), ("mxfp8", "MXFP8"),
                        ("w2", "W2A16"), ("w3", "W3A16"), ("w2g64", "W2A16G64")):
@@ -112,6 +118,8 @@ def cli_command(impl: str, model: Path, setting: str, calib: Path, out: Path, ar
     cmd = [str(binary), "--model", str(model), "--scheme", scheme, "--iters", str(iters),
            "--nsamples", str(args.nsamples), "--seqlen", str(args.seqlen), "--batch_size", str(args.batch_size),
            "--seed", str(args.seed), "--dataset", str(calib), "--format", "auto_round", "--output_dir", str(out), "--device_map", "cpu"]
+    if setting.endswith("_algext"):
+        cmd.append("--enable_alg_ext")  # both CLIs take the same flag
     if setting.endswith("_amp") and impl == "ours":
         cmd.append("--amp")
     if setting.endswith("_bf16") and impl == "ours":

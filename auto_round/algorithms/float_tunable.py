@@ -3,7 +3,7 @@ fp32 scale) and FP8 e4m3 (per tensor / channel / group / 128x128 block).
 
 Same interface as `tunable.TunableLayer`. Tuned: the rounding offset V in the element domain (grouped
 shape, init 0) and `max_scale`, one multiplier of each group's max ([rows, n_groups], init 1, clamped to
-[0, 1]); these types have no min side (reference §3.2-3.4). `init_scale` (from the opt-RTN search) is a
+[0, 1], [0, 2] with enable_alg_ext); these types have no min side (reference §3.2-3.4). `init_scale` (from the opt-RTN search) is a
 fixed per-group multiplier on top, so iteration 0 of SignRound is exactly the searched result.
 """
 
@@ -58,8 +58,9 @@ class FloatTunableLayer(PatchedForward):
 
     def __init__(self, module: nn.Module, scheme: QuantScheme, *, enable_minmax_tuning: bool = True,
                  device: "torch.device | str | None" = None, gscale: Optional[torch.Tensor] = None,
-                 init_scale: Optional[torch.Tensor] = None):
+                 init_scale: Optional[torch.Tensor] = None, scale_bound: float = 1.0):
         self.module, self.scheme = module, scheme
+        self.scale_bound = scale_bound  # max_scale in [0, scale_bound]: 1 (reference), 2 with enable_alg_ext
         weight = layer_weight(module).detach().to(device=device, dtype=torch.float32)
         self.layout = float_layout(scheme, *weight.shape)
         self.grouped = self.layout.to_groups(weight)
@@ -91,7 +92,7 @@ class FloatTunableLayer(PatchedForward):
 
     def clamp_(self) -> None:
         with torch.no_grad():
-            self.max_scale.clamp_(0.0, 1.0)
+            self.max_scale.clamp_(0.0, self.scale_bound)
 
     # ---- qdq ----------------------------------------------------------------------------------
     def qdq(self):

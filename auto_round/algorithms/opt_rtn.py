@@ -15,12 +15,9 @@ import torch
 from torch import nn
 
 from ..layers import layer_weight, set_layer_weight
-from ..quant.fp_opt_rtn import importance_to_groups, search_mx_scale, search_nvfp4_scale
 from ..quant.int_qdq import GroupLayout, group_range, qdq_int
-from ..quant.mx_qdq import get_mx_format
-from ..quant.opt_rtn import fill_importance, search_sym_clip_factor
 from ..schemes import QuantScheme
-from .float_tunable import float_layout
+from .init_scales import float_init_scale, int_clip_factor  # noqa: F401 (float_init_scale: public here too)
 from .input_stats import input_stat_hooks
 from .tunable import LayerQuantResult, result_from_qdq
 from .gguf import gguf_rtn_block
@@ -47,30 +44,14 @@ def imatrix_hooks(layers: dict[str, tuple[nn.Module, QuantScheme]]):
 def opt_rtn_layer(module: nn.Module, scheme: QuantScheme, imatrix: torch.Tensor, *,
                   scale_dtype: torch.dtype = torch.float16, device: str = "cpu") -> LayerQuantResult:
     """Quantize one layer with searched scales; writes the fake-quantized weight in place."""
+    factor = int_clip_factor(module, scheme, imatrix, scale_dtype=scale_dtype, device=device)
     weight = layer_weight(module).detach().to(device=device, dtype=torch.float32)
     layout = GroupLayout(weight.shape[0], weight.shape[1], scheme.group_size)
     grouped = layout.to_groups(weight)
-    imp = layout.to_groups(imatrix.to(device=device, dtype=torch.float32).expand_as(weight))
-    importance = fill_importance(imp, grouped, scheme.bits)
     wmin, wmax = group_range(grouped)
-    factor = search_sym_clip_factor(grouped, scheme.bits, importance, wmin, wmax, scale_dtype)
     res = qdq_int(grouped, scheme.bits, True, alpha=factor, beta=factor, wmin=wmin, wmax=wmax, scale_dtype=scale_dtype)
     set_layer_weight(module, layout.from_groups(res.weight))
     return result_from_qdq(res, scheme, layout)
-
-
-@torch.no_grad()
-def float_init_scale(module: nn.Module, scheme: QuantScheme, imatrix: torch.Tensor, *,
-                     gscale: Optional[torch.Tensor] = None, device: str = "cpu") -> torch.Tensor:
-    """MX / NVFP4 opt-RTN: the per-group multiplier of the block max [rows, n_groups] with the lowest
-    imatrix-weighted error (quant/fp_opt_rtn.py), for FloatTunableLayer's init_scale."""
-    weight = layer_weight(module).detach().to(device=device, dtype=torch.float32)
-    layout = float_layout(scheme, *weight.shape)
-    grouped = layout.to_groups(weight)
-    importance = fill_importance(importance_to_groups(imatrix.to(device), layout), grouped, scheme.bits)
-    if scheme.data_type == "nv_fp":
-        return search_nvfp4_scale(grouped, importance, gscale=gscale)
-    return search_mx_scale(grouped, get_mx_format(scheme.data_type, scheme.bits), importance)
 
 
 def opt_rtn_block(layers: dict[str, tuple[nn.Module, QuantScheme]], imatrix: dict[str, torch.Tensor], *,

@@ -23,6 +23,8 @@ from ..quant.nvfp_qdq import shared_global_scale
 from ..layers import layer_weight
 from ..schemes import QuantScheme
 from .act_quant import ActQuantizer
+from .alg_ext import (ALG_EXT_SCALE_BOUND, InitScaleTunableLayer, alg_ext_init_scales, outlier_count,
+                      outlier_masked_sq_sum, supports_alg_ext, wants_outlier_loss)
 from .float_tunable import FloatTunableLayer
 from .fused import fused_groups
 from .gguf import GGUFTunableLayer, gguf_rtn_block
@@ -47,6 +49,8 @@ class SignRoundConfig:
     # Matmuls of the tuning forward/backward in this dtype (torch.autocast); None = the block's own dtype.
     # Targets and the outputs passed to the next block are computed outside, at full precision.
     amp_dtype: Optional[torch.dtype] = None
+    # SignRoundV2 additions (alg_ext.py): searched init scales, max_scale in [0, 2], outlier-masked loss
+    enable_alg_ext: bool = False
 
     @property
     def resolved_lr(self) -> float:
@@ -109,15 +113,21 @@ def nvfp4_global_scales(layers: dict[str, tuple[nn.Module, QuantScheme]]) -> dic
 
 def make_tunable(module: nn.Module, scheme: QuantScheme, *, scale_dtype: torch.dtype, enable_minmax_tuning: bool,
                  device, imatrix: Optional[torch.Tensor] = None, gscale: Optional[torch.Tensor] = None,
-                 init_scale: Optional[torch.Tensor] = None):
-    """The tunable state for one layer's weight type: ggml, integer, or MX / NVFP4 / FP8."""
+                 init_scale: Optional[torch.Tensor] = None, alg_ext: bool = False):
+    """The tunable state for one layer's weight type: ggml, integer, or MX / NVFP4 / FP8.
+
+    alg_ext (a `supports_alg_ext` scheme): start from `init_scale` (None = multiplier 1), max_scale in [0, 2]."""
     if scheme.gguf is not None:
         return GGUFTunableLayer(module, scheme, imatrix=imatrix, device=device)
+    if scheme.is_int and alg_ext:
+        return InitScaleTunableLayer(module, scheme, init_scale=init_scale, scale_dtype=scale_dtype,
+                                     enable_minmax_tuning=enable_minmax_tuning, device=device)
     if scheme.is_int:
         return TunableLayer(module, scheme, scale_dtype=scale_dtype, enable_minmax_tuning=enable_minmax_tuning,
                             device=device)
     return FloatTunableLayer(module, scheme, enable_minmax_tuning=enable_minmax_tuning, device=device,
-                             gscale=gscale, init_scale=init_scale)
+                             gscale=gscale, init_scale=init_scale,
+                             scale_bound=ALG_EXT_SCALE_BOUND if alg_ext else 1.0)
 
 
 def install_act_quantizers(layers: dict[str, tuple[nn.Module, QuantScheme]], act_max: dict[str, torch.Tensor], *,
@@ -166,16 +176,22 @@ def tune_block(
     run_block(indices) -> block output [len(indices), T, H] for those calibration samples, computed on
         the tuning inputs (quantized chain) with the patched layers.
     targets: [n, T, H] fp outputs; loss_mask: [n, T, 1].
-    imatrix: name -> [in] sum of squared inputs, used by GGUF layers to search their scales before tuning.
+    imatrix: name -> [in] sum of squared inputs, used by GGUF layers (and, with config.enable_alg_ext, by
+        sym int / MX / NVFP4 layers) to search their scales before tuning.
     rng: the batch-order stream; pass one `random.Random(seed)` for the whole model so that blocks get
         different batch orders (None: a fresh `random.Random(config.seed)`, for tuning one block alone).
     act_max: name -> calibrated max |input| ([] fp32) of layers with static activation quantization.
     """
     imatrix = imatrix or {}
     gscales = nvfp4_global_scales(layers)
+    ext = {n for n, (_, s) in layers.items() if supports_alg_ext(s)} if config.enable_alg_ext else set()
+    init_scales = alg_ext_init_scales({n: layers[n] for n in ext}, imatrix, gscales=gscales,
+                                      scale_dtype=scale_dtype, device=device) if ext else {}
+    outlier_loss = wants_outlier_loss([layers[n][1] for n in ext])
     tunables = {
         name: make_tunable(m, s, scale_dtype=scale_dtype, enable_minmax_tuning=config.enable_minmax_tuning,
-                           device=device, imatrix=imatrix.get(name), gscale=gscales.get(name))
+                           device=device, imatrix=imatrix.get(name), gscale=gscales.get(name),
+                           init_scale=init_scales.get(name), alg_ext=name in ext)
         for name, (m, s) in layers.items()
     }
     act_quant = install_act_quantizers(layers, act_max or {}, tune_clip=config.enable_minmax_tuning,
@@ -202,6 +218,9 @@ def tune_block(
             indices = sampler.next()
             total = 0.0
             count = len(indices) * targets[0].numel()
+            if outlier_loss:  # the mean is over the elements left after each micro-batch's outliers
+                count -= sum(outlier_count(len(indices[s : s + micro]) * targets[0].numel())
+                             for s in range(0, len(indices), micro))
             for start in range(0, len(indices), micro):
                 idx = indices[start : start + micro]
                 with torch.autocast(device_type, dtype=amp_dtype, enabled=config.amp_dtype is not None):
@@ -209,7 +228,8 @@ def tune_block(
                 out = out.float()
                 m = loss_mask[idx].to(out.device)
                 diff = (out - targets[idx].to(out.device).float()) * m
-                loss = diff.pow(2).sum() / count  # summed over micro-batches = mean over the global batch
+                sq_sum = outlier_masked_sq_sum(diff, m) if outlier_loss else diff.pow(2).sum()
+                loss = sq_sum / count  # summed over micro-batches = mean over the global batch
                 loss.backward()
                 total += loss.item()
             if first_loss is None:

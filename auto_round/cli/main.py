@@ -61,6 +61,10 @@ def build_parser(prog: str = "auto-round") -> argparse.ArgumentParser:
                      help="iters 0: plain round-to-nearest instead of the imatrix-weighted scale search")
     opt.add_argument("--enable_opt_rtn", dest="disable_opt_rtn", action="store_false",
                      help="iters 0: force the opt-RTN scale search (default for sym int below 8 bits)")
+    t.add_argument("--enable_alg_ext", action="store_true",
+                   help="SignRoundV2 additions (iters > 0; sym int, MXFP4/MXFP8, NVFP4): start from the opt-RTN "
+                        "imatrix scale search, clip scales in [0, 2], and below 4 bits or with 4-bit activations "
+                        "leave the top 0.1%% output errors out of the loss")
     amp = t.add_mutually_exclusive_group()
     amp.add_argument("--amp", dest="amp", action="store_true", default=None,
                      help="run the tuning matmuls in --amp_dtype (torch.autocast; targets stay full precision). "
@@ -166,7 +170,8 @@ def main(argv: Optional[Sequence[str]] = None, recipe: str = "default", prog: st
             gradient_accumulate_steps=args.gradient_accumulate_steps,
             enable_minmax_tuning=not args.disable_minmax_tuning,
             enable_quanted_input=not args.disable_quanted_input, not_use_best_mse=args.not_use_best_mse,
-            seed=args.seed, disable_opt_rtn=args.disable_opt_rtn, amp=args.amp, amp_dtype=args.amp_dtype,
+            seed=args.seed, disable_opt_rtn=args.disable_opt_rtn, enable_alg_ext=args.enable_alg_ext,
+            amp=args.amp, amp_dtype=args.amp_dtype,
             amp_attention=args.amp_attention,
             scale_dtype=args.scale_dtype, model_dtype=args.model_dtype, device=args.device,
             trust_remote_code=not args.disable_trust_remote_code, max_shard_size=args.max_shard_size,
