@@ -115,7 +115,7 @@ class AutoRound:
         if self.auto_scheme is not None:
             from .compressor_autoscheme import check_auto_scheme_args
 
-            check_auto_scheme_args(self.auto_scheme, tokenizer, dataset, dict(
+            check_auto_scheme_args(self.auto_scheme, dict(
                 bits=bits, group_size=group_size, sym=sym, data_type=data_type, act_bits=act_bits))
             scheme = self.auto_scheme.schemes[0]
         self.scheme = resolve_scheme(scheme, bits=bits, group_size=group_size, sym=sym, data_type=data_type, act_bits=act_bits)
@@ -157,6 +157,10 @@ class AutoRound:
                 allow_pickle=allow_pickle_checkpoint,
             )
             self.tokenizer = tokenizer if tokenizer is not None else loaded_tok
+        if self.auto_scheme is not None:
+            from .compressor_autoscheme import check_auto_scheme_data
+
+            check_auto_scheme_data(self.auto_scheme, self.tokenizer, dataset)
         if iters > 0 and self.tokenizer is None and not isinstance(dataset, torch.Tensor):
             raise ValueError("a tokenizer is needed to build calibration data (iters > 0); pass tokenizer=")
         self.block_groups = select_block_groups(self.model, to_quant_block_names)

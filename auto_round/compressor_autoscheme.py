@@ -24,12 +24,16 @@ if TYPE_CHECKING:
 logger = logging.getLogger("auto_round")
 
 
-def check_auto_scheme_args(auto: AutoScheme, tokenizer, dataset, overrides: dict) -> None:
+def check_auto_scheme_args(auto: AutoScheme, overrides: dict) -> None:
     """Errors AutoRound can raise before loading anything else."""
     given = sorted(k for k, v in overrides.items() if v is not None)
     if given:
         raise AutoSchemeError(f"{', '.join(given)} cannot be combined with scheme=AutoScheme(...): put these fields "
                               "in the AutoScheme options instead")
+
+
+def check_auto_scheme_data(auto: AutoScheme, tokenizer, dataset) -> None:
+    """Scoring needs text to tokenize or token ids (checked once the model's tokenizer is loaded)."""
     data = auto.dataset if auto.dataset is not None else dataset
     if len(auto.schemes) > 1 and tokenizer is None and not isinstance(data, torch.Tensor):
         raise AutoSchemeError("AutoScheme scores layers on calibration text: pass a tokenizer (or token ids as dataset)")
