@@ -184,3 +184,36 @@ def test_cli_schemes_and_float_bits(tmp_path):
     assert main([str(src), "--bits", "3.5", "--output_dir", str(tmp_path / "bad")]) == 2
     assert main([str(src), "--scheme", "W4A16", "--schemes", "W2A16,W4A16", "--bits", "3",
                  "--output_dir", str(tmp_path / "bad2")]) == 2
+
+
+def test_taylor_score_by_hand_on_one_layer():
+    """L = sum(c * y), y = x W_hat^T: dL/dW_hat = c^T x, so score = sum |c^T x * (W - W_hat)|."""
+    from auto_round.model.autoscheme_score import _QdqLinear, _rtn_weights
+
+    torch.manual_seed(0)
+    lin = torch.nn.Linear(64, 32, bias=False).requires_grad_(False)
+    x, c = torch.randn(5, 64), torch.randn(5, 32)
+    scheme = get_scheme("W2A16G64")
+    w_hat = _rtn_weights({"l": (lin, scheme)}, "cpu", torch.float16)["l"]
+    patch = _QdqLinear(lin, scheme, w_hat, grad=True)
+    (lin(x) * c).sum().backward()
+    patch.remove()
+    want = float(((c.T @ x) * (lin.weight - w_hat)).abs().sum())
+    assert patch.weight_term() == pytest.approx(want, rel=1e-5)
+    assert not torch.equal(w_hat, lin.weight)
+
+
+def test_activation_term_adds_to_the_score():
+    from auto_round.schemes import QuantScheme
+
+    model = tiny_model("llama")
+    for p in model.parameters():
+        p.requires_grad_(False)
+    ids = random_ids(2, 16)
+    blocks = list(iter_blocks(model, ["model.layers"]))
+    names = [n for n, _ in model.named_modules() if n.startswith("model.layers.") and n.endswith("proj")]
+    mx_w = QuantScheme(bits=4, group_size=32, data_type="mx_fp")  # MXFP4 weights, fp activations
+    opts = [{n: (model.get_submodule(n), s) for n in names} for s in (mx_w, get_scheme("MXFP4"))]
+    w_only, w_and_a = delta_loss_scores(model, blocks, opts, ids, torch.ones_like(ids), batch_size=2)
+    assert sum(w_and_a.values()) > sum(w_only.values())
+    assert all(v > 0 for v in w_and_a.values())
