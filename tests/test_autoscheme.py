@@ -217,3 +217,22 @@ def test_activation_term_adds_to_the_score():
     w_only, w_and_a = delta_loss_scores(model, blocks, opts, ids, torch.ones_like(ids), batch_size=2)
     assert sum(w_and_a.values()) > sum(w_only.values())
     assert all(v > 0 for v in w_and_a.values())
+
+
+def test_plan_in_gptq_dynamic_and_compressed_tensors_groups(tmp_path):
+    ar = AutoRound(tiny_model("llama"), scheme=AutoScheme(3.0, OPTIONS, nsamples=4, seqlen=16), iters=0,
+                   dataset=random_ids(8, 16))
+    ar.quantize_and_save(tmp_path, format="auto_gptq,llm_compressor")
+    plan = json.loads((tmp_path / "auto-gptq" / "autoscheme_plan.json").read_text())["plans"][0]
+    bits = {n: v["bits"] for n, v in plan["layers"].items()}
+    gptq = json.loads((tmp_path / "auto-gptq" / "config.json").read_text())["quantization_config"]
+    for n, b in bits.items():
+        key = "+:^" + n.replace(".", "\\.") + "$"
+        assert gptq.get("dynamic", {}).get(key, {}).get("bits", gptq["bits"]) == b
+    ct = json.loads((tmp_path / "llm-compressor" / "config.json").read_text())["quantization_config"]
+    assert ct["format"] == "mixed-precision"
+    assert {g["weights"]["num_bits"] for g in ct["config_groups"].values()} == set(bits.values())
+    for g in ct["config_groups"].values():  # every layer of a group has the group's bits
+        for target in g["targets"]:
+            names = [n for n in bits if n == target or target.startswith("re:") and __import__("re").match(target[3:], n)]
+            assert all(bits[n] == g["weights"]["num_bits"] for n in names)
