@@ -45,7 +45,7 @@ class InfeasibleBudget(ValueError):
 def _pareto(bits: np.ndarray, loss: np.ndarray) -> np.ndarray:
     """Indices of the states kept: sorted by bits, loss strictly decreasing (ties: lowest loss first)."""
     order = np.lexsort((loss, bits))
-    b, l = bits[order], loss[order]
+    l = loss[order]
     running = np.minimum.accumulate(l)
     keep = np.ones(len(order), dtype=bool)
     keep[1:] = l[1:] < running[:-1]
