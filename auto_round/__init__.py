@@ -8,7 +8,7 @@ Imports are lazy so that `transformers` can import `auto_round.inference` cheapl
 
 from .version import __version__
 
-__all__ = ["AutoRound", "QuantScheme", "PRESET_SCHEMES", "__version__"]
+__all__ = ["AutoRound", "AutoScheme", "QuantScheme", "PRESET_SCHEMES", "__version__"]
 
 
 def __getattr__(name):
@@ -16,6 +16,10 @@ def __getattr__(name):
         from .compressor import AutoRound
 
         return AutoRound
+    if name == "AutoScheme":
+        from .algorithms.autoscheme import AutoScheme
+
+        return AutoScheme
     if name in ("QuantScheme", "PRESET_SCHEMES"):
         from . import schemes
 

@@ -23,6 +23,7 @@ from typing import Any, Iterator, Optional, Sequence
 import torch
 from torch import nn
 
+from .algorithms.autoscheme import AutoScheme
 from .algorithms.gguf import gguf_quantize_module
 from .algorithms.act_quant import act_max_hooks, needs_act_calibration
 from .algorithms.alg_ext import supports_alg_ext
@@ -55,6 +56,8 @@ class AutoRound:
 
     model: a local directory, a hub id, or an nn.Module (then pass `tokenizer` too when iters > 0).
     scheme: preset name (W4A16, W2A16G64, ...), QuantScheme or dict; bits/group_size/sym override it.
+        Or AutoScheme(avg_bits, options): mixed precision, one option per layer under a bit budget, chosen
+        before quantization (a forward/backward on calibration text) and saved as autoscheme_plan.json.
     layer_config: {layer name or regex: {"bits": 8, ...} | scheme}; fp_layers: "name1,name2" kept fp.
     dataset: None (pile-10k, or bundled offline Wikipedia text when the hub is unreachable), a local
         .txt/.json/.jsonl path, "a.json,b.jsonl:num=64", or a list of strings.
@@ -75,7 +78,7 @@ class AutoRound:
         self,
         model: "str | nn.Module",
         tokenizer: Any = None,
-        scheme: "str | QuantScheme | dict" = "W4A16",
+        scheme: "str | QuantScheme | dict | AutoScheme" = "W4A16",
         *,
         bits: Optional[int] = None,
         group_size: Optional[int] = None,
@@ -113,6 +116,15 @@ class AutoRound:
         low_cpu_mem_usage: bool = True,
         allow_pickle_checkpoint: bool = False,
     ):
+        # AutoScheme: the layers start with its first option; the plan replaces them before quantization
+        self.auto_scheme: Optional[AutoScheme] = scheme if isinstance(scheme, AutoScheme) else None
+        self.auto_scheme_plans: Optional[list] = None
+        if self.auto_scheme is not None:
+            from .compressor_autoscheme import check_auto_scheme_args
+
+            check_auto_scheme_args(self.auto_scheme, dict(
+                bits=bits, group_size=group_size, sym=sym, data_type=data_type, act_bits=act_bits))
+            scheme = self.auto_scheme.schemes[0]
         self.scheme = resolve_scheme(scheme, bits=bits, group_size=group_size, sym=sym, data_type=data_type, act_bits=act_bits)
         _check_positive(iters=iters, nsamples=nsamples, seqlen=seqlen, batch_size=8 if batch_size is None else batch_size,
                         gradient_accumulate_steps=gradient_accumulate_steps, allow_zero=("iters",))
@@ -156,6 +168,10 @@ class AutoRound:
                 allow_pickle=allow_pickle_checkpoint,
             )
             self.tokenizer = tokenizer if tokenizer is not None else loaded_tok
+        if self.auto_scheme is not None:
+            from .compressor_autoscheme import check_auto_scheme_data
+
+            check_auto_scheme_data(self.auto_scheme, self.tokenizer, dataset)
         if iters > 0 and self.tokenizer is None and not isinstance(dataset, torch.Tensor):
             raise ValueError("a tokenizer is needed to build calibration data (iters > 0); pass tokenizer=")
         self.block_groups = select_block_groups(self.model, to_quant_block_names)
@@ -213,6 +229,7 @@ class AutoRound:
         if self.quantized:
             return self.model, self.results
         start = time.perf_counter()
+        self._plan_auto_scheme()
         self.model.eval()
         for p in self.model.parameters():
             p.requires_grad_(False)
@@ -225,6 +242,13 @@ class AutoRound:
         self.quantized = True
         logger.info("quantization done in %.1f s (%d layers)", time.perf_counter() - start, len(self.results))
         return self.model, self.results
+
+    def _plan_auto_scheme(self) -> None:
+        if self.auto_scheme is None or self.auto_scheme_plans is not None:
+            return
+        from .compressor_autoscheme import plan_layers
+
+        self.auto_scheme_plans = plan_layers(self)
 
     def _block_layers(self, block_name: str) -> dict[str, tuple[nn.Module, QuantScheme]]:
         prefix = block_name + "."
@@ -411,8 +435,14 @@ class AutoRound:
             "block_losses": {n: {"first": st.loss_first, "best": st.loss_best, "best_iter": st.best_iter}
                              for n, st in self.block_stats.items()},
         }
+        extra_files: dict[str, str] = {}
+        if self.auto_scheme_plans:
+            from .compressor_autoscheme import plan_files, plan_run_info
+
+            extra_files = plan_files(self.auto_scheme_plans)
+            run_info["auto_scheme"] = plan_run_info(self.auto_scheme_plans)
         return ExportContext(
-            model=self.model, tokenizer=self.tokenizer, results=self.results, layer_schemes=self.layer_schemes,
+            extra_files=extra_files, model=self.model, tokenizer=self.tokenizer, results=self.results, layer_schemes=self.layer_schemes,
             scheme=self.scheme, block_groups=self.block_groups, tuning=tuning, max_shard_size=self.max_shard_size,
             scale_dtype_name=_SCALE_DTYPES[self.scale_dtype],
             packing=self._packer.packing if self.packed else None, packed=self.packed,
@@ -428,6 +458,9 @@ class AutoRound:
         targets = format_dirs(Path(output_dir), formats)
         for d in targets.values():
             check_output_dir(d, overwrite, self.source_dir)
+        if self.auto_scheme is not None and not self.quantized:
+            self._check_options_exportable(formats)
+            self._plan_auto_scheme()  # the formats are checked against the plan
         layers = {n: (s, layer_shape(self.model.get_submodule(n))[1]) for n, s in self.layer_schemes.items()}
         outside = frozenset(n for n in layers if not any(n.startswith(g + ".") for g in self.block_groups))
         conv1d = frozenset(n for n in layers if is_conv1d(self.model.get_submodule(n)))
@@ -436,12 +469,29 @@ class AutoRound:
             check_format(fmt, layers, outside, conv1d, out_features)
         return formats, targets, layers
 
+    def _check_options_exportable(self, formats: list[str]) -> None:
+        """Before the (slow) scoring: each option alone must be writable in every format."""
+        for option in self.auto_scheme.schemes:
+            layers = {n: (option if s.is_quantized else s, layer_shape(self.model.get_submodule(n))[1])
+                      for n, s in self.layer_schemes.items()}
+            outside = frozenset(n for n in layers if not any(n.startswith(g + ".") for g in self.block_groups))
+            conv1d = frozenset(n for n in layers if is_conv1d(self.model.get_submodule(n)))
+            out_features = {n: layer_shape(self.model.get_submodule(n))[0] for n in layers}
+            for fmt in formats:
+                try:
+                    check_format(fmt, layers, outside, conv1d, out_features)
+                except ExportError as err:
+                    raise ExportError(f"AutoScheme option {option} cannot be written as {fmt!r}: {err}") from err
+
     def _adopt_gguf_format(self, formats: list[str]) -> None:
         """format='gguf:<mix>' decides the scheme when none was given for it (reference behaviour): before
         quantization the layers are re-planned for the mix; after, the mix must be the one quantized for."""
         mix = gguf_mix_of(formats[0])  # parse_formats lets a gguf format only come alone
         if mix is None:
             return  # a non-GGUF format of GGUF layers is refused by check_format
+        if self.auto_scheme is not None:
+            raise ExportError(f"format {formats[0]!r} needs GGUF tensor types; AutoScheme plans int / float options "
+                              "for the auto_round, gptq, llm_compressor and fake formats")
         check_gguf_arch(self.model.config)
         current = self.gguf.mix if self.gguf is not None else None
         if mix == current:

@@ -34,7 +34,8 @@ def build_parser(prog: str = "auto-round") -> argparse.ArgumentParser:
     s = p.add_argument_group("scheme")
     s.add_argument("--scheme", help="preset: W2A16..W8A16, W*A16G64, W*A16G32, gguf:q4_k_m, ... (default W4A16, "
                                      "or the format's when --format is a gguf:* preset)")
-    s.add_argument("--bits", "--bit", type=int, help="weight bits (overrides the scheme)")
+    s.add_argument("--bits", "--bit", type=_bits_value,
+                   help="weight bits (overrides the scheme); with --schemes the target average bits, e.g. 3.0")
     s.add_argument("--group_size", type=int, help="group size along in_features; -1 per channel, 0 per tensor")
     s.add_argument("--asym", action="store_true", help="asymmetric quantization (integer zero point)")
     s.add_argument("--data_type", "--dtype", help="weight data type (int)")
@@ -43,6 +44,18 @@ def build_parser(prog: str = "auto-round") -> argparse.ArgumentParser:
     s.add_argument("--fp_layers", "--ignore_layers", help="comma list of layers kept in fp ('layers.1' = that block)")
     s.add_argument("--quant_lm_head", action="store_true", help="also quantize lm_head (not when tied)")
     s.add_argument("--to_quant_block_names", help="comma list of block ModuleLists to quantize")
+    a = p.add_argument_group("AutoScheme (mixed bits: one option per layer under an average-bits budget)")
+    a.add_argument("--schemes", "--options", dest="schemes",
+                   help="candidate schemes, comma-separated, e.g. W2A16G64,W4A16G64 (not with --scheme)")
+    a.add_argument("--avg_bits", "--target_bits", dest="avg_bits",
+                   help="target average bits (or --bits); a comma list gives one plan per target, the first is used")
+    a.add_argument("--ignore_scale_zp_bits", action="store_true", help="count b bits per weight, not scales/zero points")
+    a.add_argument("--shared_layers", action="append",
+                   help="comma list of patterns whose layers share one option in each block (repeatable); "
+                        "q/k/v, gate/up and MoE experts always share")
+    a.add_argument("--auto_scheme_nsamples", type=int, default=16, help="calibration samples of the scoring")
+    a.add_argument("--auto_scheme_seqlen", type=int, default=256, help="tokens per sample of the scoring")
+    a.add_argument("--auto_scheme_batch_size", type=int, help="samples per scoring pass (default min(8, nsamples))")
     t = p.add_argument_group("tuning")
     t.add_argument("--iters", "--iter", type=int, help="SignRound iterations per block; 0 = RTN")
     t.add_argument("--lr", type=float, help="rounding learning rate (default 1/iters)")
@@ -100,6 +113,37 @@ def build_parser(prog: str = "auto-round") -> argparse.ArgumentParser:
     return p
 
 
+def _bits_value(text: str) -> "int | float":
+    """'4' -> 4, '3.0' -> 3, '2.5' -> 2.5 (a fractional value is only valid as an AutoScheme target)."""
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"--bits must be a number, got {text!r}") from None
+    return int(value) if value.is_integer() else value
+
+
+def _auto_scheme(args: argparse.Namespace):
+    """The AutoScheme of --schemes (None without it); --bits is then the target. Checked before loading."""
+    if not args.schemes:
+        if isinstance(args.bits, float):
+            raise ValueError(f"--bits must be an integer without --schemes, got {args.bits}; for mixed bits give "
+                             "--schemes W2A16G64,W4A16G64 --bits 3.0")
+        if args.avg_bits:
+            raise ValueError("--avg_bits needs --schemes (the candidate options), e.g. --schemes W2A16G64,W4A16G64")
+        return None
+    if args.scheme is not None:
+        raise ValueError("--scheme and --schemes are mutually exclusive: --schemes lists AutoScheme's options")
+    target = args.avg_bits if args.avg_bits else args.bits
+    if target is None:
+        raise ValueError("--schemes needs a target: --bits 3.0 (or --avg_bits 3.0)")
+    from ..algorithms.autoscheme import AutoScheme
+
+    args.bits = None
+    return AutoScheme(target, args.schemes, shared_layers=args.shared_layers,
+                      ignore_scale_zp_bits=args.ignore_scale_zp_bits, batch_size=args.auto_scheme_batch_size,
+                      nsamples=args.auto_scheme_nsamples, seqlen=args.auto_scheme_seqlen)
+
+
 def _default_scheme_and_format(args: argparse.Namespace) -> None:
     """A gguf:* format alone sets the scheme, a gguf:* scheme alone sets the format (reference behaviour)."""
     is_gguf = lambda name: isinstance(name, str) and name.strip().lower().startswith("gguf:")  # noqa: E731
@@ -150,6 +194,11 @@ def main(argv: Optional[Sequence[str]] = None, recipe: str = "default", prog: st
     if not model:
         parser.error("a model is required (positional MODEL or --model)")
     _apply_recipe(args, recipe)
+    try:
+        auto_scheme = _auto_scheme(args)
+    except ValueError as err:
+        print(f"{prog}: error: {err}", file=sys.stderr)
+        return 2
     _default_scheme_and_format(args)
     from ..compressor import AutoRound, format_dirs  # imported late so that -h stays fast
     from ..export import parse_formats
@@ -161,7 +210,7 @@ def main(argv: Optional[Sequence[str]] = None, recipe: str = "default", prog: st
             check_output_dir(directory, args.overwrite, Path(model) if Path(model).is_dir() else None)
         eval_tasks = check_tasks(args)  # unknown task names fail now, not after the tuning
         ar = AutoRound(
-            model, scheme=args.scheme, bits=args.bits, group_size=args.group_size,
+            model, scheme=auto_scheme if auto_scheme is not None else args.scheme, bits=args.bits, group_size=args.group_size,
             sym=False if args.asym else None, data_type=args.data_type,
             layer_config=_layer_config(args.layer_config), fp_layers=args.fp_layers,
             quant_lm_head=args.quant_lm_head, to_quant_block_names=args.to_quant_block_names,

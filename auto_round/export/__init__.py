@@ -193,6 +193,8 @@ def export(ctx: ExportContext, output_dir: "str | Path", fmt: str, overwrite: bo
         )
     with atomic_output_dir(output_dir, overwrite=overwrite) as tmp:
         _WRITERS[family](ctx, tmp, variant)
+        for name, text in ctx.extra_files.items():
+            (Path(tmp) / name).write_text(text)
         write_manifest(tmp, fmt, ctx.run_info)  # last: its presence marks a finished directory
     final = Path(output_dir).expanduser().resolve()
     logger.info("saved %s checkpoint to %s", fmt, final)

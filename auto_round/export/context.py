@@ -39,6 +39,8 @@ class ExportContext:
     packed_for: Optional[str] = None  # the format string the packed tensors were made for
     # what the manifest records about the run: seed, scheme, tuning settings, calibration hash
     run_info: dict[str, Any] = field(default_factory=dict)
+    # files written next to the checkpoint (name -> text), e.g. autoscheme_plan.json
+    extra_files: dict[str, str] = field(default_factory=dict)
 
     def in_block(self, name: str) -> bool:
         return any(name.startswith(g + ".") for g in self.block_groups)

@@ -119,6 +119,19 @@ def resolve_layer_schemes(
     return schemes
 
 
+def fixed_layer_names(names: Sequence[str], layer_config: Optional[LayerConfig] = None,
+                      fp_layers: Union[str, Sequence[str], None] = None) -> set[str]:
+    """The layers among `names` whose scheme the user fixed (a layer_config key or an fp_layers entry)."""
+    fixed = set(_match_layer_config(list(names), dict(layer_config or {})))
+    keys = _parse_fp_layers(fp_layers)
+    return fixed | {n for n in names if any(_matches_fp_key(n, k) for k in keys)}
+
+
+def apply_shape_rule(name: str, module: nn.Module, scheme: QuantScheme) -> QuantScheme:
+    """`scheme`, or FP_SCHEME where the layer's shape cannot hold it (see _apply_shape_rule)."""
+    return _apply_shape_rule(name, module, scheme)
+
+
 def _apply_shape_rule(name: str, module: nn.Module, scheme: QuantScheme) -> QuantScheme:
     """Reference rules: int layers need in/out multiples of 32 (packing); MX / NVFP4 layers need whole
     groups along in_features; FP8 has no shape rule (ragged blocks are padded)."""

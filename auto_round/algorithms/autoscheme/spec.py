@@ -1,0 +1,123 @@
+"""`AutoScheme`: what a user asks of the mixed-precision search (reference API, `scheme=AutoScheme(...)`)."""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from typing import Any, Optional, Sequence
+
+from ...schemes import QuantScheme, SchemeError, resolve_scheme
+
+
+class AutoSchemeError(SchemeError):
+    """AutoScheme settings that cannot be honoured (unknown option, empty options, target out of range)."""
+
+
+def _option_label(option: Any) -> str:
+    if isinstance(option, str):
+        return option.strip().upper()
+    return repr(option)
+
+
+def scheme_label(s: QuantScheme) -> str:
+    """A short name for a scheme given as a QuantScheme/dict: 'int2_g64', 'mx_fp4_g32_a4', 'int4_g128_asym'."""
+    label = f"{s.data_type}{s.bits}_g{s.group_size}" + ("" if s.sym or not s.is_int else "_asym")
+    return label + (f"_a{s.act_bits}" if s.quantizes_activations else "") if s.is_quantized else "fp16"
+
+
+def parse_options(options: "str | Sequence[str | QuantScheme | dict]") -> tuple[tuple[str, ...], tuple[QuantScheme, ...]]:
+    """Comma string or list of presets / QuantScheme / dicts -> (labels, schemes), duplicates removed.
+
+    Two options that resolve to the same QuantScheme (e.g. W4A16 given twice, or a preset and its dict)
+    are one option; the first spelling is kept."""
+    items = [o for o in options.split(",")] if isinstance(options, str) else list(options or [])
+    items = [o for o in items if not (isinstance(o, str) and not o.strip())]
+    if not items:
+        raise AutoSchemeError("AutoScheme needs at least one option, e.g. options='W2A16G64,W4A16G64'")
+    labels: list[str] = []
+    schemes: list[QuantScheme] = []
+    for option in items:
+        try:
+            scheme = resolve_scheme(option.strip() if isinstance(option, str) else option)
+        except SchemeError as err:
+            raise AutoSchemeError(f"AutoScheme option {_option_label(option)!r} is not a valid scheme: {err}") from err
+        if scheme.gguf is not None:
+            raise AutoSchemeError(f"AutoScheme option {_option_label(option)!r} is a GGUF type; GGUF options are not "
+                                  "supported by AutoScheme yet (use a gguf:* scheme or layer_config)")
+        if scheme in schemes:
+            continue
+        labels.append(_option_label(option) if isinstance(option, str) else scheme_label(scheme))
+        schemes.append(scheme)
+    return tuple(labels), tuple(schemes)
+
+
+def _parse_targets(avg_bits: Any) -> tuple[float, ...]:
+    if isinstance(avg_bits, str):
+        avg_bits = [a for a in avg_bits.split(",") if a.strip()]
+    values = list(avg_bits) if isinstance(avg_bits, (list, tuple)) else [avg_bits]
+    if not values:
+        raise AutoSchemeError("avg_bits is empty; give a target such as avg_bits=3.0")
+    out = []
+    for v in values:
+        try:
+            f = float(v)
+        except (TypeError, ValueError):
+            raise AutoSchemeError(f"avg_bits must be a number or a list of numbers, got {v!r}") from None
+        if isinstance(v, bool) or not math.isfinite(f) or f <= 0:
+            raise AutoSchemeError(f"avg_bits must be a positive finite number, got {v!r}")
+        out.append(f)
+    return tuple(out)
+
+
+@dataclass(frozen=True)
+class AutoScheme:
+    """Mixed precision: choose one of `options` per layer so the average bits stay <= `avg_bits`.
+
+    avg_bits: target average bits per weight element (float), or a list of targets: one plan per target;
+        AutoRound quantizes with the plan of the FIRST target and saves every plan (autoscheme_plan.json).
+    options: preset names (comma string or list), QuantScheme or dicts; duplicates are dropped.
+    shared_layers: extra groups that must share one option, per block: each entry is a pattern or a list
+        of patterns (regex, re.search on the layer name); the layers of one block matched by one entry
+        form one group. q/k/v, gate/up and all experts of a block are always grouped.
+    ignore_scale_zp_bits: count only b bits per weight (not the per-group scales and zero points).
+    nsamples / seqlen / batch_size / dataset: the calibration data of the scoring (reference defaults 16
+        samples of 256 tokens; batch_size None = 8, at most nsamples; dataset None = AutoRound's).
+    """
+
+    avg_bits: Any
+    options: Any
+    shared_layers: Optional[Sequence[Any]] = None
+    ignore_scale_zp_bits: bool = False
+    batch_size: Optional[int] = None
+    nsamples: int = 16
+    seqlen: int = 256
+    dataset: Any = None
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "targets", _parse_targets(self.avg_bits))
+        labels, schemes = parse_options(self.options)
+        object.__setattr__(self, "labels", labels)
+        object.__setattr__(self, "schemes", schemes)
+        for key in ("nsamples", "seqlen") + (("batch_size",) if self.batch_size is not None else ()):
+            value = getattr(self, key)
+            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+                raise AutoSchemeError(f"AutoScheme {key} must be a positive integer, got {value!r}")
+        if self.shared_layers is not None:
+            object.__setattr__(self, "shared_layers", normalize_shared_layers(self.shared_layers))
+
+    @property
+    def resolved_batch_size(self) -> int:
+        return min(8, self.nsamples) if self.batch_size is None else self.batch_size
+
+
+def normalize_shared_layers(shared: Any) -> tuple[tuple[str, ...], ...]:
+    """'q_proj,k_proj' | ['mlp', ['q_proj', 'k_proj']] -> (('q_proj', 'k_proj'),) | (('mlp',), ('q_proj', 'k_proj'))."""
+    entries = [shared] if isinstance(shared, str) else list(shared)
+    out = []
+    for entry in entries:
+        patterns = entry.split(",") if isinstance(entry, str) else list(entry)
+        patterns = tuple(str(p).strip() for p in patterns if str(p).strip())
+        if not patterns:
+            raise AutoSchemeError(f"shared_layers entry {entry!r} holds no pattern")
+        out.append(patterns)
+    return tuple(out)

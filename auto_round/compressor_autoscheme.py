@@ -1,0 +1,76 @@
+"""AutoRound's AutoScheme step: score the options, allocate, and make the plan the layers' schemes.
+
+Kept out of compressor.py; `AutoRound` calls `plan_layers` once, lazily (quantize / the export checks),
+because the scoring runs the model forward and backward on calibration text.
+"""
+
+from __future__ import annotations
+
+import logging
+from typing import TYPE_CHECKING
+
+import torch
+
+from .algorithms.autoscheme import AutoScheme, AutoSchemeError
+from .model.autoscheme_plan import AutoSchemePlan, allocate, calibration_ids, most_common_scheme, plans_json
+from .model.autoscheme_score import delta_loss_scores
+from .model.blocks import iter_blocks
+from .model.layer_config import fixed_layer_names
+from .model.setup import clamp_seqlen
+
+if TYPE_CHECKING:
+    from .compressor import AutoRound
+
+logger = logging.getLogger("auto_round")
+
+
+def check_auto_scheme_args(auto: AutoScheme, overrides: dict) -> None:
+    """Errors AutoRound can raise before loading anything else."""
+    given = sorted(k for k, v in overrides.items() if v is not None)
+    if given:
+        raise AutoSchemeError(f"{', '.join(given)} cannot be combined with scheme=AutoScheme(...): put these fields "
+                              "in the AutoScheme options instead")
+
+
+def check_auto_scheme_data(auto: AutoScheme, tokenizer, dataset) -> None:
+    """Scoring needs text to tokenize or token ids (checked once the model's tokenizer is loaded)."""
+    data = auto.dataset if auto.dataset is not None else dataset
+    if len(auto.schemes) > 1 and tokenizer is None and not isinstance(data, torch.Tensor):
+        raise AutoSchemeError("AutoScheme scores layers on calibration text: pass a tokenizer (or token ids as dataset)")
+
+
+def plan_layers(ar: "AutoRound") -> list[AutoSchemePlan]:
+    """Score, allocate, and set ar.layer_schemes / ar.scheme to the first target's plan."""
+    auto: AutoScheme = ar.auto_scheme
+    choices = ar._layer_choices
+    fixed = fixed_layer_names(list(ar.layer_schemes), choices["layer_config"], choices["fp_layers"])
+
+    def score(option_layers):
+        if len(ar.block_groups) != 1:
+            raise NotImplementedError(f"AutoScheme over several block groups ({ar.block_groups}) is not supported "
+                                      "yet; pass to_quant_block_names with one of them")
+        max_len = clamp_seqlen(auto.seqlen, ar.model, ar.tokenizer)
+        ids, mask = calibration_ids(auto, ar.tokenizer, ar.dataset, ar.seed, max_len)
+        logger.info("AutoScheme: scoring %d options on %d samples x %d tokens", len(option_layers), *ids.shape)
+        ar.model.eval()
+        for p in ar.model.parameters():
+            p.requires_grad_(False)
+        blocks = list(iter_blocks(ar.model, ar.block_groups))
+        return delta_loss_scores(ar.model, blocks, option_layers, ids, mask, batch_size=auto.resolved_batch_size,
+                                 device=ar.device, scale_dtype=ar.scale_dtype)
+
+    plans = allocate(auto, ar.model, ar.block_groups, ar.layer_schemes, fixed, score)
+    for plan in plans:
+        logger.info("AutoScheme plan (target %g bits):\n%s", plan.target, plan.table())
+    ar.layer_schemes = plans[0].layer_schemes
+    ar.scheme = most_common_scheme(ar.layer_schemes)
+    return plans
+
+
+def plan_files(plans: list[AutoSchemePlan]) -> dict[str, str]:
+    return {"autoscheme_plan.json": plans_json(plans)} if plans else {}
+
+
+def plan_run_info(plans: list[AutoSchemePlan]) -> dict:
+    return {"targets": [p.target for p in plans], "achieved_avg_bits": [p.achieved_avg_bits for p in plans],
+            "options": list(plans[0].labels), "quantized_with": plans[0].target}

@@ -1,0 +1,247 @@
+"""AutoScheme's delta-loss scores, computed block by block.
+
+For one option (every candidate layer RTN-quantized with it at once) the score of layer l is the
+first-order Taylor estimate of how much its quantization changes the LM loss L:
+
+    score_l = sum |dL/dW_hat * (W - W_hat)|                          (weight term)
+            + sum |dL/dx_hat * (x - x_hat)|   over every token        (activation term, act_bits < 16)
+
+L is the mean next-token cross-entropy of the quantized model on the calibration ids (labels = ids,
+padding ignored). Memory stays near one block plus the hidden states:
+1. capture block 0's inputs once (block_inputs.py), then run the blocks one at a time with the option's
+   qdq weights (no grad), keeping each block's input h_i [n, T, H] on the CPU;
+2. tail: run the model with every block a pass-through except the last, which returns h_L as a leaf,
+   so only the embeddings, final norm and lm_head compute; backward gives g_L = dL/dh_L;
+3. walk the blocks in reverse: recompute block i on h_i with grad, backpropagate g_{i+1}: that gives
+   dL/dW_hat of its layers (accumulated over batches) and g_i = dL/dh_i for the block before.
+The qdq weights are recomputed in step 3 rather than cached (RTN is cheap next to the forward pass).
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from typing import Optional, Sequence
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from ..algorithms.act_quant import needs_act_calibration
+from ..algorithms.signround import make_tunable, nvfp4_global_scales
+from ..layers import layer_weight
+from ..quant.act_qdq import qdq_act
+from ..schemes import QuantScheme
+from .block_inputs import BlockCall, block_output, capture_block_inputs
+
+logger = logging.getLogger("auto_round")
+
+
+class _QdqLinear:
+    """Makes a Linear/Conv1D compute F.linear(x_hat, W_hat, bias) with its option's RTN qdq weight;
+    with grad=True W_hat is a leaf collecting dL/dW_hat and the activation term is accumulated."""
+
+    def __init__(self, module: nn.Module, scheme: QuantScheme, w_hat: torch.Tensor, grad: bool):
+        self.module, self.scheme = module, scheme
+        self.w_hat = w_hat.detach().requires_grad_(grad)
+        self.act_term = 0.0
+        self._own = module.__dict__.get("forward")
+        bias = module.bias
+
+        def forward(x: torch.Tensor) -> torch.Tensor:
+            if scheme.quantizes_activations:
+                x = self._qdq_input(x, grad)
+            b = bias.to(x.dtype) if bias is not None else None
+            return F.linear(x, self.w_hat.to(x.dtype), b)
+
+        module.forward = forward
+
+    def _qdq_input(self, x: torch.Tensor, grad: bool) -> torch.Tensor:
+        s = self.scheme
+        with torch.no_grad():  # static ranges: this batch's max |x| stands in for the calibrated one
+            act_max = x.abs().amax().float() if needs_act_calibration(s) else None
+            xq = qdq_act(x, s.resolved_act_data_type, s.act_bits, s.resolved_act_group_size,
+                         sym=s.resolved_act_sym, act_max=act_max)
+            diff = (x - xq).float()
+        x_hat = x + (xq - x).detach()  # straight-through: dL/dx = dL/dx_hat for the blocks before
+        if grad and x_hat.requires_grad:
+            def hook(g: torch.Tensor) -> None:
+                self.act_term += float((g.float() * diff).abs().sum())
+            x_hat.register_hook(hook)
+        return x_hat
+
+    def weight_term(self) -> float:
+        if self.w_hat.grad is None:
+            return 0.0
+        w = layer_weight(self.module).detach().to(self.w_hat.device, torch.float32)
+        return float((self.w_hat.grad.float() * (w - self.w_hat.detach().float())).abs().sum())
+
+    def remove(self) -> None:
+        if self._own is None:
+            self.module.__dict__.pop("forward", None)
+        else:
+            self.module.forward = self._own
+
+
+@torch.no_grad()
+def _rtn_weights(layers: dict[str, tuple[nn.Module, QuantScheme]], device: str,
+                 scale_dtype: torch.dtype) -> dict[str, torch.Tensor]:
+    """RTN qdq weight [out, in] fp32 of each layer (NVFP4 fused siblings share a global scale, as in export)."""
+    gscales = nvfp4_global_scales(layers)
+    out = {}
+    for name, (module, scheme) in layers.items():
+        t = make_tunable(module, scheme, scale_dtype=scale_dtype, enable_minmax_tuning=False, device=device,
+                         gscale=gscales.get(name))
+        out[name] = t.qdq_weight().detach()
+    return out
+
+
+def _install(layers: dict[str, tuple[nn.Module, QuantScheme]], device: str, scale_dtype: torch.dtype,
+             grad: bool) -> dict[str, _QdqLinear]:
+    w_hats = _rtn_weights(layers, device, scale_dtype)
+    return {n: _QdqLinear(m, s, w_hats[n], grad) for n, (m, s) in layers.items()}
+
+
+def _remove(patches: dict[str, _QdqLinear]) -> None:
+    for p in patches.values():
+        p.remove()
+
+
+def _batches(n: int, batch: int) -> list[torch.Tensor]:
+    return [torch.arange(s, min(s + batch, n)) for s in range(0, n, batch)]
+
+
+def _like(example_is_tuple: bool, h: torch.Tensor):
+    return (h,) if example_is_tuple else h
+
+
+def _tail_grad(model: nn.Module, blocks: Sequence[nn.Module], h_last: torch.Tensor, ids: torch.Tensor,
+               mask: torch.Tensor, batch: int, device: str, is_tuple: bool) -> tuple[torch.Tensor, float]:
+    """(dL/dh_L [n, T, H], L) with L the token-mean cross-entropy over all samples."""
+    labels = ids.masked_fill(mask == 0, -100)
+    n_tokens = int((labels[:, 1:] != -100).sum())
+    grad = torch.zeros_like(h_last, dtype=torch.float32)
+    own = [b.__dict__.get("forward") for b in blocks]
+    current: dict[str, torch.Tensor] = {}
+
+    def passthrough(*args, **kwargs):
+        return _like(is_tuple, args[0] if args else kwargs["hidden_states"])
+
+    def last(*args, **kwargs):
+        return _like(is_tuple, current["h"])
+
+    for b in blocks[:-1]:
+        b.forward = passthrough
+    blocks[-1].forward = last
+    total = 0.0
+    try:
+        for idx in _batches(ids.shape[0], batch):
+            h = h_last[idx].to(device).requires_grad_(True)
+            current["h"] = h
+            lab = labels[idx].to(device)
+            with torch.enable_grad():
+                out = model(input_ids=ids[idx].to(device), attention_mask=mask[idx].to(device), labels=lab,
+                            use_cache=False)
+                weight = int((lab[:, 1:] != -100).sum()) / max(n_tokens, 1)  # batch mean -> dataset mean
+                loss = out.loss * weight
+                loss.backward()
+            total += float(loss.detach())
+            grad[idx] = h.grad.float().cpu()
+    finally:
+        for b, f in zip(blocks, own):
+            if f is None:
+                b.__dict__.pop("forward", None)
+            else:
+                b.forward = f
+    return grad, total
+
+
+def delta_loss_scores(
+    model: nn.Module,
+    blocks: Sequence[tuple[str, nn.Module]],
+    option_layers: Sequence[dict[str, tuple[nn.Module, QuantScheme]]],
+    input_ids: torch.Tensor,
+    attention_mask: torch.Tensor,
+    *,
+    batch_size: int = 8,
+    device: str = "cpu",
+    scale_dtype: torch.dtype = torch.float16,
+) -> list[dict[str, float]]:
+    """Per option k, {layer: score} for the layers of option_layers[k] (name -> (module, scheme)).
+
+    Layers inside the blocks and outside them (lm_head with quant_lm_head) are both scored; a layer not
+    listed for an option (kept in fp under it) has no score there (the caller counts 0).
+    """
+    names = [n for n, _ in blocks]
+    mods = [b for _, b in blocks]
+    captured = capture_block_inputs(model, mods, input_ids, attention_mask, device=device)
+    scores: list[dict[str, float]] = []
+    for k, layers in enumerate(option_layers):
+        start = time.perf_counter()
+        per_block = [{n: v for n, v in layers.items() if n.startswith(b + ".")} for b in names]
+        outside = {n: v for n, v in layers.items() if not any(n.startswith(b + ".") for b in names)}
+        hs, is_tuple = _forward_chain(mods, captured, per_block, batch_size, device, scale_dtype)
+        head = _install(outside, device, scale_dtype, grad=True)
+        try:
+            g, loss = _tail_grad(model, mods, hs[-1], input_ids, attention_mask, batch_size, device, is_tuple)
+        finally:
+            _remove(head)
+        result = {n: p.weight_term() + p.act_term for n, p in head.items()}
+        for i in reversed(range(len(mods))):
+            g, block_scores = _backward_block(mods[i], hs[i], captured.calls[i], g, per_block[i], batch_size,
+                                              device, scale_dtype, need_input_grad=i > 0)
+            result.update(block_scores)
+            hs[i + 1] = None  # type: ignore[call-overload]  (free as we go)
+        scores.append(result)
+        logger.info("AutoScheme: option %d/%d scored in %.1f s (quantized-model loss %.4f)", k + 1,
+                    len(option_layers), time.perf_counter() - start, loss)
+    return scores
+
+
+@torch.no_grad()
+def _forward_chain(blocks: Sequence[nn.Module], captured, per_block, batch: int, device: str,
+                   scale_dtype: torch.dtype) -> tuple[list, bool]:
+    """Inputs of every block and the last block's output (CPU), with the option's qdq weights."""
+    hs = [captured.hidden_states]
+    is_tuple = False
+    for block, call, layers in zip(blocks, captured.calls, per_block):
+        block.to(device)
+        patches = _install(layers, device, scale_dtype, grad=False)
+        try:
+            outs = []
+            for idx in _batches(hs[-1].shape[0], batch):
+                args, kwargs = call.select(idx, device)
+                raw = block(hs[-1][idx].to(device), *args, **kwargs)
+                is_tuple = isinstance(raw, tuple)
+                outs.append(block_output(raw).to("cpu"))
+            hs.append(torch.cat(outs, dim=0))
+        finally:
+            _remove(patches)
+            if device != "cpu":
+                block.to("cpu")
+    return hs, is_tuple
+
+
+def _backward_block(block: nn.Module, h_in: torch.Tensor, call: BlockCall, g_out: torch.Tensor, layers,
+                    batch: int, device: str, scale_dtype: torch.dtype,
+                    need_input_grad: bool) -> tuple[Optional[torch.Tensor], dict[str, float]]:
+    """Recompute the block with grad, backpropagate g_out: (dL/dh_in or None, {layer: score})."""
+    block.to(device)
+    patches = _install(layers, device, scale_dtype, grad=True)
+    g_in = torch.zeros_like(h_in, dtype=torch.float32) if need_input_grad else None
+    try:
+        for idx in _batches(h_in.shape[0], batch):
+            x = h_in[idx].to(device).requires_grad_(need_input_grad)
+            args, kwargs = call.select(idx, device)
+            with torch.enable_grad():
+                out = block_output(block(x, *args, **kwargs))
+                if out.requires_grad:
+                    out.backward(g_out[idx].to(device, out.dtype))
+            if need_input_grad and x.grad is not None:
+                g_in[idx] = x.grad.float().cpu()
+        result = {n: p.weight_term() + p.act_term for n, p in patches.items()}
+    finally:
+        _remove(patches)
+        if device != "cpu":
+            block.to("cpu")
+    return g_in, result
