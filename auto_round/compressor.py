@@ -105,6 +105,8 @@ class AutoRound:
         max_shard_size: "int | str" = "5GB",
         low_cpu_mem_usage: bool = True,
         allow_pickle_checkpoint: bool = False,
+        resume: bool = False,
+        checkpoint: bool = True,
     ):
         self.scheme = resolve_scheme(scheme, bits=bits, group_size=group_size, sym=sym, data_type=data_type, act_bits=act_bits)
         _check_positive(iters=iters, nsamples=nsamples, seqlen=seqlen, batch_size=8 if batch_size is None else batch_size,
@@ -155,6 +157,9 @@ class AutoRound:
         self.block_stats: dict[str, Any] = {}
         self.calibration_info: Optional[dict] = None  # hash of the calibration tokens, once built
         self.quantized = False
+        # per-block checkpoints of quantize_and_save's SignRound walk (model/checkpoint_resume.py)
+        self.resume, self.checkpoint = resume, checkpoint
+        self._ckpt: Optional[Any] = None
 
     def _resolve_layers(self, gguf_mix: Optional[str]) -> None:
         """Every candidate layer's scheme; with a GGUF preset, llama.cpp's per-tensor types (model/gguf_plan.py)."""
@@ -330,7 +335,13 @@ class AutoRound:
         loss_mask = loss_mask_from_attention(calib.attention_mask)
         batch_order = random.Random(self.tuning.seed)  # one stream through all blocks (see IndexSampler)
         q_in = None
+        ckpt = self._ckpt.bind(self.calibration_info) if self._ckpt is not None else None
+        done = ckpt.restore(self, batch_order) if ckpt is not None else None
+        if done is not None:
+            fp_in, q_in = done.fp_in, done.q_in
         for name, block, call in steps:
+            if done is not None and name in done.done:
+                continue  # results and weights restored; _walk_blocks still packs the block
             layers = self._block_layers(name)
             # GGUF layers search their scales with the imatrix of their fp inputs before tuning V
             ggml = {n: v for n, v in layers.items() if v[1].gguf is not None}
@@ -351,6 +362,8 @@ class AutoRound:
                 self.block_stats[name] = stats
             q_in = run_batched(block, tune_in, call, self.tuning.batch_size, self.device) if self.enable_quanted_input else None
             fp_in = targets
+            if ckpt is not None:
+                ckpt.save(self, name, layers, fp_in, q_in, batch_order)
 
     # ------------------------------------------------------------------------------------------
     def _export_context(self) -> ExportContext:
@@ -432,11 +445,18 @@ class AutoRound:
         With one format and low_cpu_mem_usage, layers are packed block by block (see the class docstring).
         """
         formats, _, layers = self._check_export(output_dir, format, overwrite)
+        if self.tuning.iters > 0 and self.checkpoint and not self.quantized:
+            from .model.resume_hook import RunCheckpoint
+
+            self._ckpt = RunCheckpoint.start(self, output_dir, overwrite)
         if self.low_cpu_mem_usage and len(formats) == 1 and not self.quantized:
             quantized = {n: v for n, v in layers.items() if v[0].is_quantized}
             self._packer = block_packer(formats[0], quantized, _SCALE_DTYPES[self.scale_dtype])
         self.quantize()
-        return self.model, self.save_quantized(output_dir, format=format, overwrite=overwrite)
+        paths = self.save_quantized(output_dir, format=format, overwrite=overwrite)
+        if self._ckpt is not None:
+            self._ckpt.remove()  # the artifact is complete: the work directory is not needed any more
+        return self.model, paths
 
 
 # ---------------------------------------------------------------------------------------------
