@@ -38,6 +38,7 @@ from .model.blocks import has_tied_embeddings, iter_blocks
 from .model.layer_config import LayerConfig, resolve_layer_schemes
 from .model.loading import check_finite, load_model_and_tokenizer, parse_dtype
 from .model.memory import release_memory, release_weight
+from .model.run_log import RunLog, relative_errors, weight_snapshot
 from .model.tuning_attention import tuning_attention
 from .runtime import resolve_amp_dtype, resolve_device
 from .model.gguf_plan import GGUFPlan, plan_gguf
@@ -107,6 +108,8 @@ class AutoRound:
         allow_pickle_checkpoint: bool = False,
         resume: bool = False,
         checkpoint: bool = True,
+        disable_progress: bool = False,
+        run_report: bool = True,
     ):
         self.scheme = resolve_scheme(scheme, bits=bits, group_size=group_size, sym=sym, data_type=data_type, act_bits=act_bits)
         _check_positive(iters=iters, nsamples=nsamples, seqlen=seqlen, batch_size=8 if batch_size is None else batch_size,
@@ -160,6 +163,8 @@ class AutoRound:
         # per-block checkpoints of quantize_and_save's SignRound walk (model/checkpoint_resume.py)
         self.resume, self.checkpoint = resume, checkpoint
         self._ckpt: Optional[Any] = None
+        self.disable_progress, self.run_report = disable_progress, run_report
+        self.run_events: list[dict] = []  # run log of the SignRound walk (model/run_log.py)
 
     def _resolve_layers(self, gguf_mix: Optional[str]) -> None:
         """Every candidate layer's scheme; with a GGUF preset, llama.cpp's per-tensor types (model/gguf_plan.py)."""
@@ -339,10 +344,15 @@ class AutoRound:
         done = ckpt.restore(self, batch_order) if ckpt is not None else None
         if done is not None:
             fp_in, q_in = done.fp_in, done.q_in
+        log = RunLog(sum(1 for _ in iter_blocks(self.model, self.block_groups)), self._settings(),
+                     self.disable_progress, done.extra.get("events") if done is not None else None)
         for name, block, call in steps:
             if done is not None and name in done.done:
+                log.skip()
                 continue  # results and weights restored; _walk_blocks still packs the block
+            log.block_start()
             layers = self._block_layers(name)
+            before = weight_snapshot(layers)
             # GGUF layers search their scales with the imatrix of their fp inputs before tuning V
             ggml = {n: v for n, v in layers.items() if v[1].gguf is not None}
             with imatrix_hooks(ggml) as imatrix, act_max_hooks(layers) as act_max:
@@ -362,8 +372,17 @@ class AutoRound:
                 self.block_stats[name] = stats
             q_in = run_batched(block, tune_in, call, self.tuning.batch_size, self.device) if self.enable_quanted_input else None
             fp_in = targets
+            st = self.block_stats.get(name)
+            tokens = (st.iters_run if st else 0) * self.tuning.batch_size * self.tuning.gradient_accumulate_steps * fp_in.shape[1]
+            log.block_done(name, st, tokens, relative_errors(layers, before))
             if ckpt is not None:
-                ckpt.save(self, name, layers, fp_in, q_in, batch_order)
+                ckpt.save(self, name, layers, fp_in, q_in, batch_order, extra={"events": log.events})
+        log.end()
+        self.run_events = log.events
+
+    def _settings(self) -> dict:
+        return {"scheme": self.scheme.to_dict(), "seed": self.seed, "nsamples": self.nsamples, "seqlen": self.seqlen,
+                **{k: str(v) for k, v in dataclasses.asdict(self.tuning).items()}}
 
     # ------------------------------------------------------------------------------------------
     def _export_context(self) -> ExportContext:
@@ -454,6 +473,11 @@ class AutoRound:
             self._packer = block_packer(formats[0], quantized, _SCALE_DTYPES[self.scale_dtype])
         self.quantize()
         paths = self.save_quantized(output_dir, format=format, overwrite=overwrite)
+        if self.run_report:
+            from .export.report import write_run_report
+
+            for path in paths:
+                write_run_report(path, self.run_events)
         if self._ckpt is not None:
             self._ckpt.remove()  # the artifact is complete: the work directory is not needed any more
         return self.model, paths

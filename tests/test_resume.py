@@ -20,6 +20,7 @@ import torch
 import transformers as tf
 
 from auto_round.cli.main import main
+from auto_round.export.manifest import MANIFEST_NAME, RUN_LOG_FILES
 from auto_round.model.checkpoint_resume import checkpoint_dir_for
 from tiny_models import VOCAB, tiny_tokenizer
 
@@ -47,7 +48,7 @@ def _args(base, out, iters=40, extra=()):
 
 def _hashes(out: Path) -> dict[str, str]:
     return {p.relative_to(out).as_posix(): hashlib.sha256(p.read_bytes()).hexdigest()
-            for p in sorted(out.rglob("*")) if p.is_file()}
+            for p in sorted(out.rglob("*")) if p.is_file() and p.name not in RUN_LOG_FILES}  # run log: timings
 
 
 def _done_blocks(out: Path) -> int:
@@ -78,6 +79,38 @@ def clean(setup):
     return _hashes(out)
 
 
+def test_run_report_and_event_log(setup, clean):
+    out = setup / "clean"
+    events = [json.loads(line) for line in (out / "events.jsonl").read_text().splitlines()]
+    blocks = [e for e in events if e["event"] == "block"]
+    assert [b["name"] for b in blocks] == [f"model.layers.{i}" for i in range(4)]
+    assert events[0]["event"] == "run_start" and events[-1]["event"] == "run_end"
+    for b in blocks:
+        assert b["loss_best"] <= b["loss_first"] and b["seconds"] > 0 and b["peak_rss_mb"] > 0
+        assert len(b["layer_errors"]) == 7 and all(0 < e < 1 for e in b["layer_errors"].values())
+    report = (out / "report.md").read_text()
+    manifest = json.loads((out / MANIFEST_NAME).read_text())
+    for name, entry in manifest["files"].items():
+        assert f"| {name} | {entry['bytes']} | {entry['sha256']} |" in report
+    assert "model.layers.3" in report
+
+
+def test_plots_decode_to_images_with_axes(setup, clean):
+    pytest.importorskip("matplotlib")
+    import matplotlib.image as mpimg
+    import numpy as np
+
+    for png in ("loss_per_block.png", "layer_error.png"):
+        img = mpimg.imread(setup / "clean" / png)
+        assert img.shape[0] > 100 and img.shape[1] > 100
+        gray = img[..., :3].mean(axis=-1)
+        assert gray.std() > 0.01, "not a uniform image"
+        dark = gray < 0.3
+        # axes: some row and some column are dark over a long run of pixels (the spines)
+        assert dark.sum(axis=1).max() > img.shape[1] // 2 and dark.sum(axis=0).max() > img.shape[0] // 2
+        assert np.unique(img.reshape(-1, img.shape[-1]), axis=0).shape[0] > 2, "more than one colour"
+
+
 def test_kill9_then_resume_is_byte_identical(setup, clean):
     out = setup / "killed"
     proc = _interrupt(setup, out, signal.SIGKILL)
@@ -89,6 +122,8 @@ def test_kill9_then_resume_is_byte_identical(setup, clean):
     assert main(_args(setup, out, extra=["--resume"])) == 0
     assert _hashes(out) == clean
     assert not checkpoint_dir_for(out).exists()
+    blocks = [json.loads(line) for line in (out / "events.jsonl").read_text().splitlines()]
+    assert [b["name"] for b in blocks if b["event"] == "block"] == [f"model.layers.{i}" for i in range(4)]
 
 
 def test_resume_with_another_setting_is_refused(setup, capsys):

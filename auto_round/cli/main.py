@@ -88,6 +88,9 @@ def build_parser(prog: str = "auto-round") -> argparse.ArgumentParser:
     r.add_argument("--resume", action="store_true",
                    help="continue an interrupted run (kill, crash, Ctrl-C) from its per-block checkpoint in "
                         ".<OUTPUT_DIR>.resume/ next to the output dir; refused if any setting, the model or the data differ")
+    r.add_argument("--disable_progress", action="store_true", help="no tqdm progress bars (the per-block log lines stay)")
+    r.add_argument("--disable_run_report", action="store_true",
+                   help="do not write events.jsonl / report.md / the PNG plots into the output directory")
     r.add_argument("--disable_checkpoint", action="store_true",
                    help="do not write per-block checkpoints while tuning (no --resume possible)")
     mem = r.add_mutually_exclusive_group()
@@ -181,7 +184,8 @@ def main(argv: Optional[Sequence[str]] = None, recipe: str = "default", prog: st
             scale_dtype=args.scale_dtype, model_dtype=args.model_dtype, device=args.device,
             trust_remote_code=not args.disable_trust_remote_code, max_shard_size=args.max_shard_size,
             low_cpu_mem_usage=args.low_cpu_mem_usage, allow_pickle_checkpoint=args.allow_pickle_checkpoint,
-            resume=args.resume, checkpoint=not args.disable_checkpoint,
+            resume=args.resume, checkpoint=not args.disable_checkpoint, disable_progress=args.disable_progress,
+            run_report=not args.disable_run_report,
         )
         _, paths = ar.quantize_and_save(args.output_dir, format=args.format, overwrite=args.overwrite)
         for path in paths:

@@ -97,11 +97,11 @@ class RunCheckpoint:
         return done
 
     def save(self, ar: Any, block: str, layers: dict, fp_in: torch.Tensor, q_in: Optional[torch.Tensor],
-             rng: random.Random) -> None:
+             rng: random.Random, extra: Optional[dict] = None) -> None:
         results = {n: ar.results[n] for n in layers}
         weights = {n: m.weight for n, (m, _) in layers.items()}
         stats = {n: dataclasses.asdict(s) for n, s in ar.block_stats.items()}
-        self.store.save_block(block, results, weights, fp_in, q_in, rng.getstate(), stats)
+        self.store.save_block(block, results, weights, fp_in, q_in, rng.getstate(), stats, extra)
         if self._interrupted:
             self._restore_handler()
             raise QuantizationInterrupted(
