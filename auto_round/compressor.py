@@ -350,7 +350,7 @@ class AutoRound:
             if done is not None and name in done.done:
                 log.skip()
                 continue  # results and weights restored; _walk_blocks still packs the block
-            log.block_start()
+            log.block_start(name, self.tuning.iters)
             layers = self._block_layers(name)
             before = weight_snapshot(layers)
             # GGUF layers search their scales with the imatrix of their fp inputs before tuning V
@@ -366,7 +366,7 @@ class AutoRound:
                     results, stats = tune_block(
                         layers, run, targets, loss_mask, self.tuning,
                         scale_dtype=self.scale_dtype, device=self.device, block_name=name, imatrix=imatrix,
-                        rng=batch_order, act_max=act_max,
+                        rng=batch_order, act_max=act_max, on_iter=log.on_iter,
                     )
                 self.results.update(results)
                 self.block_stats[name] = stats

@@ -44,11 +44,26 @@ class RunLog:
         if self._bar is not None:
             self._bar.update(n)
 
-    def block_start(self) -> None:
+    def block_start(self, name: str = "", iters: int = 0) -> None:
         self._t0 = time.perf_counter()
+        self._iter_bar = None
+        if self._bar is not None and not self._bar.disable and iters:
+            from tqdm.auto import tqdm
+
+            self._iter_bar = tqdm(total=iters, desc=name, unit="iter", leave=False)
+
+    def on_iter(self, it: int, loss: float) -> None:
+        """tune_block's per-iteration callback: the inner bar (iterations of the current block, with ETA)."""
+        if getattr(self, "_iter_bar", None) is not None:
+            self._iter_bar.update(1)
+            if it % 10 == 0:
+                self._iter_bar.set_postfix(loss=f"{loss:.3g}")
 
     def block_done(self, name: str, stats: Any, tokens: int, layer_errors: Optional[dict] = None) -> dict:
         seconds = time.perf_counter() - self._t0
+        if getattr(self, "_iter_bar", None) is not None:
+            self._iter_bar.close()
+            self._iter_bar = None
         rec = {"event": "block", "name": name, "loss_first": getattr(stats, "loss_first", None),
                "loss_best": getattr(stats, "loss_best", None), "best_iter": getattr(stats, "best_iter", None),
                "iters_run": getattr(stats, "iters_run", None), "seconds": round(seconds, 3),
