@@ -63,6 +63,10 @@ class AutoRound:
         checkpoint too): the returned model then has meta weights in its quantized layers. quantize()
         alone never does this; pass False to keep the fake-quantized model after quantize_and_save.
     amp_attention: with amp on CPU, run attention in the amp dtype too (faster steps, slightly worse accuracy).
+    checkpoint / resume: quantize_and_save with iters > 0 checkpoints every tuned block in .<output_dir>.resume/
+        (model/checkpoint_resume.py); resume=True continues from it (same bytes as an uninterrupted run), an
+        existing one without resume (or overwrite) is an error; it is deleted after a successful save.
+    disable_progress: no tqdm bars; run_report: write events.jsonl / report.md / PNGs (export/report.py).
     The remaining arguments are SignRound's (reference defaults).
     """
 
