@@ -475,7 +475,11 @@ class AutoRound:
         if self.low_cpu_mem_usage and len(formats) == 1 and not self.quantized:
             quantized = {n: v for n, v in layers.items() if v[0].is_quantized}
             self._packer = block_packer(formats[0], quantized, _SCALE_DTYPES[self.scale_dtype])
-        self.quantize()
+        try:
+            self.quantize()
+        finally:
+            if self._ckpt is not None:
+                self._ckpt.restore_sigint()  # Ctrl-C is deferred only during the block walk
         paths = self.save_quantized(output_dir, format=format, overwrite=overwrite)
         if self.run_report:
             from .export.report import write_run_report

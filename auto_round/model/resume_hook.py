@@ -67,7 +67,7 @@ class RunCheckpoint:
         self._interrupted = True
         logger.warning("Ctrl-C: finishing the current block and saving a resumable state (Ctrl-C again aborts now)")
 
-    def _restore_handler(self) -> None:
+    def restore_sigint(self) -> None:
         if self._old_handler is not None:
             signal.signal(signal.SIGINT, self._old_handler)
             self._old_handler = None
@@ -103,12 +103,12 @@ class RunCheckpoint:
         stats = {n: dataclasses.asdict(s) for n, s in ar.block_stats.items()}
         self.store.save_block(block, results, weights, fp_in, q_in, rng.getstate(), stats, extra)
         if self._interrupted:
-            self._restore_handler()
+            self.restore_sigint()
             raise QuantizationInterrupted(
                 f"interrupted after block {block}; the finished blocks are saved in {self.directory}: "
                 "run the same command again with --resume (AutoRound(..., resume=True)) to continue")
 
     def remove(self) -> None:
-        self._restore_handler()
+        self.restore_sigint()
         if self.store is not None:
             self.store.remove()
