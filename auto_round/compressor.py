@@ -40,6 +40,7 @@ from .model.blocks import has_tied_embeddings, iter_blocks
 from .model.layer_config import LayerConfig, resolve_layer_schemes
 from .model.loading import check_finite, load_model_and_tokenizer, parse_dtype
 from .model.memory import release_memory, release_weight
+from .model.run_log import RunLog, relative_errors, weight_snapshot
 from .model.tuning_attention import tuning_attention
 from .runtime import resolve_amp_dtype, resolve_device
 from .model.gguf_plan import GGUFPlan, plan_gguf
@@ -71,6 +72,10 @@ class AutoRound:
         of the loss. Needs iters > 0 (ValueError) and a sym int, MXFP/MXINT or NVFP4 scheme (SchemeError for asym
         int / FP8); with a GGUF scheme it is a warned no-op (GGUF tuning already is its alg_ext variant); layers
         of other types (layer_config) are tuned as usual, with a warning.
+    checkpoint / resume: quantize_and_save with iters > 0 checkpoints every tuned block in .<output_dir>.resume/
+        (model/checkpoint_resume.py); resume=True continues from it (same bytes as an uninterrupted run), an
+        existing one without resume (or overwrite) is an error; it is deleted after a successful save.
+    disable_progress: no tqdm bars; run_report: write events.jsonl / report.md / PNGs (export/report.py).
     The remaining arguments are SignRound's (reference defaults).
     """
 
@@ -115,6 +120,10 @@ class AutoRound:
         max_shard_size: "int | str" = "5GB",
         low_cpu_mem_usage: bool = True,
         allow_pickle_checkpoint: bool = False,
+        resume: bool = False,
+        checkpoint: bool = True,
+        disable_progress: bool = False,
+        run_report: bool = True,
     ):
         # AutoScheme: the layers start with its first option; the plan replaces them before quantization
         self.auto_scheme: Optional[AutoScheme] = scheme if isinstance(scheme, AutoScheme) else None
@@ -182,6 +191,11 @@ class AutoRound:
         self.block_stats: dict[str, Any] = {}
         self.calibration_info: Optional[dict] = None  # hash of the calibration tokens, once built
         self.quantized = False
+        # per-block checkpoints of quantize_and_save's SignRound walk (model/checkpoint_resume.py)
+        self.resume, self.checkpoint = resume, checkpoint
+        self._ckpt: Optional[Any] = None
+        self.disable_progress, self.run_report = disable_progress, run_report
+        self.run_events: list[dict] = []  # run log of the SignRound walk (model/run_log.py)
 
     def _resolve_layers(self, gguf_mix: Optional[str]) -> None:
         """Every candidate layer's scheme; with a GGUF preset, llama.cpp's per-tensor types (model/gguf_plan.py)."""
@@ -389,8 +403,19 @@ class AutoRound:
         loss_mask = loss_mask_from_attention(calib.attention_mask)
         batch_order = random.Random(self.tuning.seed)  # one stream through all blocks (see IndexSampler)
         q_in = None
+        ckpt = self._ckpt.bind(self.calibration_info) if self._ckpt is not None else None
+        done = ckpt.restore(self, batch_order) if ckpt is not None else None
+        if done is not None:
+            fp_in, q_in = done.fp_in, done.q_in
+        log = RunLog(sum(1 for _ in iter_blocks(self.model, self.block_groups)), self._settings(),
+                     self.disable_progress, done.extra.get("events") if done is not None else None)
         for name, block, call in steps:
+            if done is not None and name in done.done:
+                log.skip()
+                continue  # results and weights restored; _walk_blocks still packs the block
+            log.block_start(name, self.tuning.iters)
             layers = self._block_layers(name)
+            before = weight_snapshot(layers)
             # GGUF layers (and alg_ext ones) search their scales with the imatrix of their fp inputs before tuning V
             searched = {n: v for n, v in layers.items()
                         if v[1].gguf is not None or (self.tuning.enable_alg_ext and supports_alg_ext(v[1]))}
@@ -405,12 +430,23 @@ class AutoRound:
                     results, stats = tune_block(
                         layers, run, targets, loss_mask, self.tuning,
                         scale_dtype=self.scale_dtype, device=self.device, block_name=name, imatrix=imatrix,
-                        rng=batch_order, act_max=act_max,
+                        rng=batch_order, act_max=act_max, on_iter=log.on_iter,
                     )
                 self.results.update(results)
                 self.block_stats[name] = stats
             q_in = run_batched(block, tune_in, call, self.tuning.batch_size, self.device) if self.enable_quanted_input else None
             fp_in = targets
+            st = self.block_stats.get(name)
+            tokens = (st.iters_run if st else 0) * self.tuning.batch_size * self.tuning.gradient_accumulate_steps * fp_in.shape[1]
+            log.block_done(name, st, tokens, relative_errors(layers, before))
+            if ckpt is not None:
+                ckpt.save(self, name, layers, fp_in, q_in, batch_order, extra={"events": log.events})
+        log.end()
+        self.run_events = log.events
+
+    def _settings(self) -> dict:
+        return {"scheme": self.scheme.to_dict(), "seed": self.seed, "nsamples": self.nsamples, "seqlen": self.seqlen,
+                **{k: str(v) for k, v in dataclasses.asdict(self.tuning).items()}}
 
     # ------------------------------------------------------------------------------------------
     def _export_context(self) -> ExportContext:
@@ -519,11 +555,27 @@ class AutoRound:
         With one format and low_cpu_mem_usage, layers are packed block by block (see the class docstring).
         """
         formats, _, layers = self._check_export(output_dir, format, overwrite)
+        if self.tuning.iters > 0 and self.checkpoint and not self.quantized:
+            from .model.resume_hook import RunCheckpoint
+
+            self._ckpt = RunCheckpoint.start(self, output_dir, overwrite)
         if self.low_cpu_mem_usage and len(formats) == 1 and not self.quantized:
             quantized = {n: v for n, v in layers.items() if v[0].is_quantized}
             self._packer = block_packer(formats[0], quantized, _SCALE_DTYPES[self.scale_dtype])
-        self.quantize()
-        return self.model, self.save_quantized(output_dir, format=format, overwrite=overwrite)
+        try:
+            self.quantize()
+        finally:
+            if self._ckpt is not None:
+                self._ckpt.restore_sigint()  # Ctrl-C is deferred only during the block walk
+        paths = self.save_quantized(output_dir, format=format, overwrite=overwrite)
+        if self.run_report:
+            from .export.report import write_run_report
+
+            for path in paths:
+                write_run_report(path, self.run_events)
+        if self._ckpt is not None:
+            self._ckpt.remove()  # the artifact is complete: the work directory is not needed any more
+        return self.model, paths
 
 
 # ---------------------------------------------------------------------------------------------

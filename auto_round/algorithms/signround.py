@@ -169,6 +169,7 @@ def tune_block(
     imatrix: Optional[dict[str, torch.Tensor]] = None,
     rng: Optional[random.Random] = None,
     act_max: Optional[dict[str, torch.Tensor]] = None,
+    on_iter: Optional[Callable[[int, float], None]] = None,
 ) -> tuple[dict[str, LayerQuantResult], BlockTuneStats]:
     """Tune the quantized layers of one block in place; returns per-layer results and loss stats.
 
@@ -181,6 +182,7 @@ def tune_block(
     rng: the batch-order stream; pass one `random.Random(seed)` for the whole model so that blocks get
         different batch orders (None: a fresh `random.Random(config.seed)`, for tuning one block alone).
     act_max: name -> calibrated max |input| ([] fp32) of layers with static activation quantization.
+    on_iter(it, loss): called after every iteration's loss (progress bars); must not touch the tensors.
     """
     imatrix = imatrix or {}
     gscales = nvfp4_global_scales(layers)
@@ -240,6 +242,8 @@ def tune_block(
                 best_params = {name: t.snapshot() for name, t in tunables.items()}
                 best_params.update({("act", n): q.max_scale.detach().clone() for n, q in act_quant.items()})
             iters_run = it + 1
+            if on_iter is not None:
+                on_iter(it, total)
             if config.dynamic_max_gap > 0 and it - best_iter >= config.dynamic_max_gap:
                 break
             decay = 1.0 - it / config.iters  # LinearLR(1 -> 0): factor used at step `it`

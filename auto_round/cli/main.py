@@ -102,6 +102,14 @@ def build_parser(prog: str = "auto-round") -> argparse.ArgumentParser:
     r.add_argument("--output_dir", default="./tmp_autoround")
     r.add_argument("--overwrite", action="store_true", help="replace a non-empty output directory")
     r.add_argument("--max_shard_size", default="5GB")
+    r.add_argument("--resume", action="store_true",
+                   help="continue an interrupted run (kill, crash, Ctrl-C) from its per-block checkpoint in "
+                        ".<OUTPUT_DIR>.resume/ next to the output dir; refused if any setting, the model or the data differ")
+    r.add_argument("--disable_progress", action="store_true", help="no tqdm progress bars (the per-block log lines stay)")
+    r.add_argument("--disable_run_report", action="store_true",
+                   help="do not write events.jsonl / report.md / the PNG plots into the output directory")
+    r.add_argument("--disable_checkpoint", action="store_true",
+                   help="do not write per-block checkpoints while tuning (no --resume possible)")
     mem = r.add_mutually_exclusive_group()
     mem.add_argument("--low_cpu_mem_usage", dest="low_cpu_mem_usage", action="store_true", default=True,
                      help="pack each block's layers as soon as it is tuned and release their weights (default)")
@@ -203,11 +211,16 @@ def main(argv: Optional[Sequence[str]] = None, recipe: str = "default", prog: st
     from ..compressor import AutoRound, format_dirs  # imported late so that -h stays fast
     from ..export import parse_formats
     from ..export.writer import check_output_dir
+    from ..model.resume_hook import QuantizationInterrupted
 
     try:
         # cheap checks first: nobody should wait for a model to load to learn the output dir is taken
         for directory in format_dirs(Path(args.output_dir), parse_formats(args.format)).values():
             check_output_dir(directory, args.overwrite, Path(model) if Path(model).is_dir() else None)
+        if not args.disable_checkpoint:
+            from ..model.checkpoint_resume import check_checkpoint_dir
+
+            check_checkpoint_dir(args.output_dir, args.resume, args.overwrite)
         eval_tasks = check_tasks(args)  # unknown task names fail now, not after the tuning
         ar = AutoRound(
             model, scheme=auto_scheme if auto_scheme is not None else args.scheme, bits=args.bits, group_size=args.group_size,
@@ -225,6 +238,8 @@ def main(argv: Optional[Sequence[str]] = None, recipe: str = "default", prog: st
             scale_dtype=args.scale_dtype, model_dtype=args.model_dtype, device=args.device,
             trust_remote_code=not args.disable_trust_remote_code, max_shard_size=args.max_shard_size,
             low_cpu_mem_usage=args.low_cpu_mem_usage, allow_pickle_checkpoint=args.allow_pickle_checkpoint,
+            resume=args.resume, checkpoint=not args.disable_checkpoint, disable_progress=args.disable_progress,
+            run_report=not args.disable_run_report,
         )
         _, paths = ar.quantize_and_save(args.output_dir, format=args.format, overwrite=args.overwrite)
         for path in paths:
@@ -237,6 +252,9 @@ def main(argv: Optional[Sequence[str]] = None, recipe: str = "default", prog: st
             raise
         print(f"{prog}: error: {err}", file=sys.stderr)
         return 2
+    except QuantizationInterrupted as err:
+        print(f"{prog}: {err}", file=sys.stderr)
+        return 130
     except (KeyboardInterrupt, MemoryError, OSError, RuntimeError, NotImplementedError) as err:
         if args.debug:
             raise

@@ -16,6 +16,8 @@ from typing import Any
 
 MANIFEST_NAME = "quantization_manifest.json"
 MANIFEST_VERSION = 1
+# the run log (export/report.py): timings differ between identical runs, so these are not part of the artifact
+RUN_LOG_FILES = frozenset({"events.jsonl", "report.md", "loss_per_block.png", "layer_error.png"})
 _PACKAGES = ("torch", "transformers", "safetensors", "gguf", "compressed-tensors")
 
 
@@ -39,7 +41,8 @@ def package_versions() -> dict[str, str]:
 
 def write_manifest(directory: Path, fmt: str, run_info: dict[str, Any]) -> dict:
     """Hash every file under `directory` (except the manifest) and write the manifest; returns it."""
-    files = sorted(p for p in directory.rglob("*") if p.is_file() and p.name != MANIFEST_NAME)
+    files = sorted(p for p in directory.rglob("*") if p.is_file() and p.name != MANIFEST_NAME
+                   and p.relative_to(directory).as_posix() not in RUN_LOG_FILES)
     manifest = {
         "manifest_version": MANIFEST_VERSION,
         "format": fmt,
@@ -67,6 +70,7 @@ def verify_manifest(directory: Path) -> list[str]:
             problems.append(f"{rel}: contents differ from the manifest")
     listed = set(manifest.get("files", {}))
     extra = sorted(p.relative_to(directory).as_posix() for p in Path(directory).rglob("*")
-                   if p.is_file() and p.name != MANIFEST_NAME and p.relative_to(directory).as_posix() not in listed)
+                   if p.is_file() and p.name != MANIFEST_NAME and p.relative_to(directory).as_posix() not in listed
+                   and p.relative_to(directory).as_posix() not in RUN_LOG_FILES)
     problems += [f"{rel}: not in the manifest" for rel in extra]
     return problems
