@@ -41,6 +41,7 @@ from .model.layer_config import LayerConfig, resolve_layer_schemes
 from .model.loading import check_finite, load_model_and_tokenizer, parse_dtype
 from .model.memory import release_memory, release_weight
 from .model.run_log import RunLog, relative_errors, weight_snapshot
+from .model.memory_plan import plan_signround_memory
 from .model.tuning_attention import tuning_attention
 from .runtime import resolve_amp_dtype, resolve_device
 from .model.gguf_plan import GGUFPlan, plan_gguf
@@ -76,6 +77,10 @@ class AutoRound:
         (model/checkpoint_resume.py); resume=True continues from it (same bytes as an uninterrupted run), an
         existing one without resume (or overwrite) is an error; it is deleted after a successful save.
     disable_progress: no tqdm bars; run_report: write events.jsonl / report.md / PNGs (export/report.py).
+    memory_limit: bytes or "12GB" available to the tuning (default: the free host memory, or the free device
+        memory on CUDA). Before tuning the predicted peak is logged (model/memory_plan.py); when it exceeds the
+        limit and auto_adjust_memory, the micro-batch is halved with gradient_accumulate_steps doubled (same
+        effective batch, slightly different numerics, logged); when nothing fits, MemoryPlanError.
     The remaining arguments are SignRound's (reference defaults).
     """
 
@@ -124,6 +129,8 @@ class AutoRound:
         checkpoint: bool = True,
         disable_progress: bool = False,
         run_report: bool = True,
+        memory_limit: "int | str | None" = None,
+        auto_adjust_memory: bool = True,
     ):
         # AutoScheme: the layers start with its first option; the plan replaces them before quantization
         self.auto_scheme: Optional[AutoScheme] = scheme if isinstance(scheme, AutoScheme) else None
@@ -165,6 +172,7 @@ class AutoRound:
         self.dataset, self.nsamples, self.seqlen, self.seed = dataset, nsamples, seqlen, seed
         self.max_shard_size = max_shard_size
         self.low_cpu_mem_usage = low_cpu_mem_usage
+        self.memory_limit, self.auto_adjust_memory = memory_limit, auto_adjust_memory  # model/memory_plan.py
         self._packer: Optional[BlockPacker] = None  # set by quantize_and_save for immediate packing
         self.packed: dict[str, dict[str, torch.Tensor]] = {}
         self.source_dir = _local_source_dir(model)  # never written to (see check_output_dir)
@@ -399,6 +407,11 @@ class AutoRound:
 
     def _quantize_signround(self) -> None:
         calib = self._calibration()
+        self.tuning = plan_signround_memory(  # logs the predicted peak; a smaller micro-batch or an error if too big
+            self.model, self.layer_schemes, list(iter_blocks(self.model, self.block_groups)), self.tuning,
+            nsamples=calib.input_ids.shape[0], seqlen=calib.input_ids.shape[1], device=self.device,
+            enable_quanted_input=self.enable_quanted_input, memory_limit=self.memory_limit,
+            auto_adjust=self.auto_adjust_memory)
         fp_in, steps = self._walk_blocks(calib, "SignRound")
         loss_mask = loss_mask_from_attention(calib.attention_mask)
         batch_order = random.Random(self.tuning.seed)  # one stream through all blocks (see IndexSampler)

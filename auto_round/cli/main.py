@@ -115,6 +115,11 @@ def build_parser(prog: str = "auto-round") -> argparse.ArgumentParser:
                      help="pack each block's layers as soon as it is tuned and release their weights (default)")
     mem.add_argument("--disable_low_cpu_mem_usage", dest="low_cpu_mem_usage", action="store_false",
                      help="keep the whole fake-quantized model in memory until the export")
+    r.add_argument("--memory_limit", help="memory the tuning may use, e.g. 12GB (default: the free host memory, "
+                                          "or the free device memory on CUDA); the predicted peak is checked against it")
+    r.add_argument("--disable_auto_adjust_memory", action="store_true",
+                   help="when the predicted peak exceeds the memory, fail instead of halving --batch_size and "
+                        "doubling --gradient_accumulate_steps (same effective batch, slightly different numerics)")
     r.add_argument("--log_level", default="INFO", choices=["DEBUG", "INFO", "WARNING", "ERROR"])
     r.add_argument("--debug", action="store_true", help="show the Python traceback of an error")
     add_eval_args(p)
@@ -240,6 +245,7 @@ def main(argv: Optional[Sequence[str]] = None, recipe: str = "default", prog: st
             low_cpu_mem_usage=args.low_cpu_mem_usage, allow_pickle_checkpoint=args.allow_pickle_checkpoint,
             resume=args.resume, checkpoint=not args.disable_checkpoint, disable_progress=args.disable_progress,
             run_report=not args.disable_run_report,
+            memory_limit=args.memory_limit, auto_adjust_memory=not args.disable_auto_adjust_memory,
         )
         _, paths = ar.quantize_and_save(args.output_dir, format=args.format, overwrite=args.overwrite)
         for path in paths:

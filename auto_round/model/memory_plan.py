@@ -1,0 +1,302 @@
+"""Memory planner for the SignRound block walk: predict the peak, pick a micro-batch that fits, or refuse early.
+
+What the walk keeps alive at its peak (compressor.py `_quantize_signround`, model/block_run.py `run_batched`):
+
+    cached chains   fp_in, targets, q_in (old) and q_in (new) [n, T, H] in the model dtype, plus the torch.cat
+                    of run_batched, which holds the per-batch pieces and the joined tensor at once: 5 chains
+                    (3 without enable_quanted_input: fp_in, targets and the targets being joined). All on the CPU:
+                    capture_block_inputs stores on the CPU and run_batched keeps outputs where its inputs are,
+                    so on an accelerator these never take device memory.
+    call args       per-sample block arguments captured once (a 4-D mask [n, 1, T, T] with eager attention,
+                    else a 2-D mask [n, T] at most); shared rotary tables are negligible.
+    weights         every parameter of the model, resident the whole run (host, or the device when loaded there).
+    block state     one block's tunables (algorithms/tunable.py): the fp32 grouped weight copy, V, its grad, the
+                    best-iteration snapshot, and the qdq graph kept for backward (~6 fp32 tensors of the weight's
+                    size); min/max scales alpha/beta per group with grads and snapshots. Signed SGD keeps no
+                    optimizer moments, so there is no optimizer state beyond the grad (and its sign, transient).
+    activations     one micro-batch forward + backward of one block: `ACT_PER_HIDDEN` tensors of [b, T, H] and
+                    `ACT_PER_INTERMEDIATE` of [b, T, I] in fp32 (plus an amp-dtype copy when autocast is on), and
+                    with eager attention the scores and probabilities [b, heads, T, T] (x `ACT_SCORES`).
+    packed output   with immediate packing the packed codes and scales of every quantized layer (bits/8 per weight,
+                    two fp16 values per group) accumulate while the float weights are released.
+
+The counts are estimates (within a factor 2 of measured peaks on tiny Llamas, tests/test_memory_plan.py), not
+bounds. Everything is in bytes.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+import re
+from dataclasses import dataclass
+from typing import Any, Mapping, Optional
+
+import torch
+from torch import nn
+
+logger = logging.getLogger("auto_round")
+
+ACT_PER_HIDDEN = 14  # norms, q/o/residuals, loss temporaries (out, diff, mask products) per [b, T, H]
+ACT_PER_INTERMEDIATE = 5  # gate, up, act(gate), act*up, its grad per [b, T, I]
+ACT_SCORES = 3  # eager attention: scores, softmax probabilities, their grad
+QDQ_SAVED = 6  # fp32 tensors of a weight's size that the qdq graph keeps for backward
+_UNITS = {"": 1, "B": 1, "KB": 10**3, "MB": 10**6, "GB": 10**9, "TB": 10**12,
+          "KIB": 2**10, "MIB": 2**20, "GIB": 2**30, "TIB": 2**40}
+
+
+class MemoryPlanError(ValueError):
+    """The predicted peak memory of the tuning does not fit in the memory available, whatever batch is used."""
+
+
+@dataclass(frozen=True)
+class MemoryShape:
+    """The numbers the estimate needs (all counts, not bytes, except the *_bytes fields)."""
+
+    nsamples: int
+    seqlen: int
+    hidden: int
+    intermediate: int
+    heads: int
+    dtype_bytes: int  # bytes per element of the cached hidden states (the model dtype)
+    weight_bytes: int  # all parameters of the model
+    block_weight_elems: int  # quantized weight elements of the largest block
+    block_groups: int  # quantization groups of that block (alpha/beta are [rows, n_groups])
+    packed_bytes: int  # packed codes + scales of all quantized layers
+    eager_attention: bool = False
+    enable_quanted_input: bool = True
+    amp: bool = False
+
+
+@dataclass(frozen=True)
+class MemoryBreakdown:
+    """Predicted bytes of each component at the peak of the block walk (module docstring)."""
+
+    cached_inputs: int
+    call_args: int
+    model_weights: int
+    block_state: int
+    activations: int
+    packed_output: int
+    batch_size: int
+    gradient_accumulate_steps: int
+
+    @property
+    def host(self) -> int:
+        """What stays in host memory on an accelerator: cached chains, call args (and the weights off device)."""
+        return self.cached_inputs + self.call_args + self.packed_output
+
+    @property
+    def device_work(self) -> int:
+        """What one block's tuning allocates where it computes: tunables and one micro-batch's activations."""
+        return self.block_state + self.activations
+
+    @property
+    def tuning(self) -> int:
+        """Peak added by the tuning on top of the loaded model (what a test can measure)."""
+        return self.host + self.device_work
+
+    @property
+    def total(self) -> int:
+        return self.tuning + self.model_weights
+
+    def components(self) -> dict[str, int]:
+        return {"cached block inputs": self.cached_inputs, "block call arguments": self.call_args,
+                "model weights": self.model_weights, "one block's tunables + grads": self.block_state,
+                f"activations (batch {self.batch_size})": self.activations, "packed output": self.packed_output}
+
+    def table(self) -> str:
+        rows = [f"  {k:<32} {format_bytes(v):>10}" for k, v in self.components().items()]
+        return "\n".join(["predicted peak memory of the SignRound block walk:", *rows,
+                          f"  {'total':<32} {format_bytes(self.total):>10}"])
+
+
+def estimate_signround_memory(shape: MemoryShape, batch_size: int, gradient_accumulate_steps: int = 1) -> MemoryBreakdown:
+    """The predicted peak of a SignRound run of `shape` with micro-batch `batch_size` (pure arithmetic)."""
+    n, t, h = shape.nsamples, shape.seqlen, shape.hidden
+    b = min(batch_size, n)
+    chain = n * t * h * shape.dtype_bytes
+    chains = 5 if shape.enable_quanted_input else 3
+    call_args = n * t * t * shape.dtype_bytes if shape.eager_attention else n * t * 8
+    # per weight element: grouped fp32 copy, V, grad V, best V, and the qdq graph; per group: wmin, wmax,
+    # alpha, beta, their grads and snapshots
+    block_state = shape.block_weight_elems * 4 * (4 + QDQ_SAVED) + shape.block_groups * 4 * 10
+    per_token = ACT_PER_HIDDEN * h + ACT_PER_INTERMEDIATE * shape.intermediate
+    act_bytes = 4 + (2 if shape.amp else 0)
+    activations = b * t * per_token * act_bytes
+    if shape.eager_attention:
+        activations += ACT_SCORES * b * shape.heads * t * t * 4
+    return MemoryBreakdown(
+        cached_inputs=chains * chain, call_args=call_args, model_weights=shape.weight_bytes, block_state=block_state,
+        activations=activations, packed_output=shape.packed_bytes, batch_size=b,
+        gradient_accumulate_steps=gradient_accumulate_steps,
+    )
+
+
+# ------------------------------------------------------------------------------------------- decisions
+
+
+@dataclass(frozen=True)
+class MemoryDecision:
+    """What the planner chose: the breakdown at the chosen batch, and whether it changed the settings."""
+
+    breakdown: MemoryBreakdown
+    available: Optional[int]
+    adjusted: bool
+
+
+def plan_batches(shape: MemoryShape, batch_size: int, gradient_accumulate_steps: int, available: Optional[int],
+                 *, device_available: Optional[int] = None, auto_adjust: bool = True) -> MemoryDecision:
+    """Keep the settings when they fit; else halve the micro-batch (doubling gradient_accumulate_steps, so the
+    effective batch is kept) until they do; raise MemoryPlanError when even batch 1 does not fit.
+
+    available: host bytes free for the run (None: unknown, nothing is checked). device_available: bytes free on
+    the accelerator, or None when tuning on the CPU (then everything counts against `available`).
+    """
+    def fits(br: MemoryBreakdown) -> bool:
+        if device_available is None:
+            return available is None or br.total <= available
+        host_ok = available is None or br.host <= available
+        return host_ok and br.device_work + br.model_weights <= device_available
+
+    b, gas = batch_size, gradient_accumulate_steps
+    first = estimate_signround_memory(shape, b, gas)
+    if fits(first):
+        return MemoryDecision(first, available, adjusted=False)
+    br = first
+    while auto_adjust and b > 1:
+        if b % 2:  # an odd batch cannot be split evenly: the effective batch would change
+            break
+        b, gas = b // 2, gas * 2
+        br = estimate_signround_memory(shape, b, gas)
+        if fits(br):
+            return MemoryDecision(br, available, adjusted=True)
+    where = "host" if device_available is None else "host / device"
+    limit = format_bytes(available) if device_available is None else \
+        f"{format_bytes(available) if available is not None else '?'} / {format_bytes(device_available)}"
+    tried = f"even at batch_size={b}" if auto_adjust else "(auto_adjust_memory is off)"
+    raise MemoryPlanError(
+        f"the tuning needs about {format_bytes(br.total)} ({format_bytes(br.cached_inputs)} of cached block "
+        f"inputs, {format_bytes(br.model_weights)} of weights) {tried}, more than the {limit} available ({where}); "
+        "use fewer or shorter samples (--nsamples, --seqlen), a smaller --batch_size, keep --low_cpu_mem_usage "
+        "on, or raise --memory_limit if the limit is wrong")
+
+
+# ------------------------------------------------------------------------------------------- the model side
+
+
+def parse_memory(value: "int | str | None") -> Optional[int]:
+    """'12GB' / '500MiB' / 10**9 -> bytes; None -> None."""
+    if value is None or isinstance(value, int) and not isinstance(value, bool):
+        if isinstance(value, int) and value <= 0:
+            raise ValueError(f"memory_limit must be positive, got {value}")
+        return value
+    m = re.fullmatch(r"\s*([0-9]*\.?[0-9]+)\s*([A-Za-z]*)\s*", str(value))
+    if not m or m.group(2).upper() not in _UNITS or float(m.group(1)) <= 0:
+        raise ValueError(f"cannot parse memory_limit {value!r}; use e.g. '12GB', '500MiB' or a number of bytes "
+                         "(CLI: --memory_limit 12GB)")
+    return int(float(m.group(1)) * _UNITS[m.group(2).upper()])
+
+
+def host_available() -> Optional[int]:
+    """Free host memory (psutil's `available`, else MemAvailable of /proc/meminfo), or None where unknown."""
+    try:
+        import psutil
+
+        return int(psutil.virtual_memory().available)
+    except ImportError:
+        pass
+    try:
+        with open("/proc/meminfo") as f:
+            for line in f:
+                if line.startswith("MemAvailable:"):
+                    return int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    return None
+
+
+def device_free(device: str) -> Optional[int]:
+    """Free memory of a CUDA device (torch.cuda.mem_get_info), None for the CPU and devices we cannot ask."""
+    dev = torch.device(device)
+    if dev.type == "cuda" and torch.cuda.is_available():
+        return int(torch.cuda.mem_get_info(dev)[0])
+    return None
+
+
+def memory_shape(model: nn.Module, layer_schemes: Mapping[str, Any], blocks: list[tuple[str, nn.Module]], *,
+                 nsamples: int, seqlen: int, enable_quanted_input: bool, amp: bool) -> MemoryShape:
+    """MemoryShape of a model about to be tuned: config dimensions, weight bytes, the largest block's layers."""
+    from ..layers import layer_shape
+
+    cfg = model.config.get_text_config() if hasattr(model.config, "get_text_config") else model.config
+    hidden = int(getattr(cfg, "hidden_size", None) or getattr(cfg, "n_embd", 0))
+    inter = int(getattr(cfg, "intermediate_size", None) or getattr(cfg, "ffn_dim", None) or 4 * hidden)
+    heads = int(getattr(cfg, "num_attention_heads", None) or getattr(cfg, "n_head", 1))
+    params = {id(p): p for p in model.parameters()}.values()
+    weight_bytes = sum(p.numel() * p.element_size() for p in params if not p.is_meta)
+    dtype = next((p.dtype for p in params if p.is_floating_point()), torch.float32)
+    elems, groups, packed = 0, 0, 0
+    for name, scheme in layer_schemes.items():
+        if not scheme.is_quantized:
+            continue
+        out_f, in_f = layer_shape(model.get_submodule(name))
+        gs = scheme.group_size if isinstance(scheme.group_size, int) and scheme.group_size > 0 else in_f
+        packed += out_f * in_f * scheme.bits // 8 + out_f * -(-in_f // gs) * 4
+    for bname, _ in blocks:
+        b_elems, b_groups = 0, 0
+        for name, scheme in layer_schemes.items():
+            if scheme.is_quantized and name.startswith(bname + "."):
+                out_f, in_f = layer_shape(model.get_submodule(name))
+                gs = scheme.group_size if isinstance(scheme.group_size, int) and scheme.group_size > 0 else in_f
+                b_elems, b_groups = b_elems + out_f * in_f, b_groups + out_f * -(-in_f // gs)
+        elems, groups = max(elems, b_elems), max(groups, b_groups)
+    attn = getattr(cfg, "_attn_implementation", None) or getattr(model.config, "_attn_implementation", None)
+    return MemoryShape(
+        nsamples=nsamples, seqlen=seqlen, hidden=hidden, intermediate=inter, heads=heads,
+        dtype_bytes=torch.finfo(dtype).bits // 8, weight_bytes=weight_bytes, block_weight_elems=elems,
+        block_groups=groups, packed_bytes=packed, eager_attention=attn == "eager",
+        enable_quanted_input=enable_quanted_input, amp=amp,
+    )
+
+
+def plan_signround_memory(model: nn.Module, layer_schemes: Mapping[str, Any], blocks: list[tuple[str, nn.Module]],
+                          tuning: Any, *, nsamples: int, seqlen: int, device: str, enable_quanted_input: bool,
+                          memory_limit: "int | str | None" = None, auto_adjust: bool = True) -> Any:
+    """Log the predicted peak and return `tuning` (a SignRoundConfig), with a smaller micro-batch if needed.
+
+    memory_limit overrides the detected free memory (host, or device when tuning on CUDA). Raises
+    MemoryPlanError before any heavy work when nothing fits.
+    """
+    shape = memory_shape(model, layer_schemes, blocks, nsamples=nsamples, seqlen=seqlen,
+                         enable_quanted_input=enable_quanted_input, amp=tuning.amp_dtype is not None)
+    limit = parse_memory(memory_limit)
+    dev_free = device_free(device)
+    if dev_free is not None:
+        host, dev = host_available(), (limit if limit is not None else dev_free)
+    else:
+        host, dev = (limit if limit is not None else host_available()), None
+    decision = plan_batches(shape, tuning.batch_size, tuning.gradient_accumulate_steps, host,
+                            device_available=dev, auto_adjust=auto_adjust)
+    br = decision.breakdown
+    avail = format_bytes(host) if host is not None else "unknown"
+    logger.info("%s\n  %-32s %10s%s", br.table(), "available", avail,
+                f" host, {format_bytes(dev)} on {device}" if dev is not None else "")
+    if not decision.adjusted:
+        return tuning
+    logger.warning("memory: batch_size %d -> %d with gradient_accumulate_steps %d -> %d (same effective batch of %d) "
+                   "so the predicted peak fits; losses are summed in a different order, so results differ slightly "
+                   "from a run with batch_size %d (auto_adjust_memory=False / --disable_auto_adjust_memory keeps "
+                   "the settings and fails instead)", tuning.batch_size, br.batch_size,
+                   tuning.gradient_accumulate_steps, br.gradient_accumulate_steps,
+                   tuning.batch_size * tuning.gradient_accumulate_steps, tuning.batch_size)
+    return dataclasses.replace(tuning, batch_size=br.batch_size, gradient_accumulate_steps=br.gradient_accumulate_steps)
+
+
+def format_bytes(n: Optional[int]) -> str:
+    if n is None:
+        return "?"
+    for unit, size in (("GiB", 2**30), ("MiB", 2**20), ("KiB", 2**10)):
+        if abs(n) >= size:
+            return f"{n / size:.1f} {unit}"
+    return f"{n} B"

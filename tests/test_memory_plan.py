@@ -1,0 +1,86 @@
+"""The memory planner (model/memory_plan.py): its arithmetic, its decisions, and its prediction against a measured peak.
+
+The measured peak is ru_maxrss of a fresh subprocess (a high-water mark, so the process must be new) minus its RSS
+just before quantize(); settings are chosen so that the cached block inputs (5 chains of 64 x 256 x 256 fp32 =
+16 MiB each) dominate. Stated factor: measured / predicted in [0.5, 2].
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+from auto_round.algorithms.signround import SignRoundConfig
+from auto_round.model.memory_plan import (MemoryPlanError, MemoryShape, estimate_signround_memory, parse_memory,
+                                          plan_batches)
+
+SHAPE = MemoryShape(nsamples=64, seqlen=256, hidden=256, intermediate=512, heads=4, dtype_bytes=4,
+                    weight_bytes=5_000_000, block_weight_elems=600_000, block_groups=20_000, packed_bytes=600_000)
+
+
+def test_breakdown_sums_and_scales_linearly():
+    br = estimate_signround_memory(SHAPE, 8)
+    assert br.total == sum(br.components().values())
+    chain = 64 * 256 * 256 * 4
+    assert br.cached_inputs == 5 * chain  # fp_in, targets, q_in old + new, and the cat of run_batched
+    double_n = estimate_signround_memory(dataclasses.replace(SHAPE, nsamples=128), 8)
+    assert double_n.cached_inputs == 2 * br.cached_inputs
+    assert double_n.activations == br.activations  # the micro-batch, not nsamples, sets activations
+    double_t = estimate_signround_memory(dataclasses.replace(SHAPE, seqlen=512), 8)
+    assert double_t.cached_inputs == 2 * br.cached_inputs and double_t.activations == 2 * br.activations
+    half_b = estimate_signround_memory(SHAPE, 4)
+    assert half_b.activations * 2 == br.activations and half_b.cached_inputs == br.cached_inputs
+    no_q = estimate_signround_memory(dataclasses.replace(SHAPE, enable_quanted_input=False), 8)
+    assert no_q.cached_inputs == 3 * chain
+
+
+def test_plan_keeps_settings_that_fit_and_halves_batches_that_do_not():
+    fit = plan_batches(SHAPE, 8, 1, available=10**12)
+    assert not fit.adjusted and fit.breakdown.batch_size == 8
+    need_b2 = estimate_signround_memory(SHAPE, 2).total
+    dec = plan_batches(SHAPE, 8, 1, available=need_b2)
+    assert dec.adjusted and (dec.breakdown.batch_size, dec.breakdown.gradient_accumulate_steps) == (2, 4)
+    with pytest.raises(MemoryPlanError, match="--nsamples"):
+        plan_batches(SHAPE, 8, 1, available=need_b2, auto_adjust=False)
+    with pytest.raises(MemoryPlanError, match="--seqlen"):
+        plan_batches(SHAPE, 8, 1, available=estimate_signround_memory(SHAPE, 1).cached_inputs)
+
+
+def test_parse_memory():
+    assert parse_memory("12GB") == 12 * 10**9 and parse_memory("1.5GiB") == int(1.5 * 2**30) and parse_memory(None) is None
+    for bad in ("lots", "-1GB", "12XB", 0):
+        with pytest.raises(ValueError):
+            parse_memory(bad)
+
+
+def test_impossible_limit_raises_before_tuning(monkeypatch):
+    from tiny_models import random_ids, tiny_model
+    from auto_round import AutoRound
+    import auto_round.compressor as comp
+
+    called = []
+    monkeypatch.setattr(comp, "capture_block_inputs", lambda *a, **k: called.append(1))
+    ar = AutoRound(tiny_model("llama"), dataset=random_ids(8, 16), iters=2, nsamples=8, seqlen=16, batch_size=4,
+                   memory_limit="1KB", device="cpu")
+    with pytest.raises(MemoryPlanError, match="available"):
+        ar.quantize()
+    assert not called  # refused before the block inputs were captured
+
+
+def test_prediction_matches_measured_peak():
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1",
+           "PYTHONPATH": os.pathsep.join([str(Path(__file__).parents[1]), os.environ.get("PYTHONPATH", "")])}
+    worker = Path(__file__).with_name("memory_plan_worker.py")
+    out = subprocess.run([sys.executable, str(worker), "64", "256", "4", "sdpa"], env=env, capture_output=True,
+                         text=True, timeout=300)
+    assert out.returncode == 0, out.stderr[-2000:]
+    res = json.loads(out.stdout.strip().splitlines()[-1])
+    ratio = res["measured"] / res["predicted"]
+    assert 0.5 <= ratio <= 2.0, res
