@@ -13,7 +13,19 @@ ar = AutoRound(model, dataset=ids, iters=2, nsamples=n, seqlen=t, batch_size=b, 
 shape = memory_shape(model, ar.layer_schemes, list(iter_blocks(model, ar.block_groups)), nsamples=n, seqlen=t,
                      enable_quanted_input=True, amp=False)
 br = estimate_signround_memory(shape, b)
+def vm_hwm() -> int:
+    """Peak RSS in bytes since the last reset (VmHWM of /proc/self/status)."""
+    line = next(x for x in open("/proc/self/status") if x.startswith("VmHWM:"))
+    return int(line.split()[1]) * 1024
+
+
+try:  # reset the high-water mark so that transients before quantize() (imports, model init) do not count
+    with open("/proc/self/clear_refs", "w") as f:
+        f.write("5")
+    peak_of = vm_hwm
+except OSError:
+    peak_of = lambda: resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024  # noqa: E731
 base = psutil.Process().memory_info().rss
 ar.quantize()
-peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+peak = peak_of()
 print(json.dumps({"measured": peak - base, "predicted": br.tuning, "parts": br.components()}))
