@@ -64,6 +64,9 @@ def add_eval_args(p: argparse.ArgumentParser, *, standalone: bool = False) -> No
                                          "./eval_results.json with --eval)")
     e.add_argument("--show_subtasks", action="store_true", help="print every mmlu subject, not only the groups")
     if standalone:
+        e.add_argument("--allow_pickle_checkpoint", action="store_true",
+                       help="load a folder whose weights are only pickle files (.bin/.pt); unpickling can run code "
+                            "from the file, so only for checkpoints you trust")
         e.add_argument("--baseline", help="a second model (e.g. the fp original) evaluated the same way; "
                                           "the table shows both and the deltas")
     else:
@@ -110,7 +113,8 @@ def _evaluate(model, names: list[str], args: argparse.Namespace, output: Optiona
     return evaluate(model, tasks=names, limit=args.limit, batch_size=args.eval_bs, device=args.device,
                     dtype=args.eval_model_dtype, num_fewshot=args.num_fewshot, task_source=args.eval_task_source,
                     add_bos_token=args.add_bos_token, ppl_text=args.ppl_text, ppl_seqlen=args.ppl_seqlen,
-                    ppl_nsamples=args.ppl_nsamples, output_json=output)
+                    ppl_nsamples=args.ppl_nsamples, output_json=output,
+                    allow_pickle=getattr(args, "allow_pickle_checkpoint", False))
 
 
 def run_evaluations(models: dict[str, str], names: list[str], args: argparse.Namespace, output: Path) -> dict:

@@ -170,20 +170,38 @@ def _quant_method(folder: Path) -> Optional[str]:
     return str((config.get("quantization_config") or {}).get("quant_method", "")).lower() or None
 
 
+def _refuse_incomplete_load(path: Path, info: dict) -> None:
+    """Weights the model expects but the files do not hold would stay randomly initialised: refuse the load."""
+    from ..inference.checkpoint_check import CheckpointError
+
+    missing = sorted(info.get("missing_keys") or [])
+    mismatched = [str(m[0]) if isinstance(m, (tuple, list)) else str(m) for m in info.get("mismatched_keys") or []]
+    if missing or mismatched:
+        names = (missing + mismatched)[:3]
+        raise CheckpointError(
+            f"{path}: {len(missing)} weights are missing from the checkpoint and {len(mismatched)} have the wrong "
+            f"shape (e.g. {', '.join(names)}); they would be random. Is quantization_config (quant_method, "
+            "packing_format, bits, group_size) the one these files were written with?")
+
+
 def load_for_eval(model: "str | os.PathLike", *, device: str = "cpu", dtype: "str | torch.dtype | None" = None,
-                  trust_remote_code: bool = True) -> tuple[torch.nn.Module, Any]:
+                  trust_remote_code: bool = True, allow_pickle: bool = False) -> tuple[torch.nn.Module, Any]:
     """(model, tokenizer) ready for evaluation, from any model folder or .gguf file we can read.
 
     GPTQ / AWQ checkpoints are loaded with `quantization_config=AutoRoundConfig()` (our QuantLinear; plain
     loading would need gptqmodel / autoawq). dtype None = fp32 on CPU, the checkpoint's own elsewhere.
+    A folder is checked first (`validate_checkpoint`: config values, safetensors headers, pickle-only weights
+    refused unless `allow_pickle`); a bad one raises CheckpointError naming the file and the problem.
     """
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
+    from ..inference.checkpoint_check import validate_checkpoint
     from ..model.loading import ModelLoadError, load_model_and_tokenizer, parse_dtype
 
     path = Path(model).expanduser()
     if not path.exists():
-        return load_model_and_tokenizer(str(model), dtype=dtype, trust_remote_code=trust_remote_code, device=device)
+        return load_model_and_tokenizer(str(model), dtype=dtype, trust_remote_code=trust_remote_code, device=device,
+                                        allow_pickle=allow_pickle)
     torch_dtype = parse_dtype(dtype) or (torch.float32 if device == "cpu" else "auto")
     gguf = _gguf_file(path)
     if gguf is not None:
@@ -195,6 +213,7 @@ def load_for_eval(model: "str | os.PathLike", *, device: str = "cpu", dtype: "st
         subdirs = sorted(p.name for p in path.iterdir() if (p / "config.json").is_file())
         more = f"; it holds the model folders {', '.join(subdirs)}: pass one" if subdirs else ""
         raise ModelLoadError(f"{path} has no config.json{more}")
+    validate_checkpoint(path, allow_pickle=allow_pickle)
     kwargs = {}
     if _quant_method(path) in ("gptq", "awq"):
         from transformers import AutoRoundConfig
@@ -202,9 +221,11 @@ def load_for_eval(model: "str | os.PathLike", *, device: str = "cpu", dtype: "st
         kwargs["quantization_config"] = AutoRoundConfig()
     try:
         tok = AutoTokenizer.from_pretrained(path, trust_remote_code=trust_remote_code)
-        lm = AutoModelForCausalLM.from_pretrained(path, dtype=torch_dtype, trust_remote_code=trust_remote_code, **kwargs)
+        lm, info = AutoModelForCausalLM.from_pretrained(path, dtype=torch_dtype, trust_remote_code=trust_remote_code,
+                                                        output_loading_info=True, **kwargs)
     except OSError as err:
         raise ModelLoadError(f"could not load {path}: {err}") from err
+    _refuse_incomplete_load(path, info)
     logger.info("loaded %s for evaluation (%s%s)", path, lm.dtype, f", {_quant_method(path)}" if kwargs else "")
     return lm.eval().to(device), tok
 
@@ -287,8 +308,10 @@ def evaluate(model: "str | os.PathLike | torch.nn.Module", tokenizer=None, *, ta
              dtype=None, num_fewshot: Optional[int] = None, task_source: str = "auto",
              add_bos_token: Optional[bool] = None, ppl_text: Optional[str] = None, ppl_seqlen: int = 512,
              ppl_nsamples: int = 8, seed: int = 1234, output_json: "str | os.PathLike | None" = None,
-             log_samples: bool = False) -> dict:
+             log_samples: bool = False, allow_pickle: bool = False) -> dict:
     """Evaluate `model` (a module with its `tokenizer`, or a path) on `tasks`; returns a results dict.
+
+    A path is loaded by `load_for_eval` (checked first; pickle-only weights need `allow_pickle`).
 
     Result keys: model, task_source, limit, tasks ({task: {metric: value, ..., n}}), ppl (when asked),
     seconds, lm_eval (lm-eval's raw results without samples, unless log_samples). Task names are checked
@@ -312,7 +335,7 @@ def evaluate(model: "str | os.PathLike | torch.nn.Module", tokenizer=None, *, ta
     device = device or ("cuda" if torch.cuda.is_available() else "cpu")
     label = str(model) if isinstance(model, (str, os.PathLike)) else type(model).__name__
     if isinstance(model, (str, os.PathLike)):
-        model, tokenizer = load_for_eval(model, device=device, dtype=dtype)
+        model, tokenizer = load_for_eval(model, device=device, dtype=dtype, allow_pickle=allow_pickle)
     elif tokenizer is None:
         raise EvalError("an in-memory model needs its tokenizer")
     start = time.perf_counter()

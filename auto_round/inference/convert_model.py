@@ -14,13 +14,17 @@ from __future__ import annotations
 
 import logging
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any, Mapping, Optional
 
 import torch
 from torch import nn
 
 from ..layers import layer_shape
+from ..model.safetensors_header import checkpoint_tensors
 from .act_layers import FAKE_PACKING, FLOAT_PACKINGS, convert_fake_model, convert_float_model, install_act_quantizers
+from .checkpoint_check import (CheckpointError, UnsupportedCheckpointError, check_layer_tensors,
+                               validate_quantization_config)
 from .layer_match import INT_DATA_TYPES, LayerQuantSpec, build_layer_specs, config_to_dict
 from .qlinear import QuantLinear, packing_problem
 from .qlinear_float import FloatQuantLinear
@@ -96,23 +100,23 @@ def infer_target_device(device_map: Any = None) -> str:
 
 
 def resolve_packing(qconfig: Mapping[str, Any]) -> Packing:
-    """Packing of an auto-round / GPTQ / AWQ quantization_config; NotImplementedError for what we cannot load."""
+    """Packing of an auto-round / GPTQ / AWQ quantization_config; UnsupportedCheckpointError for what we cannot load."""
     method = str(qconfig.get("quant_method", "auto-round")).lower().replace("_", "-")
     gptq_origin = "gptq" in method or "desc_act" in qconfig  # AutoRoundConfig.from_dict keeps GPTQ's own keys
     if gptq_origin and qconfig.get("desc_act") and not qconfig.get("static_groups"):
-        raise NotImplementedError("GPTQ checkpoints with desc_act=True (act-order without static_groups) are not supported")
+        raise UnsupportedCheckpointError("GPTQ checkpoints with desc_act=True (act-order without static_groups) are not supported")
     if "gptq" in method:
         v2 = str(qconfig.get("checkpoint_format", "gptq")).lower() == "gptq_v2"
         return Packing("auto_gptq", "gptq", 0 if v2 else 1, g_idx=True)
     if "awq" in method:
         if str(qconfig.get("version", "gemm")).lower() != "gemm":
-            raise NotImplementedError(f"AWQ version {qconfig.get('version')!r} is not supported; only 'gemm'")
+            raise UnsupportedCheckpointError(f"AWQ version {qconfig.get('version')!r} is not supported; only 'gemm'")
         return Packing("auto_awq", "awq", 0)
     if "auto-round" not in method:
-        raise NotImplementedError(f"quant_method {qconfig.get('quant_method')!r} is not an auto-round, GPTQ or AWQ config")
+        raise UnsupportedCheckpointError(f"quant_method {qconfig.get('quant_method')!r} is not an auto-round, GPTQ or AWQ config")
     name = qconfig.get("packing_format") or "auto_round:gptq"  # AutoRoundConfig's own default
     if name not in PACKING_FORMATS:
-        raise NotImplementedError(
+        raise UnsupportedCheckpointError(
             f"packing_format {name!r} is not supported by this auto_round version; supported: {sorted(PACKING_FORMATS)}"
         )
     layout, offset, g_idx = PACKING_FORMATS[name]
@@ -141,24 +145,24 @@ def _scale_dtype(qconfig: Mapping[str, Any]) -> torch.dtype:
         return torch.float16
     key = str(value).replace("torch.", "").lower()
     if key not in _SCALE_DTYPES:
-        raise NotImplementedError(f"scale_dtype {value!r} is not supported")
+        raise UnsupportedCheckpointError(f"scale_dtype {value!r} is not supported")
     return _SCALE_DTYPES[key]
 
 
 def _check_supported(qconfig: Mapping[str, Any], specs: Mapping[str, LayerQuantSpec]) -> None:
     act_bits = qconfig.get("act_bits")
     if act_bits is not None and int(act_bits) < 16:
-        raise NotImplementedError(f"activation quantization (act_bits={act_bits}) checkpoints are not supported yet")
+        raise UnsupportedCheckpointError(f"activation quantization (act_bits={act_bits}) checkpoints are not supported yet")
     for name, spec in specs.items():
         if spec.data_type not in INT_DATA_TYPES:
-            raise NotImplementedError(
+            raise UnsupportedCheckpointError(
                 f"layer {name}: data_type {spec.data_type!r} is not supported by this auto_round version (integer "
                 "weight-only checkpoints only; MXFP/NVFP/FP8/GGUF are not implemented)"
             )
         if not 2 <= spec.bits <= 8:
-            raise NotImplementedError(f"layer {name}: {spec.bits}-bit weights are not supported (2..8 bits)")
+            raise UnsupportedCheckpointError(f"layer {name}: {spec.bits}-bit weights are not supported (2..8 bits)")
         if spec.group_size == 0 or spec.group_size < -1:
-            raise ValueError(f"layer {name}: group_size must be -1 or > 0, got {spec.group_size}")
+            raise CheckpointError(f"layer {name}: group_size must be -1 or > 0, got {spec.group_size}")
 
 
 # ---------------------------------------------------------------------------------------------- conversion
@@ -182,7 +186,26 @@ def convert_hf_model(model: nn.Module, target_device: str = "cpu") -> tuple[nn.M
 
     Returns (model, backend names used), e.g. (model, ["auto_round:torch"]); [] if nothing was quantized.
     """
-    qconfig = normalize_config(config_to_dict(getattr(model.config, "quantization_config", None)))
+    raw = config_to_dict(getattr(model.config, "quantization_config", None))
+    validate_quantization_config(raw)
+    qconfig = normalize_config(raw)
+    model, backends = _convert(model, qconfig, target_device)
+    folder = _local_checkpoint(model)
+    if folder is not None and backends:  # the stored tensors must fit the layers the config describes
+        check_layer_tensors(model, checkpoint_tensors(folder), (QuantLinear, FloatQuantLinear))
+    return model, backends
+
+
+def _local_checkpoint(model: nn.Module) -> Optional[Path]:
+    """The local folder transformers is loading from (config._name_or_path), None for hub ids / in-memory models."""
+    name = getattr(model.config, "_name_or_path", None) or getattr(model, "name_or_path", None)
+    if not name:
+        return None
+    path = Path(str(name)).expanduser()
+    return path if path.is_dir() and (path / "config.json").is_file() else None
+
+
+def _convert(model: nn.Module, qconfig: dict[str, Any], target_device: str) -> tuple[nn.Module, list[str]]:
     if qconfig.get("packing_format") == FAKE_PACKING:  # float weights; activation quantizers after loading
         model._auto_round_scale_dtype = _scale_dtype(qconfig)
         return convert_fake_model(model, qconfig)

@@ -22,6 +22,7 @@ from typing import Any, Iterable, Mapping, Optional
 from torch import nn
 
 from ..layers import is_quantizable
+from ..model.safetensors_header import CheckpointError
 
 logger = logging.getLogger("auto_round")
 
@@ -51,7 +52,7 @@ def config_to_dict(qconfig: Any) -> dict[str, Any]:
     so enum values are replaced by their plain value.
     """
     if qconfig is None:
-        raise ValueError("model.config has no quantization_config; this is not a quantized checkpoint")
+        raise CheckpointError("model.config has no quantization_config; this is not a quantized checkpoint")
     if isinstance(qconfig, Mapping):
         out = dict(qconfig)
     elif hasattr(qconfig, "to_dict"):
@@ -187,7 +188,7 @@ def build_layer_specs(model: nn.Module, qconfig: Mapping[str, Any]) -> dict[str,
         try:
             model.get_submodule(block)
         except AttributeError as err:
-            raise ValueError(f"block_name_to_quantize names {block!r}, which this model does not have") from err
+            raise CheckpointError(f"block_name_to_quantize names {block!r}, which this model does not have") from err
 
     base = {k: qconfig.get(k) for k in ("bits", "group_size", "sym", "data_type")}
     base = {k: v for k, v in base.items() if v is not None}

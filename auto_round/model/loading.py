@@ -10,6 +10,7 @@ from typing import Any, Optional
 import torch
 
 from .memory import evict_clean_file_pages
+from .safetensors_header import checkpoint_tensors
 
 logger = logging.getLogger("auto_round")
 
@@ -62,6 +63,8 @@ def load_model_and_tokenizer(
         raise ModelLoadError(f"{path} has no config.json; pass a Hugging Face model directory")
     if is_local and not allow_pickle:
         _refuse_pickle_only(path)
+    if is_local:
+        checkpoint_tensors(path)  # malformed / truncated safetensors headers: a clear error before transformers
     torch_dtype = parse_dtype(dtype) or (torch.float32 if device == "cpu" else "auto")
     source = str(path) if is_local else name_or_path
     try:
