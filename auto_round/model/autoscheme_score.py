@@ -183,7 +183,9 @@ def delta_loss_scores(
         hs, is_tuple = _forward_chain(mods, captured, per_block, batch_size, device, scale_dtype)
         head = _install(outside, device, scale_dtype, grad=True)
         try:
-            g, loss = _tail_grad(model, mods, hs[-1], input_ids, attention_mask, batch_size, device, is_tuple)
+            # one sample at a time: the tail's logits (and their softmax and grad) are T x vocab x 4 bytes
+            # each per sample (SmolLM2: 50 MB), the largest tensors of the whole scoring at any batch size
+            g, loss = _tail_grad(model, mods, hs[-1], input_ids, attention_mask, 1, device, is_tuple)
         finally:
             _remove(head)
         result = {n: p.weight_term() + p.act_term for n, p in head.items()}
