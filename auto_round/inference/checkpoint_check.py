@@ -20,55 +20,50 @@ from typing import Any, Callable, Iterable, Mapping, Optional
 
 from torch import nn
 
-from ..model.safetensors_header import DTYPE_BYTES, CheckpointError, TensorEntry, checkpoint_tensors
+from ..model.loading import pickle_only_files, refuse_pickle_only
+from ..model.safetensors_header import DTYPE_BYTES, CheckpointError, TensorEntry, checkpoint_tensors, is_json_int
 from ..schemes import SchemeError, normalize_data_type
 
-__all__ = ["CheckpointError", "UnsupportedCheckpointError", "validate_checkpoint", "validate_quantization_config", "check_layer_tensors",
-           "read_quantization_config"]
-
-PICKLE_PATTERNS = ("*.bin", "*.pt", "*.pth", "*.ckpt")
+__all__ = ["CheckpointError", "UnsupportedCheckpointError", "validate_checkpoint", "validate_quantization_config",
+           "check_layer_tensors", "read_quantization_config"]
 
 
 class UnsupportedCheckpointError(CheckpointError, NotImplementedError):
     """A well-formed checkpoint this version cannot load (a packing, data type or option it does not implement)."""
 
 
-def _is_int(v: Any) -> bool:
-    return isinstance(v, int) and not isinstance(v, bool)
-
-
 def _layer_bits(v: Any) -> Optional[str]:
-    if not _is_int(v) or not (2 <= v <= 8 or v in (16, 32)):
+    if not is_json_int(v) or not (2 <= v <= 8 or v in (16, 32)):
         return "must be an integer in 2..8 (or 16 / 32 for a layer kept in floating point)"
     return None
 
 
 def _bits(v: Any) -> Optional[str]:
-    if not _is_int(v) or not 2 <= v <= 8:
+    if not is_json_int(v) or not 2 <= v <= 8:
         return "must be an integer in 2..8"
     return None
 
 
 def _act_bits(v: Any) -> Optional[str]:
-    if not _is_int(v) or not 2 <= v <= 32:
+    if not is_json_int(v) or not 2 <= v <= 32:
         return "must be an integer in 2..32 (16 or more: activations not quantized)"
     return None
 
 
 def _layer_group(v: Any) -> Optional[str]:
-    if not _is_int(v) or v < -1 or v > 1 << 24:
+    if not is_json_int(v) or v < -1 or v > 1 << 24:
         return "must be -1 (per channel), 0 (per tensor) or a positive integer"
     return None
 
 
 def _group(v: Any) -> Optional[str]:
-    if not _is_int(v) or v == 0 or v < -1 or v > 1 << 24:
+    if not is_json_int(v) or v == 0 or v < -1 or v > 1 << 24:
         return "must be -1 (per channel) or a positive integer"
     return None
 
 
 def _block_size(v: Any) -> Optional[str]:
-    if not (isinstance(v, list) and len(v) == 2 and all(_is_int(x) and x > 0 for x in v)):
+    if not (isinstance(v, list) and len(v) == 2 and all(is_json_int(x) and x > 0 for x in v)):
         return "must be a list of two positive integers"
     return None
 
@@ -89,9 +84,8 @@ def _act_data_type(v: Any) -> Optional[str]:
 
 def _typed(*types: type) -> Callable[[Any], Optional[str]]:
     def check(v: Any) -> Optional[str]:
-        if isinstance(v, bool) and bool not in types:
-            return f"must be {' or '.join(t.__name__ for t in types)}"
-        return None if isinstance(v, types) else f"must be {' or '.join(t.__name__ for t in types)}"
+        ok = isinstance(v, types) and (bool in types or not isinstance(v, bool))  # JSON true is not an int
+        return None if ok else f"must be {' or '.join(t.__name__ for t in types)}"
     return check
 
 
@@ -204,12 +198,9 @@ def validate_checkpoint(folder: "str | Path", *, allow_pickle: bool = False) -> 
         validate_quantization_config(qconfig)
     tensors = checkpoint_tensors(folder)
     if not tensors:
-        pickles = sorted(p.name for pattern in PICKLE_PATTERNS for p in folder.glob(pattern))
-        if pickles and not allow_pickle:
-            raise CheckpointError(f"{folder} holds its weights only as pickle files ({', '.join(pickles[:3])}); "
-                                  "loading them can run code from the file. Convert it to safetensors, or pass "
-                                  "allow_pickle=True (CLI: --allow_pickle_checkpoint) if you trust it")
-        if not pickles:
+        if not allow_pickle:
+            refuse_pickle_only(folder, CheckpointError)
+        if not pickle_only_files(folder):
             raise CheckpointError(f"{folder} has no weight files (*.safetensors)")
     return tensors
 

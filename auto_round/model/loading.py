@@ -62,7 +62,7 @@ def load_model_and_tokenizer(
     if is_local and not (path / "config.json").is_file():
         raise ModelLoadError(f"{path} has no config.json; pass a Hugging Face model directory")
     if is_local and not allow_pickle:
-        _refuse_pickle_only(path)
+        refuse_pickle_only(path)
     if is_local:
         checkpoint_tensors(path)  # malformed / truncated safetensors headers: a clear error before transformers
     torch_dtype = parse_dtype(dtype) or (torch.float32 if device == "cpu" else "auto")
@@ -81,14 +81,23 @@ def load_model_and_tokenizer(
     return model, tokenizer
 
 
-def _refuse_pickle_only(path: Path) -> None:
+PICKLE_PATTERNS = ("*.bin", "*.pt", "*.pth", "*.ckpt")
+
+
+def pickle_only_files(path: Path) -> list[str]:
+    """Names of a folder's pickle weight files when it has no safetensors / gguf weights, else []."""
     if any(path.glob("*.safetensors")) or any(path.glob("*.gguf")):
-        return
-    pickles = sorted(p.name for ext in ("*.bin", "*.pt", "*.pth", "*.ckpt") for p in path.glob(ext))
+        return []
+    return sorted(p.name for ext in PICKLE_PATTERNS for p in path.glob(ext))
+
+
+def refuse_pickle_only(path: Path, error: type[ValueError] = ModelLoadError) -> None:
+    """Raise `error` if the folder's weights are only pickle files (unpickling runs code from the file)."""
+    pickles = pickle_only_files(path)
     if pickles:
-        raise ModelLoadError(f"{path} holds its weights only as pickle files ({', '.join(pickles[:3])}); loading them "
-                             "can run code from the file. Convert the checkpoint to safetensors, or pass "
-                             "allow_pickle=True (CLI: --allow_pickle_checkpoint) if you trust it")
+        raise error(f"{path} holds its weights only as pickle files ({', '.join(pickles[:3])}); loading them "
+                    "can run code from the file. Convert the checkpoint to safetensors, or pass "
+                    "allow_pickle=True (CLI: --allow_pickle_checkpoint) if you trust it")
 
 
 def _explain_value_error(name: str, err: ValueError) -> str:

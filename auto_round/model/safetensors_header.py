@@ -9,7 +9,8 @@ relative to the data region, in bytes) plus an optional "__metadata__" of str ->
 
 Everything a file says is checked before it is believed: lengths within the file, JSON types, known dtypes,
 non-negative shapes, offsets within the data region and equal to numel x itemsize, no two tensors sharing
-bytes and no holes, shard names that stay inside the folder. The cost is reading the headers (kilobytes), never the data.
+bytes and no holes, shard names that stay inside the folder. The cost is reading the headers
+(kilobytes), never the data.
 """
 
 from __future__ import annotations
@@ -19,11 +20,10 @@ import math
 import os
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, Optional
 
 MAX_HEADER_BYTES = 100 * 1024 * 1024  # the safetensors library's own limit
 INDEX_NAME = "model.safetensors.index.json"
-SINGLE_NAME = "model.safetensors"
 
 # dtype name -> bytes per element (the types the safetensors format defines with whole-byte elements)
 DTYPE_BYTES: dict[str, int] = {
@@ -54,7 +54,8 @@ class TensorEntry:
         return self.dtype in INT_DTYPES
 
 
-def _is_int(value: Any) -> bool:
+def is_json_int(value: Any) -> bool:
+    """An integer as JSON means it (Python's bool is an int subclass; JSON's true is not a number)."""
     return isinstance(value, int) and not isinstance(value, bool)
 
 
@@ -65,9 +66,9 @@ def _entry(path: Path, name: str, raw: Any, data_len: int) -> TensorEntry:
     dtype, shape, offsets = raw.get("dtype"), raw.get("shape"), raw.get("data_offsets")
     if dtype not in DTYPE_BYTES:
         raise CheckpointError(f"{where}: unknown dtype {dtype!r}; expected one of {', '.join(DTYPE_BYTES)}")
-    if not isinstance(shape, list) or not all(_is_int(d) and d >= 0 for d in shape):
+    if not isinstance(shape, list) or not all(is_json_int(d) and d >= 0 for d in shape):
         raise CheckpointError(f"{where}: shape {shape!r} is not a list of non-negative integers")
-    if (not isinstance(offsets, list) or len(offsets) != 2 or not all(_is_int(o) for o in offsets)
+    if (not isinstance(offsets, list) or len(offsets) != 2 or not all(is_json_int(o) for o in offsets)
             or not 0 <= offsets[0] <= offsets[1] <= data_len):
         raise CheckpointError(f"{where}: data_offsets {offsets!r} do not lie within the {data_len}-byte data region")
     expected = math.prod(shape) * DTYPE_BYTES[dtype]
@@ -124,11 +125,12 @@ def _check_layout(path: Path, entries: dict[str, TensorEntry], data_len: int) ->
                               "corrupt or was written incompletely")
 
 
-def _shard_files(folder: Path) -> list[Path]:
-    """Weight files of a folder: the index's shards (checked to stay inside the folder), or *.safetensors."""
+def _shard_files(folder: Path) -> tuple[list[Path], Optional[dict[str, str]]]:
+    """(weight files, the index's weight_map or None): the index's shards (checked to stay inside the folder),
+    or every *.safetensors when there is no index."""
     index = folder / INDEX_NAME
     if not index.is_file():
-        return sorted(folder.glob("*.safetensors"))
+        return sorted(folder.glob("*.safetensors")), None
     try:
         weight_map = json.loads(index.read_text(encoding="utf-8")).get("weight_map")
     except (OSError, UnicodeDecodeError, json.JSONDecodeError, AttributeError) as err:
@@ -142,7 +144,7 @@ def _shard_files(folder: Path) -> list[Path]:
         if not (folder / name).is_file():
             raise CheckpointError(f"{index.name}: shard {name!r} is missing from {folder}")
         shards.append(folder / name)
-    return shards
+    return shards, weight_map
 
 
 def checkpoint_tensors(folder: "str | os.PathLike") -> dict[str, TensorEntry]:
@@ -152,16 +154,15 @@ def checkpoint_tensors(folder: "str | os.PathLike") -> dict[str, TensorEntry]:
     """
     folder = Path(folder)
     tensors: dict[str, TensorEntry] = {}
-    for shard in _shard_files(folder):
+    shards, weight_map = _shard_files(folder)
+    for shard in shards:
         for name, entry in read_header(shard).items():
             if name in tensors:
                 raise CheckpointError(f"tensor {name!r} is stored twice ({tensors[name].file} and {shard.name})")
             tensors[name] = entry
-    index = folder / INDEX_NAME
-    if index.is_file():
-        weight_map = json.loads(index.read_text(encoding="utf-8"))["weight_map"]
+    if weight_map is not None:
         missing = [n for n, f in weight_map.items() if tensors.get(n) is None or tensors[n].file != f]
         if missing:
-            raise CheckpointError(f"{index.name}: {len(missing)} tensors are not in the shard it names, e.g. "
+            raise CheckpointError(f"{INDEX_NAME}: {len(missing)} tensors are not in the shard it names, e.g. "
                                   f"{missing[0]!r}")
     return tensors
