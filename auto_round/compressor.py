@@ -30,10 +30,8 @@ from .algorithms.alg_ext import supports_alg_ext
 from .algorithms.opt_rtn import imatrix_hooks, opt_rtn_block, uses_opt_rtn
 from .algorithms.signround import SignRoundConfig, loss_mask_from_attention, rtn_block, tune_block
 from .algorithms.tunable import LayerQuantResult
-from .export import BlockPacker, ExportContext, block_packer, check_format, export, parse_formats
-from .layers import is_conv1d, layer_shape
-from .export.gguf import check_gguf_arch
-from .export.writer import ExportError, check_output_dir
+from .compressor_export import SCALE_DTYPES, check_export, export_context
+from .export import BlockPacker, block_packer, export
 from .model.block_inputs import BlockCall, capture_block_inputs
 from .model.block_run import block_runner, run_batched
 from .model.blocks import has_tied_embeddings, iter_blocks
@@ -50,7 +48,6 @@ from .schemes import QuantScheme, SchemeError, gguf_mix_of, resolve_scheme
 
 logger = logging.getLogger("auto_round")
 
-_SCALE_DTYPES = {torch.float16: "torch.float16", torch.bfloat16: "torch.bfloat16", torch.float32: "torch.float32"}
 
 
 class AutoRound:
@@ -153,7 +150,7 @@ class AutoRound:
         if lr is None and iters >= 1000 and self.scheme.bits <= 3:
             lr = 2.0 / iters  # reference: long low-bit runs take a larger step
         self.scale_dtype = parse_dtype(scale_dtype)
-        if self.scale_dtype not in _SCALE_DTYPES:
+        if self.scale_dtype not in SCALE_DTYPES:
             raise SchemeError(f"scale_dtype must be fp16, bf16 or fp32, got {scale_dtype!r}")
         self.tuning = SignRoundConfig(
             iters=iters, lr=lr, minmax_lr=minmax_lr, batch_size=batch_size,
@@ -461,104 +458,13 @@ class AutoRound:
         return {"scheme": self.scheme.to_dict(), "seed": self.seed, "nsamples": self.nsamples, "seqlen": self.seqlen,
                 **{k: str(v) for k, v in dataclasses.asdict(self.tuning).items()}}
 
-    # ------------------------------------------------------------------------------------------
-    def _export_context(self) -> ExportContext:
-        t = self.tuning
-        tuning = {
-            "iters": t.iters, "lr": t.resolved_lr if t.iters else None, "minmax_lr": t.resolved_minmax_lr if t.iters else None,
-            "nsamples": self.nsamples if t.iters else None, "seqlen": self.seqlen if t.iters else None,
-            "batch_size": t.batch_size, "gradient_accumulate_steps": t.gradient_accumulate_steps,
-            "enable_minmax_tuning": t.enable_minmax_tuning,
-            "enable_alg_ext": t.enable_alg_ext and t.iters > 0,
-            # RTN feeds no quantized inputs anywhere; the reference records that too
-            "enable_quanted_input": self.enable_quanted_input and t.iters > 0,
-            "low_gpu_mem_usage": False,
-        }
-        run_info = {
-            "seed": self.seed, "scheme": self.scheme.to_dict(), "tuning": tuning,
-            "amp_dtype": str(t.amp_dtype) if t.iters and t.amp_dtype is not None else None,
-            "scale_dtype": _SCALE_DTYPES[self.scale_dtype], "device_type": torch.device(self.device).type,
-            "calibration": self.calibration_info,
-            "layers": {"quantized": sum(s.is_quantized for s in self.layer_schemes.values()),
-                       "kept_in_fp": sum(not s.is_quantized for s in self.layer_schemes.values())},
-            "block_losses": {n: {"first": st.loss_first, "best": st.loss_best, "best_iter": st.best_iter}
-                             for n, st in self.block_stats.items()},
-        }
-        extra_files: dict[str, str] = {}
-        if self.auto_scheme_plans:
-            from .compressor_autoscheme import plan_files, plan_run_info
-
-            extra_files = plan_files(self.auto_scheme_plans)
-            run_info["auto_scheme"] = plan_run_info(self.auto_scheme_plans)
-        return ExportContext(
-            extra_files=extra_files, model=self.model, tokenizer=self.tokenizer, results=self.results, layer_schemes=self.layer_schemes,
-            scheme=self.scheme, block_groups=self.block_groups, tuning=tuning, max_shard_size=self.max_shard_size,
-            scale_dtype_name=_SCALE_DTYPES[self.scale_dtype],
-            packing=self._packer.packing if self.packed else None, packed=self.packed,
-            packed_for=self._packer.fmt if self.packed else None, run_info=run_info,
-        )
-
-    def _check_export(self, output_dir: "str | Path", format: str, overwrite: bool
-                      ) -> tuple[list[str], dict[str, Path], dict[str, tuple[QuantScheme, int]]]:
-        """(formats, their directories, layer -> (scheme, in_features)), checked against the output dirs and
-        the layers (before any tuning)."""
-        formats = parse_formats(format)
-        self._adopt_gguf_format(formats)
-        targets = format_dirs(Path(output_dir), formats)
-        for d in targets.values():
-            check_output_dir(d, overwrite, self.source_dir)
-        if self.auto_scheme is not None and not self.quantized:
-            self._check_options_exportable(formats)
-            self._plan_auto_scheme()  # the formats are checked against the plan
-        layers = {n: (s, layer_shape(self.model.get_submodule(n))[1]) for n, s in self.layer_schemes.items()}
-        outside = frozenset(n for n in layers if not any(n.startswith(g + ".") for g in self.block_groups))
-        conv1d = frozenset(n for n in layers if is_conv1d(self.model.get_submodule(n)))
-        out_features = {n: layer_shape(self.model.get_submodule(n))[0] for n in layers}
-        for fmt in formats:
-            check_format(fmt, layers, outside, conv1d, out_features)
-        return formats, targets, layers
-
-    def _check_options_exportable(self, formats: list[str]) -> None:
-        """Before the (slow) scoring: each option alone must be writable in every format."""
-        for option in self.auto_scheme.schemes:
-            layers = {n: (option if s.is_quantized else s, layer_shape(self.model.get_submodule(n))[1])
-                      for n, s in self.layer_schemes.items()}
-            outside = frozenset(n for n in layers if not any(n.startswith(g + ".") for g in self.block_groups))
-            conv1d = frozenset(n for n in layers if is_conv1d(self.model.get_submodule(n)))
-            out_features = {n: layer_shape(self.model.get_submodule(n))[0] for n in layers}
-            for fmt in formats:
-                try:
-                    check_format(fmt, layers, outside, conv1d, out_features)
-                except ExportError as err:
-                    raise ExportError(f"AutoScheme option {option} cannot be written as {fmt!r}: {err}") from err
-
-    def _adopt_gguf_format(self, formats: list[str]) -> None:
-        """format='gguf:<mix>' decides the scheme when none was given for it (reference behaviour): before
-        quantization the layers are re-planned for the mix; after, the mix must be the one quantized for."""
-        mix = gguf_mix_of(formats[0])  # parse_formats lets a gguf format only come alone
-        if mix is None:
-            return  # a non-GGUF format of GGUF layers is refused by check_format
-        if self.auto_scheme is not None:
-            raise ExportError(f"format {formats[0]!r} needs GGUF tensor types; AutoScheme plans int / float options "
-                              "for the auto_round, gptq, llm_compressor and fake formats")
-        check_gguf_arch(self.model.config)
-        current = self.gguf.mix if self.gguf is not None else None
-        if mix == current:
-            return
-        if self.quantized:
-            raise ExportError(f"the model was quantized for {'gguf:' + current if current else 'a non-GGUF scheme'}; "
-                              f"format {formats[0]!r} needs scheme {formats[0]!r} at quantization time")
-        logger.info("format %s: quantizing with llama.cpp's %s tensor types", formats[0], mix)
-        self.scheme = resolve_scheme(formats[0])
-        self._resolve_layers(mix)
-
     def save_quantized(self, output_dir: "str | Path", format: str = "auto_round", overwrite: bool = False) -> list[Path]:
         """Export the quantized model (quantizing first if needed); several comma-separated formats go to
         output_dir/<format>."""
-        _, targets, _ = self._check_export(output_dir, format, overwrite)
+        _, targets, _ = check_export(self, output_dir, format, overwrite)
         if not self.quantized:
             self.quantize()
-        ctx = self._export_context()
+        ctx = export_context(self)
         return [export(ctx, d, fmt, overwrite=overwrite) for fmt, d in targets.items()]
 
     def quantize_and_save(self, output_dir: "str | Path" = "./tmp_autoround", format: str = "auto_round",
@@ -567,14 +473,14 @@ class AutoRound:
 
         With one format and low_cpu_mem_usage, layers are packed block by block (see the class docstring).
         """
-        formats, _, layers = self._check_export(output_dir, format, overwrite)
+        formats, _, layers = check_export(self, output_dir, format, overwrite)
         if self.tuning.iters > 0 and self.checkpoint and not self.quantized:
             from .model.resume_hook import RunCheckpoint
 
             self._ckpt = RunCheckpoint.start(self, output_dir, overwrite)
         if self.low_cpu_mem_usage and len(formats) == 1 and not self.quantized:
             quantized = {n: v for n, v in layers.items() if v[0].is_quantized}
-            self._packer = block_packer(formats[0], quantized, _SCALE_DTYPES[self.scale_dtype])
+            self._packer = block_packer(formats[0], quantized, SCALE_DTYPES[self.scale_dtype])
         try:
             self.quantize()
         finally:
@@ -617,10 +523,3 @@ def calibration_fingerprint(input_ids: torch.Tensor, attention_mask: torch.Tenso
         digest.update(t.to(torch.int64).contiguous().numpy().tobytes())
     return {"sha256": digest.hexdigest(), "samples": int(input_ids.shape[0]), "seqlen": int(input_ids.shape[1]),
             "source": description}
-
-
-def format_dirs(output_dir: Path, formats: list[str]) -> dict[str, Path]:
-    """Where each format goes: output_dir itself for one format, output_dir/<format> for several."""
-    if len(formats) == 1:
-        return {formats[0]: output_dir}
-    return {f: output_dir / f.replace(":", "-").replace("_", "-") for f in formats}  # the reference's names

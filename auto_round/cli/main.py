@@ -213,7 +213,8 @@ def main(argv: Optional[Sequence[str]] = None, recipe: str = "default", prog: st
         print(f"{prog}: error: {err}", file=sys.stderr)
         return 2
     _default_scheme_and_format(args)
-    from ..compressor import AutoRound, format_dirs  # imported late so that -h stays fast
+    from ..compressor import AutoRound  # imported late so that -h stays fast
+    from ..compressor_export import format_dirs
     from ..export import parse_formats
     from ..export.writer import check_output_dir
     from ..model.resume_hook import QuantizationInterrupted

@@ -1,0 +1,127 @@
+"""AutoRound's export side: check the output and formats before tuning, and build the ExportContext.
+
+Kept out of compressor.py. `check_export` runs before any quantization (so a bad output directory or a
+format the layers cannot take fails in seconds, not after minutes of tuning); `export_context` gathers
+what the format writers need once the model is quantized.
+"""
+
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+import torch
+
+from .export import ExportContext, check_format, parse_formats
+from .export.gguf import check_gguf_arch
+from .export.writer import ExportError, check_output_dir
+from .layers import is_conv1d, layer_shape
+from .schemes import QuantScheme, gguf_mix_of, resolve_scheme
+
+if TYPE_CHECKING:
+    from .compressor import AutoRound
+
+logger = logging.getLogger("auto_round")
+
+SCALE_DTYPES = {torch.float16: "torch.float16", torch.bfloat16: "torch.bfloat16", torch.float32: "torch.float32"}
+
+
+def export_context(ar: "AutoRound") -> ExportContext:
+    """What the exporters need of a quantized AutoRound: model, results, schemes and the run's settings."""
+    t = ar.tuning
+    tuning = {
+        "iters": t.iters, "lr": t.resolved_lr if t.iters else None, "minmax_lr": t.resolved_minmax_lr if t.iters else None,
+        "nsamples": ar.nsamples if t.iters else None, "seqlen": ar.seqlen if t.iters else None,
+        "batch_size": t.batch_size, "gradient_accumulate_steps": t.gradient_accumulate_steps,
+        "enable_minmax_tuning": t.enable_minmax_tuning,
+        "enable_alg_ext": t.enable_alg_ext and t.iters > 0,
+        # RTN feeds no quantized inputs anywhere; the reference records that too
+        "enable_quanted_input": ar.enable_quanted_input and t.iters > 0,
+        "low_gpu_mem_usage": False,
+    }
+    run_info = {
+        "seed": ar.seed, "scheme": ar.scheme.to_dict(), "tuning": tuning,
+        "amp_dtype": str(t.amp_dtype) if t.iters and t.amp_dtype is not None else None,
+        "scale_dtype": SCALE_DTYPES[ar.scale_dtype], "device_type": torch.device(ar.device).type,
+        "calibration": ar.calibration_info,
+        "layers": {"quantized": sum(s.is_quantized for s in ar.layer_schemes.values()),
+                   "kept_in_fp": sum(not s.is_quantized for s in ar.layer_schemes.values())},
+        "block_losses": {n: {"first": st.loss_first, "best": st.loss_best, "best_iter": st.best_iter}
+                         for n, st in ar.block_stats.items()},
+    }
+    extra_files: dict[str, str] = {}
+    if ar.auto_scheme_plans:
+        from .compressor_autoscheme import plan_files, plan_run_info
+
+        extra_files = plan_files(ar.auto_scheme_plans)
+        run_info["auto_scheme"] = plan_run_info(ar.auto_scheme_plans)
+    return ExportContext(
+        extra_files=extra_files, model=ar.model, tokenizer=ar.tokenizer, results=ar.results, layer_schemes=ar.layer_schemes,
+        scheme=ar.scheme, block_groups=ar.block_groups, tuning=tuning, max_shard_size=ar.max_shard_size,
+        scale_dtype_name=SCALE_DTYPES[ar.scale_dtype],
+        packing=ar._packer.packing if ar.packed else None, packed=ar.packed,
+        packed_for=ar._packer.fmt if ar.packed else None, run_info=run_info,
+    )
+
+def check_export(ar: "AutoRound", output_dir: "str | Path", format: str, overwrite: bool
+                 ) -> tuple[list[str], dict[str, Path], dict[str, tuple[QuantScheme, int]]]:
+    """(formats, their directories, layer -> (scheme, in_features)), checked against the output dirs and
+    the layers (before any tuning)."""
+    formats = parse_formats(format)
+    adopt_gguf_format(ar, formats)
+    targets = format_dirs(Path(output_dir), formats)
+    for d in targets.values():
+        check_output_dir(d, overwrite, ar.source_dir)
+    if ar.auto_scheme is not None and not ar.quantized:
+        check_options_exportable(ar, formats)
+        ar._plan_auto_scheme()  # the formats are checked against the plan
+    layers = {n: (s, layer_shape(ar.model.get_submodule(n))[1]) for n, s in ar.layer_schemes.items()}
+    outside = frozenset(n for n in layers if not any(n.startswith(g + ".") for g in ar.block_groups))
+    conv1d = frozenset(n for n in layers if is_conv1d(ar.model.get_submodule(n)))
+    out_features = {n: layer_shape(ar.model.get_submodule(n))[0] for n in layers}
+    for fmt in formats:
+        check_format(fmt, layers, outside, conv1d, out_features)
+    return formats, targets, layers
+
+def check_options_exportable(ar: "AutoRound", formats: list[str]) -> None:
+    """Before the (slow) scoring: each option alone must be writable in every format."""
+    for option in ar.auto_scheme.schemes:
+        layers = {n: (option if s.is_quantized else s, layer_shape(ar.model.get_submodule(n))[1])
+                  for n, s in ar.layer_schemes.items()}
+        outside = frozenset(n for n in layers if not any(n.startswith(g + ".") for g in ar.block_groups))
+        conv1d = frozenset(n for n in layers if is_conv1d(ar.model.get_submodule(n)))
+        out_features = {n: layer_shape(ar.model.get_submodule(n))[0] for n in layers}
+        for fmt in formats:
+            try:
+                check_format(fmt, layers, outside, conv1d, out_features)
+            except ExportError as err:
+                raise ExportError(f"AutoScheme option {option} cannot be written as {fmt!r}: {err}") from err
+
+def adopt_gguf_format(ar: "AutoRound", formats: list[str]) -> None:
+    """format='gguf:<mix>' decides the scheme when none was given for it (reference behaviour): before
+    quantization the layers are re-planned for the mix; after, the mix must be the one quantized for."""
+    mix = gguf_mix_of(formats[0])  # parse_formats lets a gguf format only come alone
+    if mix is None:
+        return  # a non-GGUF format of GGUF layers is refused by check_format
+    if ar.auto_scheme is not None:
+        raise ExportError(f"format {formats[0]!r} needs GGUF tensor types; AutoScheme plans int / float options "
+                          "for the auto_round, gptq, llm_compressor and fake formats")
+    check_gguf_arch(ar.model.config)
+    current = ar.gguf.mix if ar.gguf is not None else None
+    if mix == current:
+        return
+    if ar.quantized:
+        raise ExportError(f"the model was quantized for {'gguf:' + current if current else 'a non-GGUF scheme'}; "
+                          f"format {formats[0]!r} needs scheme {formats[0]!r} at quantization time")
+    logger.info("format %s: quantizing with llama.cpp's %s tensor types", formats[0], mix)
+    ar.scheme = resolve_scheme(formats[0])
+    ar._resolve_layers(mix)
+
+
+
+def format_dirs(output_dir: Path, formats: list[str]) -> dict[str, Path]:
+    """Where each format goes: output_dir itself for one format, output_dir/<format> for several."""
+    if len(formats) == 1:
+        return {formats[0]: output_dir}
+    return {f: output_dir / f.replace(":", "-").replace("_", "-") for f in formats}  # the reference's names
