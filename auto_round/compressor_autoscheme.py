@@ -12,6 +12,7 @@ from typing import TYPE_CHECKING
 import torch
 
 from .algorithms.autoscheme import AutoScheme, AutoSchemeError
+from .algorithms.fused import fused_groups
 from .model.autoscheme_plan import AutoSchemePlan, allocate, calibration_ids, most_common_scheme, plans_json
 from .model.autoscheme_score import delta_loss_scores
 from .model.blocks import iter_blocks
@@ -62,9 +63,19 @@ def plan_layers(ar: "AutoRound") -> list[AutoSchemePlan]:
     plans = allocate(auto, ar.model, ar.block_groups, ar.layer_schemes, fixed, score)
     for plan in plans:
         logger.info("AutoScheme plan (target %g bits):\n%s", plan.target, plan.table())
+    split = split_fused_groups(plans[0])
+    if split:
+        logger.warning("AutoScheme (share_fused_layers=False): %d fused groups got mixed options (e.g. %s): "
+                       "transformers and auto-round load this checkpoint, runtimes that fuse q/k/v or gate/up "
+                       "(vLLM) do not", len(split), ", ".join(split[0]))
     ar.layer_schemes = plans[0].layer_schemes
     ar.scheme = most_common_scheme(ar.layer_schemes)
     return plans
+
+
+def split_fused_groups(plan: AutoSchemePlan) -> list[list[str]]:
+    """The fused groups (q/k/v, gate/up of one parent) whose members the plan gave different options."""
+    return [g for g in fused_groups(list(plan.choice)) if len({plan.choice[n] for n in g}) > 1]
 
 
 def plan_files(plans: list[AutoSchemePlan]) -> dict[str, str]:

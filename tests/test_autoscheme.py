@@ -74,6 +74,10 @@ def test_groups_fused_experts_and_shared():
     assert sum(len(g) for g in groups) == len(names)
     with pytest.raises(AutoSchemeError, match="matches no layer"):
         build_groups(names, ["m.layers"], [("nothing_here",)])
+    # share_fused=False: q/k/v stand alone, experts and user groups still hold
+    loose = {frozenset(g) for g in build_groups(names, ["m.layers"], [("o_proj",)], share_fused=False)}
+    assert all(frozenset([n]) in loose for n in names[0:3] + names[7:10])
+    assert frozenset(names[4:7]) in loose and frozenset([names[3]]) in loose
 
 
 # ------------------------------------------------------------------------------------------- scores
@@ -139,6 +143,32 @@ def test_end_to_end_plan_export_and_reload(tmp_path, ignore):
     assert (fake - real).abs().max() <= 1e-4 * (1 + fake.abs().max())
     for n, b in bits.items():
         assert reloaded.get_submodule(n).bits == b
+
+
+def test_unshared_fused_layers_plan_is_the_per_layer_optimum(tmp_path, caplog):
+    """share_fused_layers=False: every layer is its own DP item, so the saved plan is the exact optimum of
+    the saved scores with no groups (`solve` is checked against brute force above), and it reloads."""
+    with pytest.raises(AutoSchemeError, match="share_fused_layers"):
+        AutoScheme(3.0, OPTIONS, share_fused_layers="no")
+    with caplog.at_level("WARNING", logger="auto_round"):
+        ar, out = _auto_round(tmp_path, target=3.0, share_fused_layers=False)
+    saved = json.loads((out / "autoscheme_plan.json").read_text())["plans"][0]
+    names = list(saved["layers"])
+    model = ar.model
+    items = [Item(name=n, costs=tuple(layer_bits(get_scheme(o), *model.get_submodule(n).weight.shape) for o in OPTIONS),
+                  losses=tuple(saved["layers"][n]["scores"])) for n in names]
+    best = solve(items, saved["budget_bits"])
+    assert [OPTIONS.index(saved["layers"][n]["option"]) for n in names] == list(best.choice)
+    assert saved["total_bits"] <= saved["budget_bits"] and saved["groups"] == []
+    split = [p for p in ("model.layers.0.self_attn.", "model.layers.1.self_attn.")
+             if len({saved["layers"][p + x]["bits"] for x in ("q_proj", "k_proj", "v_proj")}) > 1]
+    assert split, "on this (seeded) tiny model the ungrouped optimum splits q/k/v: the case under test"
+    assert "fused groups got mixed options" in caplog.text
+    reloaded = AutoModelForCausalLM.from_pretrained(out).eval()
+    ids = random_ids(2, 12, seed=1)
+    with torch.no_grad():
+        fake, real = ar.model(input_ids=ids).logits, reloaded(input_ids=ids).logits
+    assert (fake - real).abs().max() <= 1e-4 * (1 + fake.abs().max())
 
 
 def test_list_of_targets_gives_one_plan_each(tmp_path):

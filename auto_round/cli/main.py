@@ -52,7 +52,10 @@ def build_parser(prog: str = "auto-round") -> argparse.ArgumentParser:
     a.add_argument("--ignore_scale_zp_bits", action="store_true", help="count b bits per weight, not scales/zero points")
     a.add_argument("--shared_layers", action="append",
                    help="comma list of patterns whose layers share one option in each block (repeatable); "
-                        "q/k/v, gate/up and MoE experts always share")
+                        "MoE experts always share; q/k/v and gate/up do unless --no_share_fused_layers")
+    a.add_argument("--no_share_fused_layers", dest="share_fused_layers", action="store_false",
+                   help="let q/k/v and gate/up take different options: a better plan at the same bits, but "
+                        "runtimes that fuse them (vLLM) cannot load the checkpoint; transformers can")
     a.add_argument("--auto_scheme_nsamples", type=int, default=16, help="calibration samples of the scoring")
     a.add_argument("--auto_scheme_seqlen", type=int, default=256, help="tokens per sample of the scoring")
     a.add_argument("--auto_scheme_batch_size", type=int, help="samples per scoring pass (default min(8, nsamples))")
@@ -153,7 +156,7 @@ def _auto_scheme(args: argparse.Namespace):
 
     args.bits = None
     return AutoScheme(target, args.schemes, shared_layers=args.shared_layers,
-                      ignore_scale_zp_bits=args.ignore_scale_zp_bits, batch_size=args.auto_scheme_batch_size,
+                      share_fused_layers=args.share_fused_layers, ignore_scale_zp_bits=args.ignore_scale_zp_bits, batch_size=args.auto_scheme_batch_size,
                       nsamples=args.auto_scheme_nsamples, seqlen=args.auto_scheme_seqlen)
 
 

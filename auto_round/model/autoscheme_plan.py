@@ -107,7 +107,7 @@ def allocate(auto: AutoScheme, model: nn.Module, block_groups: Sequence[str], ba
         fixed_bits += layer_bits(base[n], out_f, in_f, ignore)
         numel[n] = out_f * in_f
     total_numel = sum(numel.values())
-    groups = build_groups(names, block_groups, auto.shared_layers or ())
+    groups = build_groups(names, block_groups, auto.shared_layers or (), share_fused=auto.share_fused_layers)
     k = len(auto.schemes)
     lo = fixed_bits + sum(min(sum(costs[n][j] for n in g) for j in range(k)) for g in groups)
     hi = fixed_bits + sum(max(sum(costs[n][j] for n in g) for j in range(k)) for g in groups)

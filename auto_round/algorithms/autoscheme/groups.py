@@ -1,7 +1,8 @@
 """Layers that must take the same option: one DP item each.
 
 - Runtime fusion (algorithms/fused.py FUSED_SUFFIXES): q/k/v and gate/up of one parent. vLLM concatenates
-  them into one weight, which holds one bit width only (reference issue #2174).
+  them into one weight, which holds one bit width only (reference issue #2174). `share_fused=False` drops
+  these groups (AutoScheme(share_fused_layers=False)): experts and `shared_layers` are still grouped.
 - MoE experts: every layer under `<block>...experts.<i>.` of one block is one group (the experts run in one
   fused kernel; the reference's build_expert_groups).
 - User `shared_layers`: each entry (a tuple of regex patterns, re.search) groups, per block, the layers of
@@ -38,7 +39,7 @@ def _compile(pattern: str) -> "re.Pattern[str]":
 
 
 def build_groups(names: Sequence[str], block_groups: Sequence[str],
-                 shared_layers: Sequence[Sequence[str]] = ()) -> list[list[str]]:
+                 shared_layers: Sequence[Sequence[str]] = (), share_fused: bool = True) -> list[list[str]]:
     """Partition `names` into groups (see module doc); groups and their members keep the order of `names`."""
     parent = {n: n for n in names}
 
@@ -53,7 +54,7 @@ def build_groups(names: Sequence[str], block_groups: Sequence[str],
         for r in roots[1:]:
             parent[r] = roots[0]
 
-    for group in fused_groups(names):
+    for group in fused_groups(names) if share_fused else ():
         union(group)
     experts: dict[str, list[str]] = defaultdict(list)
     for n in names:

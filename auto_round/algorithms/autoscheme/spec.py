@@ -78,7 +78,11 @@ class AutoScheme:
     options: preset names (comma string or list), QuantScheme or dicts; duplicates are dropped.
     shared_layers: extra groups that must share one option, per block: each entry is a pattern or a list
         of patterns (regex, re.search on the layer name); the layers of one block matched by one entry
-        form one group. q/k/v, gate/up and all experts of a block are always grouped.
+        form one group. All experts of a block are always grouped.
+    share_fused_layers: True (default): q/k/v and gate/up of one parent take one option, because vLLM and
+        other runtimes that concatenate them into one weight cannot load fused members of different bits.
+        False lets each take its own (a better plan at the same bits; transformers and our loader read it,
+        fused-kernel runtimes do not); a warning says so.
     ignore_scale_zp_bits: count only b bits per weight (not the per-group scales and zero points).
     nsamples / seqlen / batch_size / dataset: the calibration data of the scoring (reference defaults 16
         samples of 256 tokens; batch_size None = 8, at most nsamples; dataset None = AutoRound's).
@@ -88,6 +92,7 @@ class AutoScheme:
     options: Any
     shared_layers: Optional[Sequence[Any]] = None
     ignore_scale_zp_bits: bool = False
+    share_fused_layers: bool = True
     batch_size: Optional[int] = None
     nsamples: int = 16
     seqlen: int = 256
@@ -104,6 +109,8 @@ class AutoScheme:
                 raise AutoSchemeError(f"AutoScheme {key} must be a positive integer, got {value!r}")
         if self.shared_layers is not None:
             object.__setattr__(self, "shared_layers", normalize_shared_layers(self.shared_layers))
+        if not isinstance(self.share_fused_layers, bool):
+            raise AutoSchemeError(f"AutoScheme share_fused_layers must be True or False, got {self.share_fused_layers!r}")
 
     @property
     def resolved_batch_size(self) -> int:
