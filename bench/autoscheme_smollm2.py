@@ -52,6 +52,9 @@ def parse_args() -> argparse.Namespace:
     p.add_argument("--threads", type=int, default=None)
     p.add_argument("--name", default=None)
     p.add_argument("--keep", action="store_true")
+    p.add_argument("--no_share_fused_layers", action="store_true",
+                   help="ours: let q/k/v and gate/up take their own options (the reference never groups them)")
+    p.add_argument("--auto_only", action="store_true", help="skip the uniform runs (measured before)")
     return p.parse_args()
 
 
@@ -65,6 +68,8 @@ def command(impl: str, model: Path, calib: Path, out: Path, args, auto: bool) ->
     cmd += ["--schemes", args.options, "--bits", args.target]
     if impl == "ours":
         cmd += ["--auto_scheme_nsamples", str(args.scoring_nsamples), "--auto_scheme_seqlen", str(args.scoring_seqlen)]
+        if args.no_share_fused_layers:
+            cmd.append("--no_share_fused_layers")
     return cmd
 
 
@@ -106,7 +111,7 @@ def main() -> None:
     fp = evaluate(str(model), model, args)
     runs = []
     for impl in args.impls:
-        for auto in (False, True):
+        for auto in (True,) if args.auto_only else (False, True):
             tag = f"{impl}-{'auto-' + args.target if auto else 'uniform-' + args.uniform}"
             out, log = work / tag, work / f"{tag}.log"
             record = run_quantization(impl, command(impl, model, calib, out, args, auto), out, log, cwd=work,
