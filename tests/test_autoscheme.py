@@ -128,6 +128,7 @@ def test_end_to_end_plan_export_and_reload(tmp_path, ignore):
     assert saved["total_bits"] <= saved["budget_bits"] and saved["achieved_avg_bits"] <= 3.0
     bits = {n: v["bits"] for n, v in saved["layers"].items()}
     assert set(bits.values()) == {2, 4}  # a real mix at 3 bits
+    assert saved["share_fused_layers"] is True
     for b in range(2):
         p = f"model.layers.{b}."
         assert bits[p + "self_attn.q_proj"] == bits[p + "self_attn.k_proj"] == bits[p + "self_attn.v_proj"]
@@ -160,6 +161,7 @@ def test_unshared_fused_layers_plan_is_the_per_layer_optimum(tmp_path, caplog):
     best = solve(items, saved["budget_bits"])
     assert [OPTIONS.index(saved["layers"][n]["option"]) for n in names] == list(best.choice)
     assert saved["total_bits"] <= saved["budget_bits"] and saved["groups"] == []
+    assert saved["share_fused_layers"] is False
     split = [p for p in ("model.layers.0.self_attn.", "model.layers.1.self_attn.")
              if len({saved["layers"][p + x]["bits"] for x in ("q_proj", "k_proj", "v_proj")}) > 1]
     assert split, "on this (seeded) tiny model the ungrouped optimum splits q/k/v: the case under test"

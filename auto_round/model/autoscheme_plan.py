@@ -39,6 +39,7 @@ class AutoSchemePlan:
     choice: dict[str, int]  # allocated layer -> option index
     groups: list[list[str]]
     scores: dict[str, list[float]] = field(default_factory=dict)  # allocated layer -> score per option
+    share_fused_layers: bool = True  # False: q/k/v, gate/up were allowed different options (not vLLM-loadable)
 
     @property
     def achieved_avg_bits(self) -> float:
@@ -55,7 +56,7 @@ class AutoSchemePlan:
             "fixed_bits": self.fixed_bits, "options": list(self.labels),
             "layers": {n: {"option": self.labels[k], "bits": self.layer_schemes[n].bits,
                            "scores": self.scores.get(n)} for n, k in self.choice.items()},
-            "groups": [g for g in self.groups if len(g) > 1],
+            "groups": [g for g in self.groups if len(g) > 1], "share_fused_layers": self.share_fused_layers,
             "layer_config": self.layer_config(),
         }
 
@@ -134,7 +135,7 @@ def allocate(auto: AutoScheme, model: nn.Module, block_groups: Sequence[str], ba
         plans.append(AutoSchemePlan(
             target=t, budget_bits=budget, total_bits=fixed_bits + sol.total_bits, total_numel=total_numel,
             fixed_bits=fixed_bits, labels=auto.labels, layer_schemes=schemes, choice=choice, groups=groups,
-            scores=layer_scores))
+            scores=layer_scores, share_fused_layers=auto.share_fused_layers))
     return plans
 
 
