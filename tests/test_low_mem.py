@@ -130,3 +130,44 @@ def test_check_finite_leaves_the_checkpoint_unresident(tmp_path):
     check_finite(model)
     assert resident_pages(weight) == 0
     assert torch.equal(weight, before)  # values unchanged: read back from the file
+
+
+_FINITE_PEAK_SCRIPT = r"""
+import json, sys, numpy as np, torch
+from auto_round.model.loading import ModelLoadError, check_finite
+path, bad_at = sys.argv[1], int(sys.argv[2])
+weight = torch.from_numpy(np.memmap(path, dtype=np.float32, mode="c"))
+module = torch.nn.Module()
+module.big = torch.nn.Parameter(weight, requires_grad=False)
+def hwm():
+    return int(next(x for x in open("/proc/self/status") if x.startswith("VmHWM:")).split()[1]) * 1024
+def rss():
+    return int(next(x for x in open("/proc/self/status") if x.startswith("VmRSS:")).split()[1]) * 1024
+open("/proc/self/clear_refs", "w").write("5")  # the high-water mark restarts here
+base = rss()
+try:
+    check_finite(module)
+    error = ""
+except ModelLoadError as err:
+    error = str(err)
+print(json.dumps({"added_peak": hwm() - base, "error": error}))
+"""
+
+
+@pytest.mark.parametrize("bad_at", [-1, 15_000_000])
+def test_check_finite_reads_big_tensors_slice_by_slice(tmp_path, bad_at):
+    """A 64 MiB memory-mapped weight is scanned without paging it all in or allocating tensor-sized
+    temporaries (a whole-tensor isfinite added ~2.5x its size to the peak), and a NaN in a late slice is found."""
+    import subprocess
+    import sys
+
+    values = np.ones(16 * 2**20, dtype=np.float32)
+    if bad_at >= 0:
+        values[bad_at] = np.nan
+    path = tmp_path / "big.bin"
+    values.tofile(path)
+    done = subprocess.run([sys.executable, "-c", _FINITE_PEAK_SCRIPT, str(path), str(bad_at)],
+                          capture_output=True, text=True, check=True)
+    report = json.loads(done.stdout.strip().splitlines()[-1])
+    assert report["added_peak"] < 24 * 2**20, report  # a few 4 MiB slices, not 64 MiB + temporaries
+    assert ("big" in report["error"]) == (bad_at >= 0), report
