@@ -171,3 +171,24 @@ def test_check_finite_reads_big_tensors_slice_by_slice(tmp_path, bad_at):
     report = json.loads(done.stdout.strip().splitlines()[-1])
     assert report["added_peak"] < 24 * 2**20, report  # a few 4 MiB slices, not 64 MiB + temporaries
     assert ("big" in report["error"]) == (bad_at >= 0), report
+
+
+def test_capture_hands_the_embedding_pages_back(tmp_path):
+    """The capture pass reads the token embedding; its file pages must not stay resident for the block walk."""
+    from transformers import AutoModelForCausalLM
+
+    from auto_round.model.block_inputs import capture_block_inputs
+    from auto_round.model.memory import _private_file_mapping
+
+    tiny_model("llama").save_pretrained(tmp_path)
+    model = AutoModelForCausalLM.from_pretrained(tmp_path, dtype=torch.float32)
+    weight = model.get_input_embeddings().weight.detach()
+    if not _private_file_mapping(weight.data_ptr()):
+        pytest.skip("this transformers copies the weights instead of mapping the file")
+    before = weight.clone()  # reads every page
+    assert resident_pages(weight) >= 2
+    ids = random_ids()[:4, :16]
+    captured = capture_block_inputs(model, list(model.model.layers), ids, torch.ones_like(ids))
+    assert resident_pages(weight) == 0
+    assert torch.equal(weight, before)
+    assert torch.equal(captured.hidden_states, before[ids])  # the captured inputs are the looked-up rows

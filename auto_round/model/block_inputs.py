@@ -19,6 +19,8 @@ from typing import Any, Callable, Sequence
 import torch
 from torch import nn
 
+from .memory import evict_clean_file_pages
+
 SHARED_KEYS = ("position_ids", "cache_position", "position_embeddings", "cu_seqlens")
 
 
@@ -171,9 +173,24 @@ def capture_block_inputs(
                 block.forward = own
     if len(hidden_chunks) != len(sizes) or any(len(r) != len(sizes) for r in records):
         raise RuntimeError("the model did not call every block once per batch; cannot capture block inputs")
+    _evict_input_embedding(model)
     concat_cache: dict = {}
     calls = [_merge_chunks(r, sizes, concat_cache) for r in records]
     return CapturedInputs(hidden_states=torch.cat(hidden_chunks, dim=0), calls=calls)
+
+
+def _evict_input_embedding(model: nn.Module) -> None:
+    """Hand back the token embedding's memory-mapped file pages once the capture pass has read them.
+
+    A lookup of a few thousand scattered rows maps nearly the whole table in (the kernel maps the cached
+    pages around each faulting one), and nothing reads it again during the block walk: on SmolLM2 that is
+    125 MiB of the walk's RSS. Only clean file pages go (model/memory.py), so the values stay readable.
+    """
+    get = getattr(model, "get_input_embeddings", None)
+    embedding = get() if callable(get) else None
+    weight = getattr(embedding, "weight", None)
+    if isinstance(weight, torch.Tensor):
+        evict_clean_file_pages(weight.detach())
 
 
 def block_output(out: Any) -> torch.Tensor:
