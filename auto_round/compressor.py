@@ -300,6 +300,7 @@ class AutoRound:
             if layers:
                 self.results.update(rtn_block(layers, scale_dtype=self.scale_dtype, device=self.device))
             self._block_done(name)
+            release_memory(self.device)  # the qdq temporaries fragment the heap between the packed tensors
         logger.info("RTN: rounded %d layers to nearest (iters=0)", len(self.results))
 
     def _quantize_opt_rtn(self, search: bool = True) -> None:
