@@ -31,6 +31,9 @@ SETTINGS = {  # name: (scheme, iters, lr)
     "w4_optrtn": ("W4A16", 0, None),
     "w4_sr50": ("W4A16", 50, 5e-3),
     "w4_sr50_amp": ("W4A16", 50, 5e-3),
+    # memory only: a block's tuning state does not depend on iters, so 2 iterations give the peak RSS of a
+    # SignRound run without its wall time (the ppl of this setting means nothing)
+    "w4_sr2": ("W4A16", 2, 5e-3),
     "w2g64_sr200": ("W2A16G64", 200, None),
     "w2g64_sr200_amp": ("W2A16G64", 200, None),
     "w4_sr200": ("W4A16", 200, None),
@@ -50,6 +53,7 @@ for _name, _scheme in (("mxfp4", "MXFP4"), ("nvfp4", "NVFP4"), ("fp8static", "FP
     SETTINGS.setdefault(f"{_name}_rtn", (_scheme, 0, None))
     SETTINGS.setdefault(f"{_name}_optrtn", (_scheme, 0, None))
     SETTINGS.setdefault(f"{_name}_sr50", (_scheme, 50, None))
+    SETTINGS.setdefault(f"{_name}_sr50_algext", (_scheme, 50, None))
 # Ours keeps the model fp32 and autocasts the tuning matmuls to bf16 where bf16 is fast; "*_bf16" settings
 # load ours in bf16 instead (--model_dtype bf16), as the reference does with its whole model on CPU.
 
