@@ -29,6 +29,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "tests"))
 
 from auto_round import AutoRound  # noqa: E402
+from auto_round.algorithms.act_quant import act_max_hooks  # noqa: E402
 from auto_round.algorithms.signround import SignRoundConfig, loss_mask_from_attention, tune_block  # noqa: E402
 from auto_round.model.block_run import block_runner, run_batched  # noqa: E402
 from auto_round.model.block_inputs import capture_block_inputs  # noqa: E402
@@ -64,6 +65,7 @@ def step_flops(layers: dict, config, batch: int, seqlen: int) -> float:
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--model", default="smollm2")
+    p.add_argument("--scheme", default="W4A16", help="any preset; e.g. NVFP4 / MXFP4 time their qdq overhead")
     p.add_argument("--block", type=int, default=5)
     p.add_argument("--iters", type=int, default=20)
     p.add_argument("--nsamples", type=int, default=32)
@@ -79,7 +81,7 @@ def main() -> None:
     work = Path(tempfile.mkdtemp(prefix="ar-flops-"))
     folder = model_folder(args.model, work)
     calib_file = write_calibration(work, args.nsamples)
-    ar = AutoRound(str(folder), scheme="W4A16", iters=args.iters, lr=5e-3, nsamples=args.nsamples,
+    ar = AutoRound(str(folder), scheme=args.scheme, iters=args.iters, lr=5e-3, nsamples=args.nsamples,
                    seqlen=args.seqlen, batch_size=args.batch_size, dataset=str(calib_file))
     calib = ar._calibration()
     blocks = list(iter_blocks(ar.model, ar.block_groups))
@@ -92,8 +94,9 @@ def main() -> None:
         for (_, b), c in zip(blocks[: args.block], captured.calls):
             fp = run_batched(b, fp, c, args.batch_size, "cpu")
         inputs = fp
-    targets = run_batched(block, inputs, call, args.batch_size, "cpu")
     layers = ar._block_layers(name)
+    with act_max_hooks(layers) as act_max:  # static activation ranges (NVFP4's global input scale)
+        targets = run_batched(block, inputs, call, args.batch_size, "cpu")
     mask = loss_mask_from_attention(calib.attention_mask)
     config = SignRoundConfig(iters=args.iters, lr=5e-3, batch_size=args.batch_size, seed=42,
                              amp_dtype=torch.bfloat16 if args.amp == "bf16" else None)
@@ -105,7 +108,7 @@ def main() -> None:
             m.weight.data.copy_(snapshot[n])
         cfg = SignRoundConfig(**{**config.__dict__, "iters": iters})
         with tuning_attention(block, enabled=args.amp_attention and cfg.amp_dtype is not None):
-            return _timed(lambda: tune_block(layers, run, targets, mask, cfg, block_name=name))
+            return _timed(lambda: tune_block(layers, run, targets, mask, cfg, block_name=name, act_max=act_max))
 
     tune(2)  # warm-up
     step_s = (tune(args.iters) - tune(1)) / (args.iters - 1)  # excludes per-block setup and finalize
@@ -113,7 +116,7 @@ def main() -> None:
     big = max((m for m, _ in layers.values()), key=lambda m: m.in_features * m.out_features)
     peak = max(sgemm_gflops(2048, 2048, 2048), sgemm_gflops(args.batch_size * args.seqlen, big.in_features, big.out_features))
     result = {
-        "model": args.model, "block": name, "amp": args.amp, "amp_attention": args.amp_attention, "batch": args.batch_size, "seqlen": args.seqlen,
+        "model": args.model, "scheme": args.scheme, "block": name, "amp": args.amp, "amp_attention": args.amp_attention, "batch": args.batch_size, "seqlen": args.seqlen,
         "step_s": step_s, "step_gflop": flops / 1e9, "achieved_gflops": flops / step_s / 1e9,
         "sgemm_gflops": peak, "ratio": flops / step_s / 1e9 / peak, "threads": torch.get_num_threads(),
         "machine": platform.processor() or platform.machine(), "torch": torch.__version__,
@@ -122,7 +125,8 @@ def main() -> None:
     out = ROOT / "bench" / "results"
     out.mkdir(exist_ok=True)
     stem = args.model if args.model in ("smollm2", "tiny") else Path(args.model).name
-    (out / f"step_flops-{stem}{'-' + args.amp if args.amp != 'none' else ''}.json").write_text(
+    tag = ("-" + args.scheme.lower() if args.scheme != "W4A16" else "") + ("-" + args.amp if args.amp != "none" else "")
+    (out / f"step_flops-{stem}{tag}.json").write_text(
         json.dumps(result, indent=1))
     if args.profile:
         with torch.profiler.profile(record_shapes=True) as prof:

@@ -136,7 +136,13 @@ class MxQdqResult:
     shared_exp: torch.Tensor  # int32 exponent e in [-127, 127]
     e8m0: torch.Tensor  # uint8 e + 127
     scale: torch.Tensor  # float32 2^e (detached)
-    codes: torch.Tensor  # see element_codes
+    elements: torch.Tensor  # element values (detached), grouped shape
+    fmt: MxFormat
+
+    @property
+    def codes(self) -> torch.Tensor:
+        """See element_codes; encoded on demand (the tuning forward and activation qdq never read them)."""
+        return element_codes(self.elements, self.fmt)
 
 
 def qdq_mx(
@@ -165,7 +171,7 @@ def qdq_mx(
     elem = quant_element(y, fmt)
     e_int = e.detach().round().to(torch.int32)
     return MxQdqResult(weight=elem * scale, shared_exp=e_int, e8m0=(e_int + E8M0_BIAS).to(torch.uint8),
-                       scale=scale.detach().squeeze(-1), codes=element_codes(elem, fmt))
+                       scale=scale.detach().squeeze(-1), elements=elem.detach(), fmt=fmt)
 
 
 def dequant_mx(codes: torch.Tensor, e8m0: torch.Tensor, fmt: MxFormat) -> torch.Tensor:

@@ -64,7 +64,13 @@ class NvfpQdqResult:
     weight: torch.Tensor  # dequantized W^, differentiable w.r.t. V and max_scale
     block_scale: torch.Tensor  # float32 values exactly representable in e4m3 (detached)
     global_scale: torch.Tensor  # float32 [1]
-    codes: torch.Tensor  # uint8 E2M1 codes (index into {0,.5,1,1.5,2,3,4,6}, sign bit 3)
+    elements: torch.Tensor  # float32 E2M1 values x_q (detached), grouped shape
+
+    @property
+    def codes(self) -> torch.Tensor:
+        """uint8 E2M1 codes (index into {0,.5,1,1.5,2,3,4,6}, sign bit 3). Encoded on demand: the tuning
+        forward and activation qdq never read them, and encoding every call cost more than the matmuls."""
+        return encode(self.elements, E2M1)
 
 
 def nvfp_block_scale(amax: torch.Tensor, gscale: torch.Tensor) -> torch.Tensor:
@@ -103,8 +109,7 @@ def qdq_nvfp4(
     if v is not None:
         y = y + v
     x_q = round_to_format_ste(torch.clamp(y, -FP4_MAX, FP4_MAX), E2M1)
-    return NvfpQdqResult(weight=x_q * s, block_scale=s_b.detach(), global_scale=g.detach(),
-                         codes=encode(x_q.detach(), E2M1))
+    return NvfpQdqResult(weight=x_q * s, block_scale=s_b.detach(), global_scale=g.detach(), elements=x_q.detach())
 
 
 def dequant_nvfp4(codes: torch.Tensor, block_scale: torch.Tensor, gscale: torch.Tensor) -> torch.Tensor:
