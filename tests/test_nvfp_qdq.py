@@ -86,6 +86,12 @@ def test_underflowing_block_scale_gives_zero_not_nan():
     assert r.block_scale[0, 1].item() == 0.0
     assert torch.isfinite(r.weight).all() and (r.weight[0, 1] == 0).all()
     assert torch.equal(qdq_nvfp4(torch.zeros(2, 1, 16)).weight, torch.zeros(2, 1, 16))
+    assert r.codes[0, 1].tolist() == [0] * 16  # -5e-7 / inf = -0 still encodes as +0
+    v = torch.zeros_like(w, requires_grad=True)  # the tuning path: finite gradients, none into the dead block
+    x = w.clone().requires_grad_(True)
+    qdq_nvfp4(x, v=v).weight.sum().backward()
+    assert torch.isfinite(v.grad).all() and torch.isfinite(x.grad).all()
+    assert (x.grad[0, 1] == 0).all() and (v.grad[0, 1] == 0).all()
 
 
 def test_gradients_reach_v_and_max_scale():

@@ -104,8 +104,9 @@ def qdq_nvfp4(
         amax = amax * init_scale
     s_b = nvfp_block_scale(amax, g)  # [rows, n_groups]
     s = (s_b / g).unsqueeze(-1)  # effective scale
-    nonzero = s != 0
-    y = torch.where(nonzero, x / torch.where(nonzero, s, torch.ones_like(s)), torch.zeros_like(x))
+    # a block whose scale underflowed to 0 quantizes to 0: dividing by +inf there gives 0 without a
+    # full-size torch.where (x / inf = +-0, and -0 encodes and dequantizes as 0)
+    y = x / torch.where(s != 0, s, torch.full_like(s, float("inf")))
     if v is not None:
         y = y + v
     x_q = round_to_format_ste(torch.clamp(y, -FP4_MAX, FP4_MAX), E2M1)
