@@ -14,6 +14,7 @@ import ctypes.util
 import gc
 import mmap
 from functools import lru_cache
+from typing import Optional
 
 import torch
 
@@ -71,6 +72,20 @@ def _private_file_mapping(address: int) -> bool:
     return False
 
 
+def _file_page_span(tensor: torch.Tensor) -> Optional[tuple[int, int]]:
+    """[first, last) addresses of the whole pages inside a contiguous CPU tensor's bytes when they lie in a
+    private file mapping; None otherwise (anonymous memory, empty, strided, not on the CPU)."""
+    if tensor.device.type != "cpu" or tensor.numel() == 0 or not tensor.is_contiguous():
+        return None
+    start = tensor.data_ptr()
+    if not _private_file_mapping(start):
+        return None
+    page = mmap.PAGESIZE
+    first = -(-start // page) * page
+    last = (start + tensor.numel() * tensor.element_size()) // page * page
+    return (first, last) if last > first else None
+
+
 def drop_file_backed_pages(tensor: torch.Tensor) -> int:
     """Let the OS reclaim the memory-mapped file pages of a CPU tensor that is about to be dropped.
 
@@ -78,18 +93,10 @@ def drop_file_backed_pages(tensor: torch.Tensor) -> int:
     mapping, so no other tensor's data and no anonymous memory is ever touched. Returns the bytes released
     (0 where the tensor is not file-backed or the platform has no madvise).
     """
-    madvise = _madvise()
-    if madvise is None or tensor.device.type != "cpu" or tensor.numel() == 0 or not tensor.is_contiguous():
+    madvise, span = _madvise(), _file_page_span(tensor)
+    if madvise is None or span is None or madvise(span[0], span[1] - span[0], _MADV_DONTNEED) != 0:
         return 0
-    start = tensor.data_ptr()
-    if not _private_file_mapping(start):
-        return 0
-    page = mmap.PAGESIZE
-    first = -(-start // page) * page
-    last = (start + tensor.numel() * tensor.element_size()) // page * page
-    if last <= first or madvise(first, last - first, _MADV_DONTNEED) != 0:
-        return 0
-    return last - first
+    return span[1] - span[0]
 
 
 _PAGE_PRESENT, _PAGE_FILE = 1 << 63, 1 << 61  # /proc/self/pagemap entry bits (Documentation/admin-guide/mm/pagemap)
@@ -122,18 +129,11 @@ def evict_clean_file_pages(tensor: torch.Tensor) -> int:
     the only copy of the new values): then it is a pure memory saving. Returns the bytes released (0 when
     anything is doubtful: anonymous memory, written pages, no pagemap, no madvise).
     """
-    madvise = _madvise()
-    if madvise is None or tensor.device.type != "cpu" or tensor.numel() == 0 or not tensor.is_contiguous():
+    madvise, span = _madvise(), _file_page_span(tensor)
+    if madvise is None or span is None or not _pages_unmodified(*span) \
+            or madvise(span[0], span[1] - span[0], _MADV_DONTNEED) != 0:
         return 0
-    start = tensor.data_ptr()
-    if not _private_file_mapping(start):
-        return 0
-    page = mmap.PAGESIZE
-    first = -(-start // page) * page
-    last = (start + tensor.numel() * tensor.element_size()) // page * page
-    if last <= first or not _pages_unmodified(first, last) or madvise(first, last - first, _MADV_DONTNEED) != 0:
-        return 0
-    return last - first
+    return span[1] - span[0]
 
 
 def release_weight(module: torch.nn.Module) -> int:
