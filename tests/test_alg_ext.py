@@ -31,12 +31,7 @@ MX4 = QuantScheme(bits=4, group_size=32, data_type="mx_fp")  # weight-only: acti
 NV4 = QuantScheme(bits=4, group_size=16, data_type="nv_fp")
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread_here():
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_thread")  # conftest: one intra-op thread per module
 
 
 # ---- outlier-masked loss ------------------------------------------------------------------------

@@ -23,12 +23,7 @@ from auto_round.inference.qlinear_float import FloatQuantLinear
 from tiny_models import VOCAB, random_ids, tiny_model
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread_here():
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_thread")  # conftest: one intra-op thread per module
 
 
 def llama128():
