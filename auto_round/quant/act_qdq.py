@@ -13,9 +13,11 @@ scales stay dynamic and max_scale multiplies their block max. MX activations are
 The static scale a format exports follows from act_max: fp8 `fp8_qdq.fp8_scale(act_max * max_scale)`,
 NVFP4 `nvfp_qdq.global_scale_from_amax(act_max)`.
 
-Gradient: the range is computed from x.detach(), so the scale is a constant in the backward pass and
-d qdq(x) / dx is the straight-through identity (1 where not clamped, 0 where clamped); max_scale gets
-its gradient through the scale.
+Gradient: rounding is straight-through (identity where not clamped, 0 where clamped), and a dynamic
+range keeps its gradient: each group's max |x| also receives d loss / d scale, which follows the group's
+quantization error (for q = R(x/s)*s with an STE R, dq/ds = (q - x)/s). The reference's activation qdq
+does the same, so SignRound's gradient into the layers before an activation-quantized matmul matches
+it. max_scale gets its gradient through the scale.
 
 Per data_type (the reference's names):
     int                         int_qdq sym (full range) or asym, `bits`
@@ -45,9 +47,9 @@ def act_layout(x: torch.Tensor, group_size: int) -> GroupLayout:
 
 
 def _range(grouped: torch.Tensor, act_max: Optional[torch.Tensor]):
-    """(wmin, wmax) [rows, n_groups]: from the detached data, or [-act_max, act_max] when static."""
+    """(wmin, wmax) [rows, n_groups]: from the data (with its gradient), or [-act_max, act_max] when static."""
     if act_max is None:
-        return group_range(grouped.detach())
+        return group_range(grouped)
     wmax = torch.as_tensor(act_max, dtype=torch.float32, device=grouped.device).abs()
     wmax = wmax.expand(grouped.shape[:-1])
     return -wmax, wmax

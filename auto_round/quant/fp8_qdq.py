@@ -129,7 +129,7 @@ def qdq_fp8(
         raise ValueError(f"unknown fp8 format {fmt!r}; use one of {sorted(FP8_DTYPES)}")
     x = grouped.float()
     if wmin is None or wmax is None:
-        wmin, wmax = group_range(x.detach())
+        wmin, wmax = group_range(x)  # not detached (see mx_qdq.qdq_mx)
     amax = torch.maximum(wmax.abs(), wmin.abs()).float()
     if max_scale is not None:
         amax = amax * max_scale

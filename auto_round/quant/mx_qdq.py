@@ -158,7 +158,9 @@ def qdq_mx(
     """MX qdq of [rows, n_groups, G] (module docstring). v: grouped shape; max_scale / init_scale:
     [rows, n_groups] (or broadcastable, e.g. a scalar) multipliers of the block max."""
     x = grouped.float()
-    amax = x.abs().amax(dim=-1).detach()  # [rows, n_groups]
+    # not detached: for activations the group max carries gradient to x, as in the reference (a weight's
+    # amax is a constant either way)
+    amax = x.abs().amax(dim=-1)  # [rows, n_groups]
     if max_scale is not None:
         amax = amax * max_scale
     if init_scale is not None:

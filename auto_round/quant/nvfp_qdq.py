@@ -97,7 +97,7 @@ def qdq_nvfp4(
         raise ValueError(f"NVFP4 needs groups of {NVFP_BLOCK}, got grouped shape {tuple(grouped.shape)}")
     x = grouped.float()
     g = (global_scale(x) if gscale is None else gscale.float()).reshape(-1)
-    amax = x.abs().amax(dim=-1).detach()  # [rows, n_groups]
+    amax = x.abs().amax(dim=-1)  # [rows, n_groups]; not detached (see mx_qdq.qdq_mx)
     if max_scale is not None:
         amax = amax * max_scale
     if init_scale is not None:
