@@ -54,8 +54,11 @@ for _name, _scheme in (("mxfp4", "MXFP4"), ("nvfp4", "NVFP4"), ("fp8static", "FP
     SETTINGS.setdefault(f"{_name}_optrtn", (_scheme, 0, None))
     SETTINGS.setdefault(f"{_name}_sr50", (_scheme, 50, None))
     SETTINGS.setdefault(f"{_name}_sr50_algext", (_scheme, 50, None))
+    SETTINGS.setdefault(f"{_name}_sr50_fp32", (_scheme, 50, None))
+SETTINGS["w2g64_sr200_fp32"] = ("W2A16G64", 200, None)
 # Ours keeps the model fp32 and autocasts the tuning matmuls to bf16 where bf16 is fast; "*_bf16" settings
-# load ours in bf16 instead (--model_dtype bf16), as the reference does with its whole model on CPU.
+# load ours in bf16 instead (--model_dtype bf16), as the reference does with its whole model on CPU; "*_fp32"
+# pass --disable_amp to both (on a CPU without bf16 both tune in fp32 anyway).
 
 
 def parse_args() -> argparse.Namespace:
@@ -126,6 +129,8 @@ def cli_command(impl: str, model: Path, setting: str, calib: Path, out: Path, ar
         cmd.append("--enable_alg_ext")  # both CLIs take the same flag
     if setting.endswith("_amp") and impl == "ours":
         cmd.append("--amp")
+    if setting.endswith("_fp32"):  # both sides: no amp (fp32 tuning), whatever the CPU supports
+        cmd.append("--disable_amp")
     if setting.endswith("_bf16") and impl == "ours":
         cmd += ["--model_dtype", "bf16"]
     if iters == 0 and setting.endswith("_rtn"):
