@@ -36,7 +36,6 @@ def prepare(folder: Path, layers: int, nsamples: int, seqlen: int) -> None:
     import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    sys.path.insert(0, str(ROOT))
     from auto_round.model.assets import smollm2_path
     from auto_round.model.offline_text import calibration_texts, heldout_texts
 
