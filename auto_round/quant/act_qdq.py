@@ -10,6 +10,8 @@ running max of |x| (a scalar for per-tensor, or anything broadcastable to [rows,
 range [-act_max, act_max]. `max_scale` (the tunable act_max_scale) multiplies that range. For NVFP4 the
 static value only sets the global scale 448 * 6 / act_max ("nv_fp4_with_static_gs"); the per-16 E4M3
 scales stay dynamic and max_scale multiplies their block max. MX activations are dynamic only.
+Without a max_scale, MX and NVFP4 run as one autograd node with a hand-derived backward (`act_fused`):
+the same values and gradient as the `qdq_mx` / `qdq_nvfp4` composition, in fewer passes.
 The static scale a format exports follows from act_max: fp8 `fp8_qdq.fp8_scale(act_max * max_scale)`,
 NVFP4 `nvfp_qdq.global_scale_from_amax(act_max)`.
 
@@ -35,7 +37,8 @@ import torch
 from .fp8_qdq import qdq_fp8
 from .int_qdq import GroupLayout, group_range, qdq_int_asym, qdq_int_sym
 from .mx_qdq import get_mx_format, qdq_mx
-from .nvfp_qdq import global_scale, global_scale_from_amax, qdq_nvfp4
+from .nvfp_qdq import NVFP_BLOCK, global_scale, global_scale_from_amax, qdq_nvfp4
+from .act_fused import GroupQdqKernels, group_qdq, mx_forward, nvfp4_forward
 
 ACT_DATA_TYPES = ("int", "fp", "fp8_e4m3", "mx_fp", "mx_fp_rceil", "mx_int", "nv_fp", "nv_fp4_with_static_gs")
 
@@ -65,11 +68,13 @@ def qdq_act(
     act_max: Optional[torch.Tensor] = None,
     max_scale: Optional[torch.Tensor] = None,
     scale_dtype: torch.dtype = torch.float16,
+    kernels: Optional[GroupQdqKernels] = None,
 ) -> torch.Tensor:
     """Quantize-dequantize an activation x [..., hidden]; returns x's shape and dtype (module docstring).
 
     bits: element bits (8 / 4 for int, 8 for fp, 4 / 6 / 8 for mx_fp, 4 / 8 for mx_int, 4 for nv_fp);
-    scale_dtype: rounding of int scales only (fp8 / MX / NVFP scales are defined by their formats).
+    scale_dtype: rounding of int scales only (fp8 / MX / NVFP scales are defined by their formats);
+    kernels: how MX / NVFP4 qdq runs (`act_fused.GroupQdqKernels`: eager by default, or torch.compile'd).
     """
     if data_type not in ACT_DATA_TYPES:
         raise ValueError(f"unknown activation data_type {data_type!r}; known: {ACT_DATA_TYPES}")
@@ -86,11 +91,15 @@ def qdq_act(
         if act_max is not None:
             raise ValueError("MX activations are dynamic only (act_max must be None)")
         base, rule = ("mx_fp", "rceil") if data_type == "mx_fp_rceil" else (data_type, "floor")
-        out = qdq_mx(grouped, get_mx_format(base, bits), max_scale=max_scale, rule=rule).weight
+        fmt = get_mx_format(base, bits)
+        if max_scale is None:  # the usual case: one autograd node (act_fused), same values and gradient
+            out = group_qdq(grouped, mx_forward, (fmt, rule), kernels)
+        else:
+            out = qdq_mx(grouped, fmt, max_scale=max_scale, rule=rule).weight
     else:
         if bits != 4:
             raise ValueError(f"nv_fp activations are 4-bit only, got bits={bits}")
-        out = _qdq_act_nvfp4(grouped, act_max, max_scale)
+        out = _qdq_act_nvfp4(grouped, act_max, max_scale, kernels)
     return layout.from_groups(out).reshape(x.shape).to(x.dtype)
 
 
@@ -102,11 +111,15 @@ def _qdq_act_int(grouped, bits, sym, act_max, max_scale, scale_dtype):
     return fn(grouped, bits, alpha=max_scale, beta=max_scale, wmin=wmin, wmax=wmax, scale_dtype=scale_dtype).weight
 
 
-def _qdq_act_nvfp4(grouped, act_max, max_scale):
+def _qdq_act_nvfp4(grouped, act_max, max_scale, kernels):
     """NVFP4 activations: global scale from x (dynamic) or 448 * 6 / act_max (static); per-16 dynamic."""
+    if grouped.shape[-1] != NVFP_BLOCK:
+        raise ValueError(f"NVFP4 activations need groups of {NVFP_BLOCK}, got grouped shape {tuple(grouped.shape)}")
     if act_max is None:
         gscale = global_scale(grouped)
     else:
         gscale = global_scale_from_amax(torch.as_tensor(act_max, dtype=torch.float32, device=grouped.device))
+    if max_scale is None:
+        return group_qdq(grouped, nvfp4_forward, (gscale,), kernels)
     return qdq_nvfp4(grouped, gscale=gscale, max_scale=max_scale).weight
 

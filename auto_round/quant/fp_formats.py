@@ -22,6 +22,7 @@ uint8; for e2m1 this is the index into {0, .5, 1, 1.5, 2, 3, 4, 6} with the sign
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 
 import torch
@@ -49,7 +50,7 @@ class FloatFormat:
     @property
     def emax(self) -> int:
         """floor(log2(max_value)): the exponent of the largest binade (the MX `emax`)."""
-        return int(torch.frexp(torch.tensor(self.max_value)).exponent.item()) - 1
+        return math.frexp(self.max_value)[1] - 1  # plain Python: no tensor (and no graph break when compiled)
 
     @property
     def min_subnormal(self) -> float:
@@ -89,22 +90,25 @@ def ceil_log2(x: torch.Tensor) -> torch.Tensor:
 
 
 def _grid_step(a: torch.Tensor, fmt: FloatFormat) -> torch.Tensor:
-    """2^(max(floor(log2 a), k_min) - M): the spacing of representable values around |x| = a."""
-    if fmt == E2M1:  # three binades: comparisons instead of frexp (the NVFP4 / MXFP4 hot path)
-        return torch.where(a < 2.0, 0.5, torch.where(a < 4.0, 1.0, 2.0)).to(a.dtype)
-    k = torch.clamp(floor_log2(a), min=fmt.min_normal_exp)
-    return torch.ldexp(torch.ones_like(a), k - fmt.mbits)
+    """2^(max(floor(log2 a), k_min) - M): the spacing of representable values around |x| = a (a >= 0, fp32).
+
+    2^floor(log2 a) is a's fp32 bit pattern with the mantissa cleared (0 for fp32 subnormals and 0,
+    which the clamp at the format's subnormal step then covers): three cheap passes, no frexp / where.
+    """
+    binade = torch.bitwise_and(a.contiguous().view(torch.int32), 0x7F800000).view(torch.float32)
+    return binade.mul_(2.0**-fmt.mbits).clamp_(min=2.0 ** (fmt.min_normal_exp - fmt.mbits))
 
 
 def round_to_format(x: torch.Tensor, fmt: FloatFormat) -> torch.Tensor:
     """Nearest representable value of `fmt` (ties to even), saturating at +-max_value. No gradient.
 
-    x: any shape, float32. Returns float32, same shape; sign (including -0.0) is kept.
+    x: any shape, float32. Returns float32, same shape; sign (including -0.0) is kept. max_value is a
+    grid point, so a value clamped to it never rounds past it.
     """
     x = x.float()
-    a = x.abs().clamp(max=fmt.max_value)
+    a = x.abs().clamp_(max=fmt.max_value)
     step = _grid_step(a, fmt)
-    q = (torch.round(a / step) * step).clamp(max=fmt.max_value)  # a/step and q are exact in fp32
+    q = a.div_(step).round_().mul_(step)  # a / step and q are exact in fp32
     return torch.copysign(q, x)
 
 
