@@ -27,6 +27,7 @@ from .algorithms.autoscheme import AutoScheme
 from .algorithms.gguf import gguf_quantize_module
 from .algorithms.act_quant import act_max_hooks, needs_act_calibration
 from .algorithms.alg_ext import supports_alg_ext
+from .algorithms.compile import act_qdq_kernels
 from .algorithms.opt_rtn import imatrix_hooks, opt_rtn_block, uses_opt_rtn
 from .algorithms.signround import SignRoundConfig, loss_mask_from_attention, rtn_block, tune_block
 from .algorithms.tunable import LayerQuantResult
@@ -65,6 +66,9 @@ class AutoRound:
         checkpoint too): the returned model then has meta weights in its quantized layers. quantize()
         alone never does this; pass False to keep the fake-quantized model after quantize_and_save.
     amp_attention: with amp on CPU, run attention in the amp dtype too (faster steps, slightly worse accuracy).
+    enable_torch_compile: True: torch.compile the MX / NVFP4 activation qdq of the tuning forward
+        (algorithms/compile.py; needs a C++ compiler on CPU, triton on CUDA). None / False: eager, which
+        measured as fast on CPU.
     enable_alg_ext: SignRoundV2 additions (algorithms/alg_ext.py): tuning starts from the opt-RTN scale search,
         max_scale in [0, 2], and below 4 bits / with 4-bit activations the top 0.1 % output errors are left out
         of the loss. Needs iters > 0 (ValueError) and a sym int, MXFP/MXINT or NVFP4 scheme (SchemeError for asym
@@ -114,6 +118,7 @@ class AutoRound:
         amp: Optional[bool] = None,
         amp_dtype: "str | torch.dtype" = "bf16",
         amp_attention: bool = False,
+        enable_torch_compile: Optional[bool] = None,
         scale_dtype: "str | torch.dtype" = "fp16",
         model_dtype: "str | torch.dtype | None" = None,
         device: Optional[str] = None,
@@ -164,6 +169,7 @@ class AutoRound:
                              "(CLI: --enable_alg_ext)")
         self.enable_quanted_input = enable_quanted_input
         self.amp_attention = amp_attention
+        self.enable_torch_compile = enable_torch_compile
         # None = the reference default: opt-RTN on for iters=0 (sym int < 8 bits), off for W8 and asym
         self.disable_opt_rtn = disable_opt_rtn
         self.dataset, self.nsamples, self.seqlen, self.seed = dataset, nsamples, seqlen, seed
@@ -410,6 +416,7 @@ class AutoRound:
             nsamples=calib.input_ids.shape[0], seqlen=calib.input_ids.shape[1], device=self.device,
             enable_quanted_input=self.enable_quanted_input, memory_limit=self.memory_limit,
             auto_adjust=self.auto_adjust_memory)
+        self.tuning = dataclasses.replace(self.tuning, compile_act_qdq=self._compile_act_qdq())
         fp_in, steps = self._walk_blocks(calib, "SignRound")
         loss_mask = loss_mask_from_attention(calib.attention_mask)
         batch_order = random.Random(self.tuning.seed)  # one stream through all blocks (see IndexSampler)
@@ -454,6 +461,12 @@ class AutoRound:
                 ckpt.save(self, name, layers, fp_in, q_in, batch_order, extra={"events": log.events})
         log.end()
         self.run_events = log.events
+
+    def _compile_act_qdq(self) -> bool:
+        """Whether the tuning forward's MX / NVFP4 activation qdq runs torch.compile'd (algorithms/compile.py)."""
+        schemes = [s for name, _ in iter_blocks(self.model, self.block_groups)
+                   for _, s in self._block_layers(name).values()]
+        return act_qdq_kernels(self.enable_torch_compile, device=self.device, schemes=schemes) is not None
 
     def _settings(self) -> dict:
         return {"scheme": self.scheme.to_dict(), "seed": self.seed, "nsamples": self.nsamples, "seqlen": self.seqlen,

@@ -81,3 +81,51 @@ def test_kernels_wrapper_is_used():
     x = grouped(32).requires_grad_(True)
     group_qdq(x, mx_forward, (fmt, "floor"), GroupQdqKernels(wrap)).sum().backward()
     assert calls == ["mx_forward", group_qdq_backward.__name__]
+
+
+def counting_kernels(calls: list) -> GroupQdqKernels:
+    def wrap(fn):
+        def run(*args):
+            calls.append(fn.__name__)
+            return fn(*args)
+        return run
+    return GroupQdqKernels(wrap)
+
+
+def test_layers_fed_the_same_tensor_quantize_it_once():
+    from auto_round.algorithms.act_quant import ActQuantizer, SharedInputQdq
+    from auto_round.schemes import get_scheme
+
+    scheme = get_scheme("MXFP4")
+    calls, shared = [], SharedInputQdq()
+    q, k, v = (ActQuantizer(scheme, kernels=counting_kernels(calls), shared=shared) for _ in range(3))
+    alone = ActQuantizer(scheme)
+    x = torch.randn(4, 8, 64).requires_grad_(True)
+    outs = [q(x), k(x), v(x)]
+    assert calls == ["mx_forward"] and outs[0] is outs[1] is outs[2]
+    weights = [torch.randn(4, 8, 64) for _ in range(3)]
+    sum((o * w).sum() for o, w in zip(outs, weights)).backward()
+    got, x.grad = x.grad, None
+    sum((alone(x) * w).sum() for w in weights).backward()  # three separate qdqs
+    torch.testing.assert_close(got, x.grad, rtol=1e-6, atol=1e-6)
+    y = x.detach().clone().requires_grad_(True)
+    q(y)  # another tensor: computed again
+    with torch.no_grad():
+        q(y)  # other grad mode: computed again
+    y.data.mul_(2)  # modified in place (version bump): computed again
+    q(y)
+    assert calls.count("mx_forward") == 4
+    shared.clear()
+    assert not shared._last
+
+
+def test_a_tunable_static_clip_is_never_shared():
+    from auto_round.algorithms.act_quant import ActQuantizer, SharedInputQdq
+    from auto_round.schemes import get_scheme
+
+    shared = SharedInputQdq()
+    scheme = get_scheme("FP8_STATIC")
+    a, b = (ActQuantizer(scheme, torch.tensor(3.0), tune_clip=True, shared=shared) for _ in range(2))
+    assert a.shared is None and b.shared is None  # each layer's clip is its own parameter
+    fixed = ActQuantizer(scheme, torch.tensor(3.0), tune_clip=False, shared=shared)
+    assert fixed.shared is shared

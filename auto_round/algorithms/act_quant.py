@@ -16,6 +16,7 @@ from typing import Optional
 import torch
 from torch import nn
 
+from ..quant.act_fused import GroupQdqKernels
 from ..quant.act_qdq import qdq_act
 from ..schemes import QuantScheme
 from .input_stats import input_stat_hooks
@@ -28,11 +29,42 @@ def needs_act_calibration(scheme: QuantScheme) -> bool:
     return not scheme.act_dynamic or scheme.resolved_act_data_type == "nv_fp4_with_static_gs"
 
 
+class SharedInputQdq:
+    """Lets quantizers fed the same input tensor (q/k/v after the input norm, gate/up after the post-attention
+    norm) compute its qdq once: the first call stores (x, x's version, grad mode, result) under the
+    quantizer's key, and a later call with the very same tensor object, unmodified, in the same grad mode,
+    returns the stored result. Autograd then sums the consumers' gradients into that one node, which is
+    the gradient of separate qdqs (the qdq's backward is linear in the incoming gradient).
+
+    It holds one input and one result per key until the next call or `clear()`; tuning clears it when
+    the block is done."""
+
+    def __init__(self) -> None:
+        self._last: dict = {}
+
+    def __call__(self, key, x: torch.Tensor, compute) -> torch.Tensor:
+        grad_mode = torch.is_grad_enabled()
+        hit = self._last.get(key)
+        if hit is not None and hit[0] is x and hit[1] == x._version and hit[2] == grad_mode:
+            return hit[3]
+        out = compute(x)
+        self._last[key] = (x, x._version, grad_mode, out)
+        return out
+
+    def clear(self) -> None:
+        self._last.clear()
+
+
 class ActQuantizer:
-    """qdq of a layer's input under `scheme`'s act_* fields. act_max: [] fp32 for static schemes."""
+    """qdq of a layer's input under `scheme`'s act_* fields. act_max: [] fp32 for static schemes.
+
+    kernels: how MX / NVFP4 qdq runs (eager, or torch.compile'd: `algorithms.compile`); shared: a
+    `SharedInputQdq` of the block, used when this quantizer has no tunable clip (its qdq is then a
+    function of the input and the scheme alone)."""
 
     def __init__(self, scheme: QuantScheme, act_max: Optional[torch.Tensor] = None, *,
-                 tune_clip: bool = False, scale_dtype: torch.dtype = torch.float16):
+                 tune_clip: bool = False, scale_dtype: torch.dtype = torch.float16,
+                 kernels: Optional[GroupQdqKernels] = None, shared: Optional[SharedInputQdq] = None):
         if needs_act_calibration(scheme) and act_max is None:
             raise ValueError(f"static activation quantization ({scheme.resolved_act_data_type}) needs a calibrated "
                              "act_max; none was collected for this layer (did it see calibration tokens?)")
@@ -43,6 +75,10 @@ class ActQuantizer:
         self.max_scale = torch.ones((), device=self.act_max.device if self.act_max is not None else None,
                                     requires_grad=tunable)
         self.scale_dtype = scale_dtype
+        self.kernels = kernels
+        self.shared = None if tunable else shared
+        act = (scheme.resolved_act_data_type, scheme.act_bits, scheme.resolved_act_group_size, scheme.resolved_act_sym)
+        self._share_key = (act, None if self.act_max is None else float(self.act_max), str(scale_dtype))
         self._handle = None
 
     def params(self) -> list[torch.Tensor]:
@@ -61,10 +97,16 @@ class ActQuantizer:
         return self.act_max * clip
 
     def __call__(self, x: torch.Tensor) -> torch.Tensor:
+        if self.shared is not None:
+            return self.shared(self._share_key, x, self._qdq)
+        return self._qdq(x)
+
+    def _qdq(self, x: torch.Tensor) -> torch.Tensor:
         s = self.scheme
         static_clip = self.max_scale if (self.act_max is not None and not s.act_dynamic) else None
         return qdq_act(x, s.resolved_act_data_type, s.act_bits, s.resolved_act_group_size, sym=s.resolved_act_sym,
-                       act_max=self.act_max, max_scale=static_clip, scale_dtype=self.scale_dtype)
+                       act_max=self.act_max, max_scale=static_clip, scale_dtype=self.scale_dtype,
+                       kernels=self.kernels)
 
     def install(self, module: nn.Module) -> None:
         """Quantize `module`'s input from now on (idempotent)."""

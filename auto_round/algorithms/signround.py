@@ -19,10 +19,12 @@ from typing import Callable, Optional, Sequence
 import torch
 from torch import nn
 
-from ..quant.nvfp_qdq import shared_global_scale
 from ..layers import layer_weight
+from ..quant.act_fused import GroupQdqKernels
+from ..quant.nvfp_qdq import shared_global_scale
 from ..schemes import QuantScheme
-from .act_quant import ActQuantizer
+from .act_quant import ActQuantizer, SharedInputQdq
+from .compile import COMPILED_KERNELS
 from .alg_ext import (ALG_EXT_SCALE_BOUND, InitScaleTunableLayer, alg_ext_init_scales, outlier_count,
                       outlier_masked_sq_sum, supports_alg_ext, wants_outlier_loss)
 from .float_tunable import FloatTunableLayer
@@ -51,6 +53,9 @@ class SignRoundConfig:
     amp_dtype: Optional[torch.dtype] = None
     # SignRoundV2 additions (alg_ext.py): searched init scales, max_scale in [0, 2], outlier-masked loss
     enable_alg_ext: bool = False
+    # MX / NVFP4 activation qdq of the tuning forward through torch.compile (`algorithms.compile`; the caller
+    # decides whether it pays and a compiler exists)
+    compile_act_qdq: bool = False
 
     @property
     def resolved_lr(self) -> float:
@@ -131,15 +136,26 @@ def make_tunable(module: nn.Module, scheme: QuantScheme, *, scale_dtype: torch.d
 
 
 def install_act_quantizers(layers: dict[str, tuple[nn.Module, QuantScheme]], act_max: dict[str, torch.Tensor], *,
-                           tune_clip: bool, scale_dtype: torch.dtype) -> dict[str, ActQuantizer]:
-    """An input quantizer on every layer whose scheme quantizes activations; it stays installed after tuning."""
+                           tune_clip: bool, scale_dtype: torch.dtype, kernels: Optional[GroupQdqKernels] = None,
+                           shared: Optional[SharedInputQdq] = None) -> dict[str, ActQuantizer]:
+    """An input quantizer on every layer whose scheme quantizes activations; it stays installed after tuning.
+    shared: lets layers fed the same tensor quantize it once (see `end_sharing` for when to stop)."""
     quantizers = {}
     for name, (module, scheme) in layers.items():
         if scheme.quantizes_activations:
-            q = ActQuantizer(scheme, act_max.get(name), tune_clip=tune_clip, scale_dtype=scale_dtype)
+            q = ActQuantizer(scheme, act_max.get(name), tune_clip=tune_clip, scale_dtype=scale_dtype,
+                             kernels=kernels, shared=shared)
             q.install(module)
             quantizers[name] = q
     return quantizers
+
+
+def end_sharing(quantizers: dict[str, ActQuantizer], shared: SharedInputQdq) -> None:
+    """After tuning: drop the shared inputs / results it holds, and let the installed quantizers (which
+    stay for the quantized chain and the returned model) run on their own from now on."""
+    shared.clear()
+    for q in quantizers.values():
+        q.shared = None
 
 
 def with_act_max(result, quantizer: Optional[ActQuantizer]):
@@ -196,8 +212,10 @@ def tune_block(
                            init_scale=init_scales.get(name), alg_ext=name in ext)
         for name, (m, s) in layers.items()
     }
+    shared_inputs = SharedInputQdq()
     act_quant = install_act_quantizers(layers, act_max or {}, tune_clip=config.enable_minmax_tuning,
-                                       scale_dtype=scale_dtype)
+                                       scale_dtype=scale_dtype, kernels=COMPILED_KERNELS if config.compile_act_qdq else None,
+                                       shared=shared_inputs)
     round_params = [p for t in tunables.values() for p in t.round_params()]
     minmax_params = [p for t in tunables.values() for p in t.minmax_params()]
     minmax_params += [p for q in act_quant.values() for p in q.params()]
@@ -252,6 +270,7 @@ def tune_block(
     finally:
         for t in tunables.values():
             t.detach()
+        end_sharing(act_quant, shared_inputs)
     if best_params:
         with torch.no_grad():
             for n, q in act_quant.items():

@@ -90,6 +90,12 @@ def build_parser(prog: str = "auto-round") -> argparse.ArgumentParser:
     t.add_argument("--amp_attention", action="store_true",
                    help="with --amp on CPU, also run attention in the amp dtype: ~8%% faster tuning steps, "
                         "slightly worse accuracy (SmolLM2 W2A16G64: ppl 77.8 instead of 75.8)")
+    tc = t.add_mutually_exclusive_group()
+    tc.add_argument("--enable_torch_compile", dest="enable_torch_compile", action="store_true", default=None,
+                    help="torch.compile the MX / NVFP4 activation qdq of the tuning forward (needs a C++ compiler "
+                         "on CPU, triton on CUDA). Default off: on CPU the eager kernels measured as fast")
+    tc.add_argument("--disable_torch_compile", dest="enable_torch_compile", action="store_false",
+                    help="never compile (eager activation qdq; the default)")
     r = p.add_argument_group("runtime and output")
     r.add_argument("--device", "--device_map", dest="device", help="cpu, cuda, cuda:0, ... (default: cuda if present)")
     r.add_argument("--model_dtype", help="fp32 / fp16 / bf16 (default fp32 on CPU)")
@@ -243,7 +249,7 @@ def main(argv: Optional[Sequence[str]] = None, recipe: str = "default", prog: st
             enable_quanted_input=not args.disable_quanted_input, not_use_best_mse=args.not_use_best_mse,
             seed=args.seed, disable_opt_rtn=args.disable_opt_rtn, enable_alg_ext=args.enable_alg_ext,
             amp=args.amp, amp_dtype=args.amp_dtype,
-            amp_attention=args.amp_attention,
+            amp_attention=args.amp_attention, enable_torch_compile=args.enable_torch_compile,
             scale_dtype=args.scale_dtype, model_dtype=args.model_dtype, device=args.device,
             trust_remote_code=not args.disable_trust_remote_code, max_shard_size=args.max_shard_size,
             low_cpu_mem_usage=args.low_cpu_mem_usage, allow_pickle_checkpoint=args.allow_pickle_checkpoint,
