@@ -115,8 +115,10 @@ def test_layers_fed_the_same_tensor_quantize_it_once():
     y.data.mul_(2)  # modified in place (version bump): computed again
     q(y)
     assert calls.count("mx_forward") == 4
+    other = ActQuantizer(get_scheme("MXFP8"), shared=shared)  # another key on the same tensor: its own qdq
+    assert torch.equal(other(y), ActQuantizer(get_scheme("MXFP8"))(y)) and not torch.equal(other(y), q(y))
     shared.clear()
-    assert not shared._last
+    assert shared._slot is None
 
 
 def test_a_tunable_static_clip_is_never_shared():

@@ -31,28 +31,28 @@ def needs_act_calibration(scheme: QuantScheme) -> bool:
 
 class SharedInputQdq:
     """Lets quantizers fed the same input tensor (q/k/v after the input norm, gate/up after the post-attention
-    norm) compute its qdq once: the first call stores (x, x's version, grad mode, result) under the
-    quantizer's key, and a later call with the very same tensor object, unmodified, in the same grad mode,
-    returns the stored result. Autograd then sums the consumers' gradients into that one node, which is
-    the gradient of separate qdqs (the qdq's backward is linear in the incoming gradient).
-
-    It holds one input and one result per key until the next call or `clear()`; tuning clears it when
-    the block is done."""
+    norm) compute its qdq once. One slot: a call stores (key, x, x's version, grad mode, result), and the
+    next call with the same quantizer key and the very same tensor object, unmodified, in the same grad
+    mode, returns the stored result; anything else replaces it. The consumers of one tensor run back to
+    back in a decoder layer, so one slot catches them all while holding at most one input and one result.
+    Autograd sums the consumers' gradients into the one node, which is the gradient of separate qdqs (the
+    qdq's backward is linear in the incoming gradient)."""
 
     def __init__(self) -> None:
-        self._last: dict = {}
+        self._slot: Optional[tuple] = None
 
     def __call__(self, key, x: torch.Tensor, compute) -> torch.Tensor:
         grad_mode = torch.is_grad_enabled()
-        hit = self._last.get(key)
-        if hit is not None and hit[0] is x and hit[1] == x._version and hit[2] == grad_mode:
-            return hit[3]
+        slot = self._slot
+        if slot is not None and slot[0] == key and slot[1] is x and slot[2] == x._version and slot[3] == grad_mode:
+            return slot[4]
+        self._slot = None  # drop the old pair before computing the new one
         out = compute(x)
-        self._last[key] = (x, x._version, grad_mode, out)
+        self._slot = (key, x, x._version, grad_mode, out)
         return out
 
     def clear(self) -> None:
-        self._last.clear()
+        self._slot = None
 
 
 class ActQuantizer:

@@ -18,7 +18,7 @@ from typing import Any, Mapping
 import torch
 from torch import nn
 
-from ..algorithms.act_quant import ActQuantizer, needs_act_calibration
+from ..algorithms.act_quant import ActQuantizer, SharedInputQdq, needs_act_calibration
 from ..schemes import QuantScheme, SchemeError, normalize_data_type
 from .layer_match import _in_blocks, discover_blocks, linear_layers, match_extra_config, parse_block_names
 
@@ -96,8 +96,10 @@ def convert_fake_model(model: nn.Module, qconfig: Mapping[str, Any]) -> tuple[nn
 
 
 def install_act_quantizers(model: nn.Module, scale_dtype: torch.dtype = torch.float16) -> int:
-    """After the weights load: an ActQuantizer on every marked layer (idempotent). Returns how many."""
+    """After the weights load: an ActQuantizer on every marked layer (idempotent). Returns how many.
+    Layers fed the same tensor (q/k/v, gate/up) quantize it once (one `SharedInputQdq` for the model)."""
     count = 0
+    shared = SharedInputQdq()
     for module in model.modules():
         scheme = getattr(module, "_auto_round_act_scheme", None)
         if scheme is None or getattr(module, "_auto_round_act_quantizer", None) is not None:
@@ -106,7 +108,7 @@ def install_act_quantizers(model: nn.Module, scale_dtype: torch.dtype = torch.fl
         if act_max is not None and act_max.is_meta:
             raise ValueError("act_max was not loaded from the checkpoint (still on the meta device)")
         quantizer = ActQuantizer(scheme, None if act_max is None else act_max.float().reshape(()),
-                                 scale_dtype=scale_dtype)
+                                 scale_dtype=scale_dtype, shared=shared)
         quantizer.install(module)
         module._auto_round_act_quantizer = quantizer
         count += 1
