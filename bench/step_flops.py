@@ -74,6 +74,7 @@ def main() -> None:
     p.add_argument("--amp", choices=["none", "bf16"], default="none", help="autocast the tuning matmuls")
     p.add_argument("--amp_attention", action="store_true", help="with --amp bf16: attention in bf16 too (opt-in)")
     p.add_argument("--compile", action="store_true", help="torch.compile the MX / NVFP4 activation qdq (compile_act_qdq)")
+    p.add_argument("--compile_block", action="store_true", help="experiment: torch.compile the whole block forward")
     p.add_argument("--profile", action="store_true", help="print torch.profiler's top operators for 5 steps")
     args = p.parse_args()
     from compare import model_folder, write_calibration  # same model/data as the comparison
@@ -101,7 +102,7 @@ def main() -> None:
     mask = loss_mask_from_attention(calib.attention_mask)
     config = SignRoundConfig(iters=args.iters, lr=5e-3, batch_size=args.batch_size, seed=42,
                              amp_dtype=torch.bfloat16 if args.amp == "bf16" else None, compile_act_qdq=args.compile)
-    run = block_runner(block, inputs, call, "cpu")
+    run = block_runner(torch.compile(block) if args.compile_block else block, inputs, call, "cpu")
     snapshot = {n: m.weight.detach().clone() for n, (m, _) in layers.items()}
 
     def tune(iters: int) -> float:
@@ -118,7 +119,7 @@ def main() -> None:
     peak = max(sgemm_gflops(2048, 2048, 2048), sgemm_gflops(args.batch_size * args.seqlen, big.in_features, big.out_features))
     result = {
         "model": args.model, "scheme": args.scheme, "block": name, "amp": args.amp, "amp_attention": args.amp_attention, "batch": args.batch_size, "seqlen": args.seqlen,
-        "step_s": step_s, "warmup_2_steps_s": warmup_s, "compile_act_qdq": args.compile, "step_gflop": flops / 1e9, "achieved_gflops": flops / step_s / 1e9,
+        "step_s": step_s, "warmup_2_steps_s": warmup_s, "compile_act_qdq": args.compile, "compile_block": args.compile_block, "step_gflop": flops / 1e9, "achieved_gflops": flops / step_s / 1e9,
         "sgemm_gflops": peak, "ratio": flops / step_s / 1e9 / peak, "threads": torch.get_num_threads(),
         "machine": platform.processor() or platform.machine(), "torch": torch.__version__,
     }
@@ -128,6 +129,7 @@ def main() -> None:
     stem = args.model if args.model in ("smollm2", "tiny") else Path(args.model).name
     tag = ("-" + args.scheme.lower() if args.scheme != "W4A16" else "") + ("-" + args.amp if args.amp != "none" else "")
     tag += "-compiled" if args.compile else ""
+    tag += "-compiled-block" if args.compile_block else ""
     (out / f"step_flops-{stem}{tag}.json").write_text(
         json.dumps(result, indent=1))
     if args.profile:
