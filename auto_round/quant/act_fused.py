@@ -4,8 +4,8 @@
 straight-through floor, exp2, divide, clamp, straight-through rounding, multiply). On a CPU that is
 ~60 full-size passes and as many allocations for one forward + backward of an activation, more than
 the matmul it feeds (down_proj's input [2048, 1536]: ~100 ms against ~85 ms for the matmul). This
-module computes the same forward values and the same gradient in ~25 passes, saving only x, the output
-and two small per-group tensors for the backward.
+module computes the same forward values and the same gradient in ~25 passes, saving x, the output
+(which the following matmul keeps anyway), a bool mask and one per-group tensor for the backward.
 
 The gradient (equal to what autograd derives from `qdq_mx` / `qdq_nvfp4`, up to fp32 rounding).
 For a group with elements x_j, scale s (a function of the group max m = max_j |x_j|), y_j = x_j / s,
