@@ -59,7 +59,7 @@ class ActQuantizer:
     """qdq of a layer's input under `scheme`'s act_* fields. act_max: [] fp32 for static schemes.
 
     kernels: how MX / NVFP4 qdq runs (eager, or torch.compile'd: `algorithms.compile`); shared: a
-    `SharedInputQdq` of the block, used when this quantizer has no tunable clip (its qdq is then a
+    `SharedInputQdq` of the block (tuning) or the model (loader), used when this quantizer has no tunable clip (its qdq is then a
     function of the input and the scheme alone)."""
 
     def __init__(self, scheme: QuantScheme, act_max: Optional[torch.Tensor] = None, *,

@@ -31,7 +31,8 @@ _FUSED_ACT_TYPES = ("mx_fp", "mx_fp_rceil", "mx_int", "nv_fp", "nv_fp4_with_stat
 
 
 class _CompiledKernel:
-    """A kernel run through torch.compile (dynamic shapes), falling back to eager for good on failure."""
+    """A kernel run through torch.compile (torch's automatic dynamic shapes), falling back to eager for good
+    on failure."""
 
     def __init__(self, fn: Callable):
         self.fn = fn

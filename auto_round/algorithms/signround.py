@@ -54,7 +54,7 @@ class SignRoundConfig:
     # SignRoundV2 additions (alg_ext.py): searched init scales, max_scale in [0, 2], outlier-masked loss
     enable_alg_ext: bool = False
     # MX / NVFP4 activation qdq of the tuning forward through torch.compile (`algorithms.compile`; the caller
-    # decides whether it pays and a compiler exists)
+    # sets it from enable_torch_compile when a compiler exists)
     compile_act_qdq: bool = False
 
     @property
