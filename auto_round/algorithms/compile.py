@@ -23,12 +23,10 @@ from typing import Callable, Iterable, Optional
 import torch
 
 from ..quant.act_fused import GroupQdqKernels
+from ..quant.act_qdq import FUSED_ACT_DATA_TYPES
 from ..schemes import QuantScheme
 
 logger = logging.getLogger("auto_round")
-
-_FUSED_ACT_TYPES = ("mx_fp", "mx_fp_rceil", "mx_int", "nv_fp", "nv_fp4_with_static_gs")
-
 
 class _CompiledKernel:
     """A kernel run through torch.compile (torch's automatic dynamic shapes), falling back to eager for good
@@ -73,7 +71,7 @@ def compiler_available(device: str) -> bool:
 
 def uses_fused_act_qdq(schemes: Iterable[QuantScheme]) -> bool:
     """Whether any scheme quantizes activations with a type `act_fused` runs (MX / NVFP4)."""
-    return any(s.quantizes_activations and s.resolved_act_data_type in _FUSED_ACT_TYPES for s in schemes)
+    return any(s.quantizes_activations and s.resolved_act_data_type in FUSED_ACT_DATA_TYPES for s in schemes)
 
 
 def act_qdq_kernels(enable: Optional[bool], *, device: str, schemes: Iterable[QuantScheme]) -> Optional[GroupQdqKernels]:

@@ -32,16 +32,9 @@ from typing import Callable, Optional
 
 import torch
 
-from .fp_formats import E2M1, ceil_log2, floor_log2, round_to_format
-from .mx_qdq import E8M0_MAX_EXP, E8M0_MIN_EXP, MxFormat
-from .nvfp_qdq import FP4_MAX, FP8_MAX
-
-
-def _round_element(y: torch.Tensor, fmt: MxFormat) -> torch.Tensor:
-    """Element rounding of y already clamped to +-max_norm (float grid, or MXINT's k * 2^-(bits-2))."""
-    if fmt.element is not None:
-        return round_to_format(y, fmt.element)
-    return torch.round(y / fmt.int_step) * fmt.int_step
+from .fp_formats import E2M1, round_to_format
+from .mx_qdq import E8M0_MAX_EXP, E8M0_MIN_EXP, MxFormat, exact_exponent, round_element
+from .nvfp_qdq import FP4_MAX, FP8_MAX, nvfp_block_scale
 
 
 def mx_forward(x: torch.Tensor, need_grad: bool, fmt: MxFormat, rule: str = "floor",
@@ -53,16 +46,11 @@ def mx_forward(x: torch.Tensor, need_grad: bool, fmt: MxFormat, rule: str = "flo
     """
     amax = x.abs().amax(dim=-1)
     safe = torch.where(amax == 0, torch.ones_like(amax), amax)
-    if rule == "floor":
-        e_raw = (floor_log2(safe) - fmt.emax).float()
-    elif rule == "rceil":
-        e_raw = ceil_log2(safe / (rceil_divisor if rceil_divisor is not None else fmt.max_norm)).float()
-    else:
-        raise ValueError(f"unknown MX scale rule {rule!r}; use 'floor' or 'rceil'")
+    e_raw = exact_exponent(safe, fmt, rule, rceil_divisor)
     e = e_raw.clamp(E8M0_MIN_EXP, E8M0_MAX_EXP)
     scale = torch.exp2(e).unsqueeze(-1)
     y = x / scale
-    out = _round_element(y.clamp(-fmt.max_norm, fmt.max_norm), fmt).mul_(scale)
+    out = round_element(y.clamp(-fmt.max_norm, fmt.max_norm), fmt).mul_(scale)
     if not need_grad:
         return out, None, None
     outside = y.abs_() > fmt.max_norm
@@ -76,9 +64,8 @@ def nvfp4_forward(x: torch.Tensor, need_grad: bool, gscale: torch.Tensor):
     `nvfp_qdq.qdq_nvfp4` for the values. Returns (out, outside, k) as `mx_forward`, k = 1 / (6 s)."""
     g = gscale.float().reshape(-1)
     amax = x.abs().amax(dim=-1)
-    s_raw = g * (amax / FP4_MAX)
-    s_b = s_raw.clamp(-FP8_MAX, FP8_MAX).to(torch.float8_e4m3fn).float()
-    s = s_b / g
+    s_raw = g * (amax / FP4_MAX)  # before the clamp at 448, for the gradient mask below
+    s = nvfp_block_scale(amax, g) / g
     live = s != 0
     s_div = torch.where(live, s, torch.full_like(s, float("inf"))).unsqueeze(-1)
     y = x / s_div

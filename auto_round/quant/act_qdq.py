@@ -34,13 +34,15 @@ from typing import Optional
 
 import torch
 
+from .act_fused import GroupQdqKernels, group_qdq, mx_forward, nvfp4_forward
 from .fp8_qdq import qdq_fp8
 from .int_qdq import GroupLayout, group_range, qdq_int_asym, qdq_int_sym
 from .mx_qdq import get_mx_format, qdq_mx
 from .nvfp_qdq import NVFP_BLOCK, global_scale, global_scale_from_amax, qdq_nvfp4
-from .act_fused import GroupQdqKernels, group_qdq, mx_forward, nvfp4_forward
 
-ACT_DATA_TYPES = ("int", "fp", "fp8_e4m3", "mx_fp", "mx_fp_rceil", "mx_int", "nv_fp", "nv_fp4_with_static_gs")
+# the types whose qdq runs through `act_fused` (whenever there is no max_scale)
+FUSED_ACT_DATA_TYPES = ("mx_fp", "mx_fp_rceil", "mx_int", "nv_fp", "nv_fp4_with_static_gs")
+ACT_DATA_TYPES = ("int", "fp", "fp8_e4m3", *FUSED_ACT_DATA_TYPES)
 
 
 def act_layout(x: torch.Tensor, group_size: int) -> GroupLayout:

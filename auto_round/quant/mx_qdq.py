@@ -26,7 +26,7 @@ from typing import Optional
 import torch
 
 from .fp_formats import (E2M1, E2M3, E3M2, E4M3, E5M2, FloatFormat, ceil_log2, decode, encode, floor_log2,
-                         round_to_format_ste)
+                         round_to_format)
 
 E8M0_BIAS = 127
 E8M0_MIN_EXP, E8M0_MAX_EXP = -127, 127  # code 255 is NaN
@@ -88,6 +88,18 @@ def _floor_ste(y: torch.Tensor, exact: torch.Tensor) -> torch.Tensor:
     return (exact.to(y.dtype) - y).detach() + y
 
 
+def exact_exponent(safe: torch.Tensor, fmt: MxFormat, rule: str = "floor",
+                   rceil_divisor: Optional[float] = None) -> torch.Tensor:
+    """The unclamped shared exponent (float32 integers, no gradient) of block maxima `safe` > 0 [rows, n_groups]:
+    floor(log2 safe) - emax ('floor') or ceil(log2(safe / d)), d = rceil_divisor or max_norm ('rceil');
+    exact for subnormal maxima too (frexp)."""
+    if rule == "floor":
+        return (floor_log2(safe) - fmt.emax).float()
+    if rule == "rceil":
+        return ceil_log2(safe / (rceil_divisor if rceil_divisor is not None else fmt.max_norm)).float()
+    raise ValueError(f"unknown MX scale rule {rule!r}; use 'floor' or 'rceil'")
+
+
 def shared_exponent(amax: torch.Tensor, fmt: MxFormat, rule: str = "floor",
                     rceil_divisor: Optional[float] = None) -> torch.Tensor:
     """Per-block shared exponent e (float32 holding integers in [-127, 127]; STE gradient w.r.t. amax).
@@ -95,29 +107,29 @@ def shared_exponent(amax: torch.Tensor, fmt: MxFormat, rule: str = "floor",
     amax: [rows, n_groups] block max |x| already multiplied by max_scale / init_scale (>= 0).
     rule 'floor': floor(log2 amax) - emax; rule 'rceil': ceil(log2(amax / d)), d = rceil_divisor or
     max_norm. amax == 0 is treated as 1 in both rules (the exponent of an all-zero block is arbitrary:
-    every element is 0). floor / ceil are exact (frexp), also for subnormal amax.
+    every element is 0). floor / ceil are exact (`exact_exponent`), also for subnormal amax.
     """
     amax = amax.float().clamp(max=torch.finfo(torch.float32).max)  # an overflowed amax * c acts as fp32 max
     safe = torch.where(amax == 0, torch.ones_like(amax), amax)
+    exact = exact_exponent(safe.detach(), fmt, rule, rceil_divisor)
     if rule == "floor":
-        log = torch.log2(safe)
-        exact = floor_log2(safe.detach()) - fmt.emax
-        e = _floor_ste(log - fmt.emax, exact)
-    elif rule == "rceil":
-        ratio = safe / (rceil_divisor if rceil_divisor is not None else fmt.max_norm)
-        e = _floor_ste(torch.log2(ratio), ceil_log2(ratio.detach()))
+        smooth = torch.log2(safe) - fmt.emax
     else:
-        raise ValueError(f"unknown MX scale rule {rule!r}; use 'floor' or 'rceil'")
-    return torch.clamp(e, E8M0_MIN_EXP, E8M0_MAX_EXP)
+        smooth = torch.log2(safe / (rceil_divisor if rceil_divisor is not None else fmt.max_norm))
+    return torch.clamp(_floor_ste(smooth, exact), E8M0_MIN_EXP, E8M0_MAX_EXP)
+
+
+def round_element(y: torch.Tensor, fmt: MxFormat) -> torch.Tensor:
+    """Element rounding (no gradient) of y already clamped to +-max_norm: the float grid, or MXINT's k * 2^-(bits-2)."""
+    if fmt.element is not None:
+        return round_to_format(y, fmt.element)
+    return torch.round(y / fmt.int_step) * fmt.int_step
 
 
 def quant_element(x: torch.Tensor, fmt: MxFormat) -> torch.Tensor:
     """Element-domain rounding with STE: clamp to +-max_norm (zero gradient outside), then round."""
     x = torch.clamp(x, -fmt.max_norm, fmt.max_norm)
-    if fmt.element is not None:
-        return round_to_format_ste(x, fmt.element)
-    k = x / fmt.int_step
-    return ((torch.round(k) - k).detach() + k) * fmt.int_step
+    return (round_element(x.detach(), fmt) - x).detach() + x
 
 
 def element_codes(elements: torch.Tensor, fmt: MxFormat) -> torch.Tensor:
