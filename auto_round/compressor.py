@@ -13,6 +13,7 @@ With iters == 0 the layers are rounded to nearest, with no data and no forward p
 from __future__ import annotations
 
 import dataclasses
+import math
 import logging
 import random
 import time
@@ -115,6 +116,7 @@ class AutoRound:
         seed: int = 42,
         disable_opt_rtn: Optional[bool] = None,
         enable_alg_ext: bool = False,
+        massive_token_cap: float = 0.0,
         amp: Optional[bool] = None,
         amp_dtype: "str | torch.dtype" = "bf16",
         amp_attention: bool = False,
@@ -162,6 +164,7 @@ class AutoRound:
             gradient_accumulate_steps=gradient_accumulate_steps, enable_minmax_tuning=enable_minmax_tuning,
             not_use_best_mse=not_use_best_mse, dynamic_max_gap=dynamic_max_gap, seed=seed,
             amp_dtype=resolve_amp_dtype(amp, amp_dtype, self.device), enable_alg_ext=enable_alg_ext,
+            massive_token_cap=_check_cap(massive_token_cap),
         )
         if enable_alg_ext and iters == 0:
             raise ValueError("enable_alg_ext changes SignRound's tuning and needs iters > 0 (iters=0 is RTN / opt-RTN, "
@@ -512,6 +515,13 @@ class AutoRound:
 
 
 # ---------------------------------------------------------------------------------------------
+def _check_cap(massive_token_cap: float) -> float:
+    if isinstance(massive_token_cap, bool) or not isinstance(massive_token_cap, (int, float)) \
+            or not math.isfinite(massive_token_cap) or massive_token_cap < 0:
+        raise ValueError(f"massive_token_cap must be a finite number >= 0 (0 = plain MSE loss), got {massive_token_cap!r}")
+    return float(massive_token_cap)
+
+
 def _check_positive(allow_zero: tuple = (), **values: int) -> None:
     for key, value in values.items():
         low = 0 if key in allow_zero else 1

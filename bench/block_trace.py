@@ -9,7 +9,8 @@ Reads DIR/calib_ids.pt ([n, seqlen] token ids, the same for both) and DIR/heldou
     hidden_mse  per decoder layer, mean squared difference between the quantized and the fp model's hidden
                 states on the held-out ids (the last entry is after the final norm)
     seconds     quantize() wall time
-Without --amp both run fp32 (the reference's amp=False); with it each takes its own default.
+--quant_from K keeps layers 0..K-1 in fp, so block K's inputs are the fp hidden states on both sides and its
+iteration-0 loss must agree (fp32). Without --amp both run fp32 (the reference's amp=False); with it each takes its own default.
 """
 
 from __future__ import annotations
@@ -55,8 +56,12 @@ def main() -> None:
     p.add_argument("--batch_size", type=int, default=8)
     p.add_argument("--seed", type=int, default=42)
     p.add_argument("--out", required=True)
+    p.add_argument("--threads", type=int, default=1, help="torch threads (another summation order: a chaos check)")
+    p.add_argument("--quant_from", type=int, default=0,
+                   help="keep decoder layers below this index in fp (bits 16), so the first tuned block sees the "
+                        "same fp inputs in both implementations")
     args = p.parse_args()
-    torch.set_num_threads(1)
+    torch.set_num_threads(args.threads)
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     losses: list = []
@@ -72,6 +77,10 @@ def main() -> None:
               seed=args.seed, scheme=args.scheme)
     if args.lr is not None:
         kw["lr"] = args.lr
+    if args.quant_from:
+        kw["layer_config"] = {name: {"bits": 16} for name, mod in model.named_modules()
+                              if isinstance(mod, torch.nn.Linear) and name.startswith("model.layers.")
+                              and int(name.split(".")[2]) < args.quant_from}
     if args.impl == "ours":
         kw.update(dataset=ids, device="cpu")
         if not args.amp:

@@ -56,6 +56,10 @@ for _name, _scheme in (("mxfp4", "MXFP4"), ("nvfp4", "NVFP4"), ("fp8static", "FP
     SETTINGS.setdefault(f"{_name}_sr50_algext", (_scheme, 50, None))
     SETTINGS.setdefault(f"{_name}_sr50_fp32", (_scheme, 50, None))
 SETTINGS["w2g64_sr200_fp32"] = ("W2A16G64", 200, None)
+# "<setting>_cap<N>": ours with --massive_token_cap N (the reference has no such option and runs plain)
+for _base in ("w2g64_sr200", "w4_sr50", "nvfp4_sr50_fp32", "mxfp4_sr50_fp32"):
+    for _cap in (4, 8):
+        SETTINGS[f"{_base}_cap{_cap}"] = SETTINGS[_base]
 # Ours keeps the model fp32 and autocasts the tuning matmuls to bf16 where bf16 is fast; "*_bf16" settings
 # load ours in bf16 instead (--model_dtype bf16), as the reference does with its whole model on CPU; "*_fp32"
 # pass --disable_amp to both (on a CPU without bf16 both tune in fp32 anyway).
@@ -121,6 +125,7 @@ def write_calibration(work: Path, nsamples: int) -> Path:
 
 def cli_command(impl: str, model: Path, setting: str, calib: Path, out: Path, args) -> list[str]:
     scheme, iters, lr = SETTINGS[setting]
+    setting, _, cap = setting.partition("_cap")
     binary = (OURS_BIN if impl == "ours" else PEER_BIN) / "auto-round"
     cmd = [str(binary), "--model", str(model), "--scheme", scheme, "--iters", str(iters),
            "--nsamples", str(args.nsamples), "--seqlen", str(args.seqlen), "--batch_size", str(args.batch_size),
@@ -135,6 +140,8 @@ def cli_command(impl: str, model: Path, setting: str, calib: Path, out: Path, ar
         cmd += ["--model_dtype", "bf16"]
     if iters == 0 and setting.endswith("_rtn"):
         cmd.append("--disable_opt_rtn")  # plain RTN; "*_optrtn" keeps both sides' iters=0 default (opt-RTN)
+    if cap and impl == "ours":
+        cmd += ["--massive_token_cap", cap]
     return cmd + (["--lr", str(lr)] if lr is not None else [])
 
 

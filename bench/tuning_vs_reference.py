@@ -57,10 +57,12 @@ def prepare(folder: Path, layers: int, nsamples: int, seqlen: int) -> None:
     torch.save(windows(heldout_texts(), 8), folder / "heldout_ids.pt")
 
 
-def block_rows(ours: dict, ref: dict, iters: int) -> list[dict]:
+def block_rows(ours: dict, ref: dict, iters: int, quant_from: int = 0) -> list[dict]:
+    """One row per decoder layer; losses exist only for the tuned layers (quant_from and later)."""
     rows = []
     for b, (mo, mr) in enumerate(zip(ours["hidden_mse"], ref["hidden_mse"])):
-        lo, lr = ours["losses"][b * iters:(b + 1) * iters], ref["losses"][b * iters:(b + 1) * iters]
+        t = b - quant_from
+        lo, lr = ([], []) if t < 0 else (ours["losses"][t * iters:(t + 1) * iters], ref["losses"][t * iters:(t + 1) * iters])
         row = {"block": b, "heldout_mse_ours": mo, "heldout_mse_ref": mr}
         for tag, ls in (("ours", lo), ("ref", lr)):
             if ls:
@@ -97,6 +99,7 @@ def main() -> None:
     p.add_argument("--seqlen", type=int, default=256)
     p.add_argument("--work", default="/tmp/ar-tuning-vs-reference")
     p.add_argument("--name", default=None)
+    p.add_argument("--quant_from", type=int, default=0, help="layers below this index stay fp (block_trace.py)")
     args = p.parse_args()
     if not (PEER_BIN / "python").exists():
         sys.exit("the reference venv is missing: run ../shared/peer/setup.sh (make peer)")
@@ -107,10 +110,11 @@ def main() -> None:
         prepare(folder, args.layers, args.nsamples, args.seqlen)
     procs, outs = [], {}
     for impl, binary in (("ours", OURS_BIN), ("reference", PEER_BIN)):
-        outs[impl] = work / f"{impl}-{args.scheme}-{args.iters}{'-amp' if args.amp else ''}.json"
+        outs[impl] = work / f"{impl}-{args.scheme}-{args.iters}{'-amp' if args.amp else ''}-from{args.quant_from}.json"
         cmd = [str(binary / "python"), str(ROOT / "bench" / "block_trace.py"), "--impl", impl, "--model", str(folder),
                "--scheme", args.scheme, "--iters", str(args.iters), "--out", str(outs[impl])]
         cmd += (["--lr", str(args.lr)] if args.lr else []) + (["--amp"] if args.amp else [])
+        cmd += ["--quant_from", str(args.quant_from)] if args.quant_from else []
         log = open(work / f"{impl}.log", "w")
         procs.append(subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, cwd=work,
                                       env={**os.environ, "OMP_NUM_THREADS": "1"}))
@@ -119,8 +123,9 @@ def main() -> None:
     ours, ref = (json.loads(outs[i].read_text()) for i in ("ours", "reference"))
     date = datetime.date.today().isoformat()
     report = {"date": date, "args": vars(args), "seconds_ours": ours["seconds"], "seconds_ref": ref["seconds"],
-              "blocks": block_rows(ours, ref, args.iters), "losses_ours": ours["losses"], "losses_ref": ref["losses"]}
-    name = args.name or f"{args.layers}l-{args.scheme.lower()}-{args.iters}{'-amp' if args.amp else ''}"
+              "blocks": block_rows(ours, ref, args.iters, args.quant_from), "losses_ours": ours["losses"], "losses_ref": ref["losses"]}
+    name = args.name or (f"{args.layers}l-{args.scheme.lower()}-{args.iters}{'-amp' if args.amp else ''}"
+                         f"{f'-from{args.quant_from}' if args.quant_from else ''}")
     stem = RESULTS / f"{date}-tuning-vs-reference-{name}"
     stem.with_suffix(".json").write_text(json.dumps(report, indent=1))
     stem.with_suffix(".md").write_text(markdown(report))

@@ -56,6 +56,9 @@ class SignRoundConfig:
     # MX / NVFP4 activation qdq of the tuning forward through torch.compile (`algorithms.compile`; the caller
     # sets it from enable_torch_compile when a compiler exists)
     compile_act_qdq: bool = False
+    # Tokens whose fp output norm exceeds this multiple of the block's median token norm count in the loss as if
+    # scaled down to that norm (relative error kept); 0 = plain masked MSE, as the reference (see token_loss_scale)
+    massive_token_cap: float = 0.0
 
     @property
     def resolved_lr(self) -> float:
@@ -103,6 +106,26 @@ def loss_mask_from_attention(attention_mask: torch.Tensor) -> torch.Tensor:
     mask = attention_mask.clone().float()
     mask[:, -1] = 0.0
     return mask.unsqueeze(-1)
+
+
+def token_loss_scale(targets: torch.Tensor, loss_mask: torch.Tensor, cap: float) -> Optional[torch.Tensor]:
+    """[n, T, 1] factor on each token's output error, or None when no token is capped (plain MSE, bit for bit).
+
+    Why: models with massive activations (SmolLM2 from block 11: one channel of the first token reaches ~24,500
+    against a median token norm of ~140) have ~99 % of the block-output MSE on a few attention-sink tokens.
+    Every later layer sees them only through RMSNorm, where an absolute error e on a token of norm N counts as
+    e / N, so the plain loss spends SignRound's sign steps on an error that hardly matters. Capping the weight
+    keeps such a token's relative error in the loss at the weight of a token of norm cap x median.
+    targets: [n, T, H] fp outputs; loss_mask: [n, T, 1] (1 = counted); cap > 0.
+    """
+    norms = targets.float().norm(dim=-1, keepdim=True)
+    counted = norms[loss_mask > 0]
+    if counted.numel() == 0:
+        return None
+    limit = cap * counted.median()
+    if not bool(limit > 0) or not bool((norms > limit).any()):
+        return None
+    return torch.where(norms > limit, limit / norms, torch.ones_like(norms))
 
 
 def nvfp4_global_scales(layers: dict[str, tuple[nn.Module, QuantScheme]]) -> dict[str, torch.Tensor]:
@@ -225,6 +248,7 @@ def tune_block(
     micro = min(config.batch_size, n)
     lr0, mm_lr0 = config.resolved_lr, config.resolved_minmax_lr
     device_type, amp_dtype = torch.device(device).type, config.amp_dtype or torch.bfloat16
+    token_scale = token_loss_scale(targets, loss_mask, config.massive_token_cap) if config.massive_token_cap > 0 else None
 
     for t in tunables.values():
         t.attach()
@@ -247,6 +271,8 @@ def tune_block(
                     out = run_block(idx)
                 out = out.float()
                 m = loss_mask[idx].to(out.device)
+                if token_scale is not None:
+                    m = m * token_scale[idx].to(out.device)
                 diff = (out - targets[idx].to(out.device).float()) * m
                 sq_sum = outlier_masked_sq_sum(diff, m) if outlier_loss else diff.pow(2).sum()
                 loss = sq_sum / count  # summed over micro-batches = mean over the global batch

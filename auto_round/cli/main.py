@@ -81,6 +81,10 @@ def build_parser(prog: str = "auto-round") -> argparse.ArgumentParser:
                    help="SignRoundV2 additions (iters > 0; sym int, MXFP4/MXFP8, NVFP4): start from the opt-RTN "
                         "imatrix scale search, clip scales in [0, 2], and below 4 bits or with 4-bit activations "
                         "leave the top 0.1%% output errors out of the loss")
+    t.add_argument("--massive_token_cap", type=float, default=0.0,
+                   help="tokens whose fp block output is more than this many times the median token norm (attention "
+                        "sinks with massive activations) count in the loss with their relative error at that norm; "
+                        "0 = plain MSE (the reference's loss)")
     amp = t.add_mutually_exclusive_group()
     amp.add_argument("--amp", dest="amp", action="store_true", default=None,
                      help="run the tuning matmuls in --amp_dtype (torch.autocast; targets stay full precision). "
@@ -248,7 +252,7 @@ def main(argv: Optional[Sequence[str]] = None, recipe: str = "default", prog: st
             enable_minmax_tuning=not args.disable_minmax_tuning,
             enable_quanted_input=not args.disable_quanted_input, not_use_best_mse=args.not_use_best_mse,
             seed=args.seed, disable_opt_rtn=args.disable_opt_rtn, enable_alg_ext=args.enable_alg_ext,
-            amp=args.amp, amp_dtype=args.amp_dtype,
+            massive_token_cap=args.massive_token_cap, amp=args.amp, amp_dtype=args.amp_dtype,
             amp_attention=args.amp_attention, enable_torch_compile=args.enable_torch_compile,
             scale_dtype=args.scale_dtype, model_dtype=args.model_dtype, device=args.device,
             trust_remote_code=not args.disable_trust_remote_code, max_shard_size=args.max_shard_size,
