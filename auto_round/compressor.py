@@ -116,7 +116,7 @@ class AutoRound:
         seed: int = 42,
         disable_opt_rtn: Optional[bool] = None,
         enable_alg_ext: bool = False,
-        massive_token_cap: float = 0.0,
+        massive_token_cap: float = 4.0,
         amp: Optional[bool] = None,
         amp_dtype: "str | torch.dtype" = "bf16",
         amp_attention: bool = False,

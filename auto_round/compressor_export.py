@@ -36,6 +36,8 @@ def export_context(ar: "AutoRound") -> ExportContext:
         "batch_size": t.batch_size, "gradient_accumulate_steps": t.gradient_accumulate_steps,
         "enable_minmax_tuning": t.enable_minmax_tuning,
         "enable_alg_ext": t.enable_alg_ext and t.iters > 0,
+        # ours only (the reference always tunes on the plain MSE): recorded so a checkpoint says how it was made
+        "massive_token_cap": t.massive_token_cap if t.iters else None,
         # RTN feeds no quantized inputs anywhere; the reference records that too
         "enable_quanted_input": ar.enable_quanted_input and t.iters > 0,
         "low_gpu_mem_usage": False,

@@ -4,8 +4,10 @@ For a block with fp inputs X_fp (fp chain) and inputs X_q (quantized chain):
     target = block_fp(X_fp)                                  (computed by the caller)
     loss   = mean( (mask * (block_q(X_q; V, alpha, beta) - target))^2 )
     theta <- theta - lr_t * sign(grad theta)                  signed SGD, lr_t linear decay to 0
-The mask drops padding and the last position of every sample. The parameters with the lowest loss
-seen are kept (unless `not_use_best_mse`).
+The mask drops padding and the last position of every sample. With `massive_token_cap` > 0 it also scales
+down the error of tokens whose target norm exceeds cap x the median token norm (attention sinks with massive
+activations; `token_loss_scale`). The parameters with the lowest loss seen are kept (unless
+`not_use_best_mse`).
 """
 
 from __future__ import annotations

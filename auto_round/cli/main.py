@@ -81,10 +81,10 @@ def build_parser(prog: str = "auto-round") -> argparse.ArgumentParser:
                    help="SignRoundV2 additions (iters > 0; sym int, MXFP4/MXFP8, NVFP4): start from the opt-RTN "
                         "imatrix scale search, clip scales in [0, 2], and below 4 bits or with 4-bit activations "
                         "leave the top 0.1%% output errors out of the loss")
-    t.add_argument("--massive_token_cap", type=float, default=0.0,
-                   help="tokens whose fp block output is more than this many times the median token norm (attention "
-                        "sinks with massive activations) count in the loss with their relative error at that norm; "
-                        "0 = plain MSE (the reference's loss)")
+    t.add_argument("--massive_token_cap", type=float, default=4.0,
+                   help="tokens whose fp block output norm is more than this many times the median token norm "
+                        "(attention sinks with massive activations) count in the loss with their relative error at "
+                        "that norm (default 4); 0 = the reference's plain MSE")
     amp = t.add_mutually_exclusive_group()
     amp.add_argument("--amp", dest="amp", action="store_true", default=None,
                      help="run the tuning matmuls in --amp_dtype (torch.autocast; targets stay full precision). "
