@@ -13,8 +13,8 @@ With iters == 0 the layers are rounded to nearest, with no data and no forward p
 from __future__ import annotations
 
 import dataclasses
-import math
 import logging
+import math
 import random
 import time
 from types import SimpleNamespace
