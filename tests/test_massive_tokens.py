@@ -4,6 +4,7 @@ Checked against hand-computed factors and against the loss written out by hand f
 iteration-0 (RTN) output; with nothing capped the result is the plain loss bit for bit.
 """
 
+import json
 import math
 
 import pytest
@@ -11,6 +12,7 @@ import torch
 from torch import nn
 
 from auto_round import AutoRound
+from auto_round.cli.main import main
 from auto_round.algorithms.signround import SignRoundConfig, token_loss_scale, tune_block
 from auto_round.schemes import resolve_scheme
 from tiny_models import random_ids, tiny_model, tiny_tokenizer
@@ -87,9 +89,6 @@ def test_no_capped_token_gives_the_plain_result_bit_for_bit():
 
 def test_default_cap_is_4_and_the_cli_passes_it(tmp_path):
     assert AutoRound(tiny_model("llama"), iters=1, dataset=random_ids(2, 8)).tuning.massive_token_cap == 4.0
-    from auto_round.cli.main import main
-    import json
-
     model_dir = tmp_path / "tiny"
     tiny_model("llama").save_pretrained(model_dir)
     tiny_tokenizer().save_pretrained(model_dir)
