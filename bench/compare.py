@@ -59,7 +59,7 @@ SETTINGS["w2g64_sr200_fp32"] = ("W2A16G64", 200, None)
 # "<setting>_cap<N>": ours with --massive_token_cap N (default 4; cap0 = the reference's plain loss, which the
 # reference always uses)
 for _base in ("w2g64_sr200", "w4_sr50", "nvfp4_sr50_fp32", "mxfp4_sr50_fp32"):
-    for _cap in (0, 4, 8):
+    for _cap in (0, 1, 2, 4, 8):
         SETTINGS[f"{_base}_cap{_cap}"] = SETTINGS[_base]
 # Ours keeps the model fp32 and autocasts the tuning matmuls to bf16 where bf16 is fast; "*_bf16" settings
 # load ours in bf16 instead (--model_dtype bf16), as the reference does with its whole model on CPU; "*_fp32"
