@@ -58,7 +58,7 @@ for _name, _scheme in (("mxfp4", "MXFP4"), ("nvfp4", "NVFP4"), ("fp8static", "FP
 SETTINGS["w2g64_sr200_fp32"] = ("W2A16G64", 200, None)
 # "<setting>_cap<N>": ours with --massive_token_cap N (default 4; cap0 = the reference's plain loss, which the
 # reference always uses)
-for _base in ("w2g64_sr200", "w4_sr50", "nvfp4_sr50_fp32", "mxfp4_sr50_fp32"):
+for _base in ("w2g64_sr200", "w4_sr50", "nvfp4_sr50_fp32", "mxfp4_sr50_fp32", "fp8static_sr50"):
     for _cap in (0, 1, 2, 4, 8):
         SETTINGS[f"{_base}_cap{_cap}"] = SETTINGS[_base]
 # Ours keeps the model fp32 and autocasts the tuning matmuls to bf16 where bf16 is fast; "*_bf16" settings
