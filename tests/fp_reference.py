@@ -54,3 +54,20 @@ def ref_rceil_exp(amax: float, max_norm: float) -> int:
     ratio = float(np.float32(amax) / np.float32(max_norm))
     m, e = math.frexp(ratio)
     return max(-127, min(127, e - 1 if m == 0.5 else e))
+
+
+def nvfp4_reference_order(x: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.float32]:
+    """NVFP4 of grouped x [rows, n_groups, 16] with the reference kernel's fp32 operation order (the doc's
+    formula, every product in float32): g = 2688 * (1 / amax), s_b = e4m3(clamp(g * (amax_b * fl(1/6)))),
+    r = 1 / (s_b * (1 / g)), x_q = e2m1(clamp(x * r, -6, 6)). Returns (x_q, s_b, g)."""
+    f32 = np.float32
+    x = x.astype(f32)
+    amax_t = np.abs(x).max()
+    g = f32(2688.0) * (f32(1.0) / amax_t) if amax_t > 0 else f32(1.0)
+    amax_b = np.abs(x).max(axis=-1)
+    s_raw = np.clip(g * (amax_b * f32(1.0 / 6.0)), f32(-448.0), f32(448.0)).astype(f32)
+    s_b = brute_round(s_raw, "e4m3").astype(f32)
+    with np.errstate(divide="ignore"):
+        r = np.where(s_b != 0, f32(1.0) / (s_b * (f32(1.0) / g)), f32(0.0)).astype(f32)
+    y = np.clip(x * r[..., None], f32(-6.0), f32(6.0)).astype(f32)
+    return brute_round(y, "e2m1").astype(f32), s_b, f32(g)

@@ -1,7 +1,10 @@
-"""NVFP4 qdq against a hand-worked example, the documented formulas and compressed-tensors' NVFP4 fake quant."""
+"""NVFP4 qdq against a hand-worked example, the documented formulas in the reference kernel's fp32 operation
+order, and compressed-tensors' NVFP4 fake quant."""
 
+import numpy as np
 import pytest
 import torch
+from fp_reference import brute_round, nvfp4_reference_order
 
 from auto_round.quant.int_qdq import GroupLayout
 from auto_round.quant.nvfp_qdq import dequant_nvfp4, global_scale, qdq_nvfp4, shared_global_scale
@@ -139,3 +142,41 @@ def test_matches_compressed_tensors_nvfp4():
     assert torch.equal(ct_scale.float()[nonzero], r.block_scale[nonzero])
     ref = forward.fake_quantize(w, ct_scale, None, args, global_scale=gs)
     assert torch.equal(ref, layout.from_groups(r.weight))
+
+
+def test_block_scale_tie_rounds_up_like_the_reference():
+    # tensor max 2.40625 -> g = 2688 * fl(1 / 2.40625) = 1117.0909. A block max of 0.365234375 (both values
+    # from SmolLM2's layer 7 up_proj) gives 448 * 0.365234375 / 2.40625 = 68 exactly, the midpoint of the
+    # e4m3 neighbours 64 and 72: exact arithmetic rounds it to the even 64; the reference's fp32 order
+    # (g * (amax * fl(1/6))) lands above 68, so 72. Ours follows the reference.
+    w = torch.zeros(1, 32)
+    w[0, 0], w[0, 16] = 2.40625, 0.365234375
+    r = qdq_nvfp4(GroupLayout(1, 32, 16).to_groups(w))
+    assert r.block_scale.tolist() == [[448.0, 72.0]]
+    assert 448 * 0.365234375 / 2.40625 == 68.0  # the tie, in double precision
+    # the block max maps to 0.365234375 * g / 72 = 5.67 -> 6 (not clipped as it would be with 64: 6.38 -> 6)
+    assert r.elements[0, 1, 0].item() == 6.0
+
+
+def test_matches_the_reference_operation_order_on_ties():
+    """Weights on a coarse grid (like bf16 ones) make exact fp32 ties common; codes and block scales equal
+    the reference kernel's order bit for bit, while compressed-tensors' order (exact division) decides some
+    of them differently."""
+    gen = torch.Generator().manual_seed(0)
+    w = torch.round(torch.randn(96, 64, generator=gen) * 60) / 1024
+    w[0, 0] = 2.40625  # the tensor max of the example above: g = 1117.0909
+    layout = GroupLayout(96, 64, 16)
+    grouped = layout.to_groups(w)
+    r = qdq_nvfp4(grouped)
+    ref_q, ref_sb, ref_g = nvfp4_reference_order(grouped.numpy())
+    assert r.global_scale.item() == float(ref_g)
+    assert np.array_equal(r.block_scale.numpy(), ref_sb)
+    assert np.array_equal(r.elements.numpy(), ref_q)
+    # the data do contain ties that the order decides: exact division picks other block scales and codes
+    g = r.global_scale
+    sb_exact = (g * (grouped.abs().amax(-1) / 6)).clamp(-448, 448).to(torch.float8_e4m3fn).float()
+    y_exact = (grouped / (sb_exact / g).unsqueeze(-1)).clamp(-6, 6)
+    assert (sb_exact.numpy() != ref_sb).sum() > 0
+    assert (brute_round(y_exact.numpy(), "e2m1") != ref_q).sum() > 0
+    # and W^ is what the loader rebuilds from the codes and scales
+    assert torch.equal(r.weight, dequant_nvfp4(r.codes, r.block_scale, r.global_scale))

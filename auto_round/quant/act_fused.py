@@ -34,7 +34,7 @@ import torch
 
 from .fp_formats import E2M1, round_to_format
 from .mx_qdq import E8M0_MAX_EXP, E8M0_MIN_EXP, MxFormat, exact_exponent, round_element
-from .nvfp_qdq import FP4_MAX, FP8_MAX, nvfp_block_scale
+from .nvfp_qdq import FP4_MAX, FP8_MAX, nvfp_block_scale, nvfp_scales
 
 
 def mx_forward(x: torch.Tensor, need_grad: bool, fmt: MxFormat, rule: str = "floor",
@@ -64,16 +64,16 @@ def nvfp4_forward(x: torch.Tensor, need_grad: bool, gscale: torch.Tensor):
     `nvfp_qdq.qdq_nvfp4` for the values. Returns (out, outside, k) as `mx_forward`, k = 1 / (6 s)."""
     g = gscale.float().reshape(-1)
     amax = x.abs().amax(dim=-1)
-    s_raw = g * (amax / FP4_MAX)  # before the clamp at 448, for the gradient mask below
-    s = nvfp_block_scale(amax, g) / g
-    live = s != 0
-    s_div = torch.where(live, s, torch.full_like(s, float("inf"))).unsqueeze(-1)
-    y = x / s_div
+    s_b = nvfp_block_scale(amax, g)
+    s, r = nvfp_scales(s_b, g)
+    y = x * r.unsqueeze(-1)
     out = round_to_format(y.clamp(-FP4_MAX, FP4_MAX), E2M1).mul_(s.unsqueeze(-1))
     if not need_grad:
         return out, None, None
+    live = s_b != 0
+    s_raw = g * (amax * (1.0 / FP4_MAX))  # before the clamp at 448, for the gradient mask below
     outside = (y.abs_() > FP4_MAX).logical_or_(~live.unsqueeze(-1))
-    k = torch.where(live & (s_raw <= FP8_MAX), 1.0 / (FP4_MAX * s_div.squeeze(-1)), torch.zeros_like(s))
+    k = torch.where(live & (s_raw <= FP8_MAX), r * (1.0 / FP4_MAX), torch.zeros_like(s))
     return out, outside, k
 
 

@@ -26,7 +26,7 @@ import torch
 
 from .mx_qdq import MxFormat, qdq_mx
 from .fp_formats import E2M1, round_to_format
-from .nvfp_qdq import FP4_MAX, global_scale, nvfp_block_scale
+from .nvfp_qdq import FP4_MAX, global_scale, nvfp_block_scale, nvfp_scales
 
 MX_CANDIDATES = (1.0, 0.5, 2.0)
 NVFP4_CANDIDATES = tuple((50 + k) / 100 for k in range(102))  # 0.50 .. 1.51; 1.0 is exact (100 / 100)
@@ -87,11 +87,10 @@ def search_nvfp4_scale(grouped: torch.Tensor, importance: torch.Tensor, gscale: 
         last_sb = s_b
         if idx.numel() == 0:
             continue
-        s = (s_b[idx] / g).unsqueeze(-1)
+        s, r = nvfp_scales(s_b[idx], g)  # the same arithmetic as qdq_nvfp4
         xs = xf[idx]
-        nonzero = s != 0
-        y = torch.where(nonzero, xs / torch.where(nonzero, s, torch.ones_like(s)), torch.zeros_like(xs))
-        w_hat = round_to_format(torch.clamp(y, -FP4_MAX, FP4_MAX), E2M1) * s
+        y = xs * r.unsqueeze(-1)
+        w_hat = round_to_format(torch.clamp(y, -FP4_MAX, FP4_MAX), E2M1) * s.unsqueeze(-1)
         err = (imp[idx] * (w_hat - xs).pow(2)).sum(-1)
         better = err < best_err[idx]
         best_err[idx] = torch.where(better, err, best_err[idx])

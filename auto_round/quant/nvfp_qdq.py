@@ -4,15 +4,19 @@ Pure tensor math: no model, I/O or logging. Inputs are grouped like `int_qdq`: [
 
     global_scale g = 448 * 6 / amax(W)                 (fp32; g = 1 when amax(W) == 0)
     s_b  = e4m3( clamp(g * (max|x_b| * max_scale * init_scale / 6), -448, 448) )   (cast with STE)
-    s    = s_b / g                                     (effective fp32 block scale)
-    x_q  = e2m1( clamp(x / s + V, -6, 6) )             (ties to even, STE)
-    W^   = x_q * s
+    x_q  = e2m1( clamp(x * g / s_b + V, -6, 6) )       (ties to even, STE)
+    W^   = x_q * (s_b / g)
 
 The block scale s_b is what is stored (float8_e4m3fn), g is stored as `weight_global_scale`.
-Operation order: the effective scale s = s_b / g is formed first, then x / s and x_q * s. This is the
-order compressed-tensors (the consumer) uses; the doc's `x * g / s_b` is the same value up to one fp32
-rounding. A block whose s_b underflows to 0 in e4m3 (max|x_b| < ~1e-3 / g) dequantizes to 0
-(x / s is taken as 0 there, not NaN).
+
+fp32 operation order. Which code a value gets is decided by fp32 roundings wherever the exact result is a
+tie, and with bf16 weights exact ties are common (g * amax_b / 6 = 448 * amax_b / amax_W is a ratio of two
+bf16 numbers; 0.05 % of SmolLM2's codes). The codes follow the reference's kernel, whose accuracy we are
+held to: g = 2688 * (1 / amax), s_b from g * (amax_b * c * fl(1/6)) with c = max_scale * init_scale (the
+inexact fl(1/6) > 1/6 sends a block-scale tie such as 58 up to 60 where an exact division gives the even
+56), and x * r with r = 1 / (s_b * (1 / g)). The dequantized W^ uses s = s_b / g, the loader's formula
+(compressed-tensors, `dequant_nvfp4`), so what is tuned is what a loader rebuilds, bit for bit.
+A block whose s_b underflows to 0 in e4m3 (max|x_b| < ~1e-3 / g) dequantizes to 0 (r is taken as 0).
 
 Fused layers (q/k/v, gate/up, MoE w1/w3) share one global scale: the minimum of the members' scales,
 i.e. 448 * 6 / max of their amax (`shared_global_scale`).
@@ -40,7 +44,8 @@ def e4m3_ste(x: torch.Tensor) -> torch.Tensor:
 def global_scale_from_amax(amax: torch.Tensor) -> torch.Tensor:
     """448 * 6 / max|amax| as fp32 shape [1]; 1.0 when it is 0 (nothing to scale). amax: any shape."""
     amax = amax.detach().float().abs().amax()
-    gs = torch.where(amax > 0, (FP8_MAX * FP4_MAX) / amax, torch.ones_like(amax))
+    inv = 1.0 / torch.where(amax > 0, amax, torch.ones_like(amax))  # multiply by 1/amax: see module docstring
+    gs = torch.where(amax > 0, (FP8_MAX * FP4_MAX) * inv, torch.ones_like(amax))
     return gs.reshape(1)
 
 
@@ -73,10 +78,23 @@ class NvfpQdqResult:
         return encode(self.elements, E2M1)
 
 
+_INV_FP4_MAX = 1.0 / FP4_MAX  # multiplied in fp32 as fl32(1/6) > 1/6: the reference's tie-breaking
+
+
 def nvfp_block_scale(amax: torch.Tensor, gscale: torch.Tensor) -> torch.Tensor:
-    """s_b = e4m3(clamp(g * (amax / 6), -448, 448)) with STE. amax [rows, n_groups] (already tuned)."""
-    s = gscale * (amax.float() / FP4_MAX)
+    """s_b = e4m3(clamp(g * (amax * fl(1/6)), -448, 448)) with STE. amax [rows, n_groups] (already tuned)."""
+    s = gscale * (amax.float() * _INV_FP4_MAX)
     return e4m3_ste(torch.clamp(s, -FP8_MAX, FP8_MAX))
+
+
+def nvfp_scales(s_b: torch.Tensor, gscale: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """(s, r) of block scales s_b [rows, n_groups] and g [1]: s = s_b / g dequantizes (the loader's
+    formula), r = 1 / (s_b * (1 / g)) quantizes (x * r, the reference's order); r = 0 where s_b = 0."""
+    s = s_b / gscale
+    live = s_b != 0
+    r = torch.where(live, 1.0 / torch.where(live, s_b * (1.0 / gscale), torch.ones_like(s_b)),
+                    torch.zeros_like(s_b))
+    return s, r
 
 
 def qdq_nvfp4(
@@ -98,19 +116,29 @@ def qdq_nvfp4(
     x = grouped.float()
     g = (global_scale(x) if gscale is None else gscale.float()).reshape(-1)
     amax = x.abs().amax(dim=-1)  # [rows, n_groups]; not detached (see mx_qdq.qdq_mx)
-    if max_scale is not None:
-        amax = amax * max_scale
-    if init_scale is not None:
-        amax = amax * init_scale
+    coeff = _block_max_coefficient(max_scale, init_scale)
+    if coeff is not None:
+        amax = amax * coeff
     s_b = nvfp_block_scale(amax, g)  # [rows, n_groups]
-    s = (s_b / g).unsqueeze(-1)  # effective scale
-    # a block whose scale underflowed to 0 quantizes to 0: dividing by +inf there gives 0 without a
-    # full-size torch.where (x / inf = +-0, and -0 encodes and dequantizes as 0)
-    y = x / torch.where(s != 0, s, torch.full_like(s, float("inf")))
+    s, r = nvfp_scales(s_b, g)
+    # a block whose scale underflowed to 0 has r = 0: its values quantize to clamp(V) and dequantize to 0
+    y = x * r.unsqueeze(-1)
     if v is not None:
         y = y + v
     x_q = round_to_format_ste(torch.clamp(y, -FP4_MAX, FP4_MAX), E2M1)
-    return NvfpQdqResult(weight=x_q * s, block_scale=s_b.detach(), global_scale=g.detach(), elements=x_q.detach())
+    weight = x_q * s.unsqueeze(-1)
+    return NvfpQdqResult(weight=weight, block_scale=s_b.detach(), global_scale=g.detach(), elements=x_q.detach())
+
+
+def _block_max_coefficient(max_scale: Optional[torch.Tensor],
+                           init_scale: Optional[torch.Tensor]) -> Optional[torch.Tensor]:
+    """max_scale * init_scale (either may be None), formed before it multiplies the block max, as the
+    reference does (the product order changes the fp32 value of a tie)."""
+    if max_scale is None:
+        return init_scale
+    if init_scale is None:
+        return max_scale
+    return max_scale * init_scale
 
 
 def dequant_nvfp4(codes: torch.Tensor, block_scale: torch.Tensor, gscale: torch.Tensor) -> torch.Tensor:
