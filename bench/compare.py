@@ -51,6 +51,7 @@ for _name, _scheme in (("mxfp4", "MXFP4"), ("nvfp4", "NVFP4"), ("fp8static", "FP
                        ("w2", "W2A16"), ("w3", "W3A16"), ("w2g64", "W2A16G64")):
     # the data-type grid (issue 6): RTN, opt-RTN (the iters=0 default of both) and SignRound at 50 iterations
     SETTINGS.setdefault(f"{_name}_rtn", (_scheme, 0, None))
+    SETTINGS.setdefault(f"{_name}_rtn_bf16", (_scheme, 0, None))  # ours on the bf16 weights the reference rounds
     SETTINGS.setdefault(f"{_name}_optrtn", (_scheme, 0, None))
     SETTINGS.setdefault(f"{_name}_sr50", (_scheme, 50, None))
     SETTINGS.setdefault(f"{_name}_sr50_algext", (_scheme, 50, None))
@@ -139,7 +140,7 @@ def cli_command(impl: str, model: Path, setting: str, calib: Path, out: Path, ar
         cmd.append("--disable_amp")
     if setting.endswith("_bf16") and impl == "ours":
         cmd += ["--model_dtype", "bf16"]
-    if iters == 0 and setting.endswith("_rtn"):
+    if iters == 0 and setting.endswith(("_rtn", "_rtn_bf16")):
         cmd.append("--disable_opt_rtn")  # plain RTN; "*_optrtn" keeps both sides' iters=0 default (opt-RTN)
     if cap and impl == "ours":
         cmd += ["--massive_token_cap", cap]
