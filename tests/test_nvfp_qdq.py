@@ -122,7 +122,9 @@ def test_requires_groups_of_16():
 
 def test_matches_compressed_tensors_nvfp4():
     """CT's NVFP4 (tensor_group, e4m3 scales, global scale) gives the same global scale, block scales and
-    dequantized weights, bit for bit (same fp32 operation order: s = s_b / g, x / s, x_q * s)."""
+    dequantized weights, bit for bit, on data without exact ties (random fp32 weights): CT divides exactly
+    where ours multiplies by reciprocals in the reference's order, which only matters at a tie (see
+    test_matches_the_reference_operation_order_on_ties), and both dequantize as x_q * (s_b / g)."""
     forward = pytest.importorskip("compressed_tensors.quantization.lifecycle.forward")
     from compressed_tensors.quantization.quant_scheme import PRESET_SCHEMES
     from compressed_tensors.quantization.utils.helpers import calculate_qparams, generate_gparam

@@ -13,8 +13,8 @@ fp32 operation order. Which code a value gets is decided by fp32 roundings where
 tie, and with bf16 weights exact ties are common (g * amax_b / 6 = 448 * amax_b / amax_W is a ratio of two
 bf16 numbers; 0.05 % of SmolLM2's codes). The codes follow the reference's kernel, whose accuracy we are
 held to: g = 2688 * (1 / amax), s_b from g * (amax_b * c * fl(1/6)) with c = max_scale * init_scale (the
-inexact fl(1/6) > 1/6 sends a block-scale tie such as 58 up to 60 where an exact division gives the even
-56), and x * r with r = 1 / (s_b * (1 / g)). The dequantized W^ uses s = s_b / g, the loader's formula
+inexact fl(1/6) > 1/6 can send a block-scale tie up: SmolLM2's 448 * 0.365234375 / 2.40625 = 68 becomes 72
+where an exact division gives the even 64), and x * r with r = 1 / (s_b * (1 / g)). The dequantized W^ uses s = s_b / g, the loader's formula
 (compressed-tensors, `dequant_nvfp4`), so what is tuned is what a loader rebuilds, bit for bit.
 A block whose s_b underflows to 0 in e4m3 (max|x_b| < ~1e-3 / g) dequantizes to 0 (r is taken as 0).
 
