@@ -21,7 +21,6 @@ from typing import Optional
 import torch
 from torch import nn
 
-from ..quant.int_qdq import QdqResult, qdq_int
 from ..schemes import QuantScheme
 from .init_scales import float_init_scale, int_clip_factor
 from .tunable import TunableLayer
@@ -95,10 +94,9 @@ class InitScaleTunableLayer(TunableLayer):
         with torch.no_grad():
             self.beta.clamp_(0.0, ALG_EXT_SCALE_BOUND)
 
-    def qdq(self) -> QdqResult:
+    def clip(self) -> tuple[torch.Tensor, torch.Tensor]:
         factor = self.init_scale * self.beta
-        return qdq_int(self.grouped, self.scheme.bits, True, v=self.v, alpha=factor, beta=factor,
-                       wmin=self.wmin, wmax=self.wmax, scale_dtype=self.scale_dtype)
+        return factor, factor
 
 
 def alg_ext_init_scales(layers: dict[str, tuple[nn.Module, QuantScheme]], imatrix: dict[str, torch.Tensor], *,

@@ -16,7 +16,8 @@ import torch.nn.functional as F
 from torch import nn
 
 from ..layers import layer_weight, set_layer_weight
-from ..quant.int_qdq import GroupLayout, QdqResult, group_range, qdq_int
+from ..quant.int_qdq import GroupLayout, QdqResult, asym_scale_zp, group_range, qdq_int, sym_scale_of_range
+from ..quant.int_qdq_fused import int_qdq_tuning
 from ..schemes import QuantScheme
 
 
@@ -124,22 +125,25 @@ class TunableLayer(PatchedForward):
             self.beta.clamp_(0.0, 1.0)
 
     # ---- qdq ----------------------------------------------------------------------------------
+    def clip(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """The factors [rows, n_groups] that scale the group's min and max: (alpha, beta)."""
+        return self.alpha, self.beta
+
     def qdq(self) -> QdqResult:
-        return qdq_int(
-            self.grouped,
-            self.scheme.bits,
-            self.scheme.sym,
-            v=self.v,
-            alpha=self.alpha,
-            beta=self.beta,
-            wmin=self.wmin,
-            wmax=self.wmax,
-            scale_dtype=self.scale_dtype,
-        )
+        alpha, beta = self.clip()
+        return qdq_int(self.grouped, self.scheme.bits, self.scheme.sym, v=self.v, alpha=alpha, beta=beta,
+                       wmin=self.wmin, wmax=self.wmax, scale_dtype=self.scale_dtype)
 
     def qdq_weight(self) -> torch.Tensor:
-        """Differentiable fake-quantized weight [out, in] in fp32."""
-        return self.layout.from_groups(self.qdq().weight)
+        """Differentiable fake-quantized weight [out, in] in fp32: qdq()'s weight, computed by the recomputing
+        node of quant/int_qdq_fused.py (same values and gradients, no weight-sized tensor kept for backward)."""
+        bits, sym, dt = self.scheme.bits, self.scheme.sym, self.grouped.dtype
+        alpha, beta = self.clip()
+        if sym:
+            scale, zp = sym_scale_of_range(self.wmin, self.wmax, alpha, beta, bits, self.scale_dtype, dt), None
+        else:
+            scale, zp = asym_scale_zp(self.wmin, self.wmax, alpha, beta, bits, self.scale_dtype, dt)
+        return self.layout.from_groups(int_qdq_tuning(self.grouped, self.v, scale, bits, sym, zp))
 
     @torch.no_grad()
     def finalize(self, params: Optional[tuple] = None) -> LayerQuantResult:

@@ -21,7 +21,15 @@ def block_runner(block: nn.Module, inputs: torch.Tensor, call: BlockCall, device
 
 @torch.no_grad()
 def run_batched(block: nn.Module, inputs: torch.Tensor, call: BlockCall, batch: int, device: str) -> torch.Tensor:
-    """Block outputs [n, T, H] for all samples, computed `batch` samples at a time, stored on CPU."""
+    """Block outputs [n, T, H] for all samples, computed `batch` samples at a time, stored where `inputs` are.
+
+    Each batch's output is copied into one preallocated tensor as it comes (a torch.cat of the pieces would
+    hold the whole chain twice at its peak)."""
     run = block_runner(block, inputs, call, device)
-    outs = [run(list(range(s, min(s + batch, inputs.shape[0])))).to(inputs.device) for s in range(0, inputs.shape[0], batch)]
-    return torch.cat(outs, dim=0)
+    n, out = inputs.shape[0], None
+    for s in range(0, n, batch):
+        piece = run(list(range(s, min(s + batch, n))))
+        if out is None:
+            out = torch.empty((n, *piece.shape[1:]), dtype=piece.dtype, device=inputs.device)
+        out[s : s + piece.shape[0]].copy_(piece)
+    return out

@@ -122,6 +122,26 @@ def _apply_clip(wmin, wmax, alpha, beta):
     return wmin, wmax
 
 
+def asym_scale_zp(wmin: torch.Tensor, wmax: torch.Tensor, alpha: Optional[torch.Tensor], beta: Optional[torch.Tensor],
+                  bits: int, scale_dtype: torch.dtype, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
+    """Asym scale and integer zero point [rows, n_groups] of the clipped range (formula: qdq_int_asym),
+    differentiable w.r.t. alpha / beta (the zero point through a straight-through round)."""
+    maxq = 2**bits - 1
+    wmin, wmax = _apply_clip(wmin, wmax, alpha, beta)
+    thresh = scale_threshold(scale_dtype)
+    scale = ((wmax - wmin) / maxq).to(scale_dtype).clamp(min=thresh).to(dtype)
+    zp = torch.clamp(round_ste(-wmin / scale), 0, maxq)
+    return scale, zp
+
+
+def sym_scale_of_range(wmin: torch.Tensor, wmax: torch.Tensor, alpha: Optional[torch.Tensor],
+                       beta: Optional[torch.Tensor], bits: int, scale_dtype: torch.dtype,
+                       dtype: torch.dtype) -> torch.Tensor:
+    """Signed full-range sym scale [rows, n_groups] of the clipped range (formula: qdq_int_sym)."""
+    wmin, wmax = _apply_clip(wmin, wmax, alpha, beta)
+    return sym_scale(signed_extreme(wmin, wmax).to(dtype), 2 ** (bits - 1), scale_dtype).to(dtype)
+
+
 def qdq_int_asym(
     grouped: torch.Tensor,
     bits: int,
@@ -144,10 +164,7 @@ def qdq_int_asym(
     maxq = 2**bits - 1
     if wmin is None or wmax is None:
         wmin, wmax = group_range(grouped)
-    wmin, wmax = _apply_clip(wmin, wmax, alpha, beta)
-    thresh = scale_threshold(scale_dtype)
-    scale = ((wmax - wmin) / maxq).to(scale_dtype).clamp(min=thresh).to(grouped.dtype)
-    zp = torch.clamp(round_ste(-wmin / scale), 0, maxq)
+    scale, zp = asym_scale_zp(wmin, wmax, alpha, beta, bits, scale_dtype, grouped.dtype)
     s3, zp3 = scale.unsqueeze(-1), zp.unsqueeze(-1)
     x = grouped / s3
     if v is not None:
@@ -179,8 +196,7 @@ def qdq_int_sym(
     half = 2 ** (bits - 1)
     if wmin is None or wmax is None:
         wmin, wmax = group_range(grouped)
-    wmin, wmax = _apply_clip(wmin, wmax, alpha, beta)
-    scale = sym_scale(signed_extreme(wmin, wmax).to(grouped.dtype), half, scale_dtype).to(grouped.dtype)
+    scale = sym_scale_of_range(wmin, wmax, alpha, beta, bits, scale_dtype, grouped.dtype)
     s3 = scale.unsqueeze(-1)
     x = grouped / s3
     if v is not None:
