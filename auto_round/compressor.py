@@ -40,6 +40,7 @@ from .model.blocks import has_tied_embeddings, iter_blocks
 from .model.layer_config import LayerConfig, resolve_layer_schemes
 from .model.loading import check_finite, load_model_and_tokenizer, parse_dtype
 from .model.memory import release_memory, release_weight
+from .model.packed_spill import PackedSpill, spill_dir_for
 from .model.run_log import RunLog, relative_errors, weight_snapshot
 from .model.memory_plan import plan_signround_memory
 from .model.tuning_attention import tuning_attention
@@ -180,6 +181,7 @@ class AutoRound:
         self.low_cpu_mem_usage = low_cpu_mem_usage
         self.memory_limit, self.auto_adjust_memory = memory_limit, auto_adjust_memory  # model/memory_plan.py
         self._packer: Optional[BlockPacker] = None  # set by quantize_and_save for immediate packing
+        self._spill: Optional[PackedSpill] = None  # where the packed blocks wait for the export (same)
         self.packed: dict[str, dict[str, torch.Tensor]] = {}
         self.source_dir = _local_source_dir(model)  # never written to (see check_output_dir)
         if isinstance(model, nn.Module):
@@ -407,11 +409,14 @@ class AutoRound:
         if self._packer is None:
             return
         shared = shared_weight_ptrs(self.model)
+        fresh = {}
         for name, (module, _) in self._block_layers(block_name).items():
-            self.packed[name] = self._packer.pack(name, self.results[name])
+            fresh[name] = self._packer.pack(name, self.results[name])
             self.results[name] = dataclasses.replace(self.results[name], codes=None)
             if module.weight.data_ptr() not in shared:  # a weight another module uses stays
                 release_weight(module)
+        # on disk until the export reads them (model/packed_spill.py), else in memory
+        self.packed.update(self._spill.put(fresh) if self._spill is not None else fresh)
 
     def _quantize_signround(self) -> None:
         calib = self._calibration()
@@ -501,12 +506,18 @@ class AutoRound:
         if self.low_cpu_mem_usage and len(formats) == 1 and not self.quantized:
             quantized = {n: v for n, v in layers.items() if v[0].is_quantized}
             self._packer = block_packer(formats[0], quantized, SCALE_DTYPES[self.scale_dtype])
+            self._spill = PackedSpill.start(spill_dir_for(output_dir))
         try:
-            self.quantize()
+            try:
+                self.quantize()
+            finally:
+                if self._ckpt is not None:
+                    self._ckpt.restore_sigint()  # Ctrl-C is deferred only during the block walk
+            paths = self.save_quantized(output_dir, format=format, overwrite=overwrite)
         finally:
-            if self._ckpt is not None:
-                self._ckpt.restore_sigint()  # Ctrl-C is deferred only during the block walk
-        paths = self.save_quantized(output_dir, format=format, overwrite=overwrite)
+            if self._spill is not None:  # written or failed: the work files go (the maps stay readable)
+                self._spill.remove()
+                self._spill = None
         if self.run_report:
             from .export.report import write_run_report
 
