@@ -15,6 +15,7 @@ from __future__ import annotations
 import json
 import shutil
 from pathlib import Path
+
 import torch
 from safetensors import safe_open
 from safetensors.torch import save_file
