@@ -9,6 +9,7 @@ from typing import Any, Optional
 
 import torch
 
+from .dtype_convert import convert_loaded_model, keeps_fp32_modules, stored_float_dtype
 from .memory import evict_clean_file_pages
 from .safetensors_header import checkpoint_tensors
 
@@ -67,9 +68,18 @@ def load_model_and_tokenizer(
         checkpoint_tensors(path)  # malformed / truncated safetensors headers: a clear error before transformers
     torch_dtype = parse_dtype(dtype) or (torch.float32 if device == "cpu" else "auto")
     source = str(path) if is_local else name_or_path
+    # another dtype than the stored one: load as stored (memory-mapped), convert tensor by tensor (dtype_convert)
+    stored = stored_float_dtype(path) if is_local and isinstance(torch_dtype, torch.dtype) else None
+    convert = stored is not None and stored != torch_dtype
     try:
         tokenizer = AutoTokenizer.from_pretrained(source, trust_remote_code=trust_remote_code)
-        model = AutoModelForCausalLM.from_pretrained(source, dtype=torch_dtype, trust_remote_code=trust_remote_code)
+        model = AutoModelForCausalLM.from_pretrained(source, dtype=stored if convert else torch_dtype,
+                                                     trust_remote_code=trust_remote_code)
+        if convert and keeps_fp32_modules(model):  # transformers' own rule decides which modules stay fp32
+            del model
+            model = AutoModelForCausalLM.from_pretrained(source, dtype=torch_dtype, trust_remote_code=trust_remote_code)
+        elif convert:
+            convert_loaded_model(model, torch_dtype)
     except OSError as err:
         where = "local directory" if is_local else "Hugging Face hub (is it reachable? pass a local directory otherwise)"
         raise ModelLoadError(f"could not load {name_or_path!r} from the {where}: {err}") from err

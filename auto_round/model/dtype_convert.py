@@ -1,0 +1,95 @@
+"""Load a checkpoint in a dtype other than the one it is stored in without holding both copies at once.
+
+Asked for fp32 weights from a bf16 checkpoint (the CPU default: most hub checkpoints are bf16), transformers
+converts each tensor while loading, and the file pages it reads stay resident until the load ends: the
+load peaks at the converted model plus the whole file (bf16 SmolLM2 -> fp32: ~1110 MiB, far above the tuning's
+own peak). Here the checkpoint is loaded in its own dtype (a zero-copy memory map: nothing is read), then
+each tensor is converted alone and its file pages are handed back at once (model/memory.py), so the load
+peaks at the converted model plus one tensor.
+
+The dtypes each parameter and buffer must end up in are those `from_pretrained(dtype=...)` gives: they are
+read from the same model class instantiated on the meta device under that dtype (rotary `inv_freq` stays
+fp32, buffers made with the default dtype follow it). Models that keep modules in fp32 on purpose
+(`_keep_in_fp32_modules`) are left to transformers.
+"""
+
+from __future__ import annotations
+
+import copy
+from pathlib import Path
+from typing import Optional
+
+import torch
+from torch import nn
+
+from .memory import evict_clean_file_pages
+from .safetensors_header import checkpoint_tensors
+
+_SAFETENSORS_FLOAT = {"F32": torch.float32, "BF16": torch.bfloat16, "F16": torch.float16}
+
+
+def stored_float_dtype(folder: "str | Path") -> Optional[torch.dtype]:
+    """The one floating dtype of a local safetensors checkpoint's tensors; None if mixed, other or none."""
+    dtypes = {e.dtype for e in checkpoint_tensors(folder).values() if not e.is_integer and e.dtype != "BOOL"}
+    return _SAFETENSORS_FLOAT.get(dtypes.pop()) if len(dtypes) == 1 else None
+
+
+def keeps_fp32_modules(model: nn.Module) -> bool:
+    """Whether the model class keeps some modules in fp32 whatever the dtype (a rule of transformers' loader)."""
+    cls = type(model)
+    return bool(getattr(cls, "_keep_in_fp32_modules", None) or getattr(cls, "_keep_in_fp32_modules_strict", None))
+
+
+def target_dtypes(model: nn.Module, wanted: torch.dtype) -> dict[str, torch.dtype]:
+    """name -> dtype of every parameter and buffer of `model`'s class built on the meta device in `wanted`."""
+    config = copy.deepcopy(model.config)  # _from_config may write its dtype into the config it is given
+    with torch.device("meta"):
+        skeleton = type(model)._from_config(config, dtype=wanted)
+    return {**{n: p.dtype for n, p in skeleton.named_parameters(remove_duplicate=False)},
+            **{n: b.dtype for n, b in skeleton.named_buffers(remove_duplicate=False)}}
+
+
+SLICE_ELEMENTS = 1 << 20  # elements converted at a time (4 MiB of fp32)
+
+
+def _converted(old: torch.Tensor, target: torch.dtype) -> torch.Tensor:
+    """`old` in `target`, converted slice by slice with each slice's file pages handed back as soon as it is
+    read: a 113 MB embedding then adds 4 MiB of source pages to the peak, not all of them."""
+    if not old.is_contiguous() or old.numel() <= SLICE_ELEMENTS:
+        new = old.to(target)
+        evict_clean_file_pages(old)
+        return new
+    new = torch.empty(old.shape, dtype=target, device=old.device)
+    src, dst = old.view(-1), new.view(-1)
+    for start in range(0, src.numel(), SLICE_ELEMENTS):
+        piece = src[start:start + SLICE_ELEMENTS]
+        dst[start:start + SLICE_ELEMENTS].copy_(piece)
+        evict_clean_file_pages(piece)
+    evict_clean_file_pages(old)  # the pages that straddle two slices
+    return new
+
+
+@torch.no_grad()
+def convert_loaded_model(model: nn.Module, wanted: torch.dtype) -> int:
+    """Convert a model loaded in its stored dtype to what from_pretrained(dtype=wanted) gives, tensor by tensor,
+    handing each source tensor's file pages back. Tied parameters stay tied. Returns tensors converted."""
+    targets = target_dtypes(model, wanted)
+    done: set[int] = set()
+    converted = 0
+    for module_name, module in model.named_modules():
+        for kind in ("_parameters", "_buffers"):
+            for name, tensor in getattr(module, kind).items():
+                full = f"{module_name}.{name}" if module_name else name
+                target = targets.get(full)
+                if tensor is None or id(tensor) in done or target is None or tensor.dtype == target:
+                    continue
+                done.add(id(tensor))
+                new = _converted(tensor.detach(), target)
+                if kind == "_parameters":
+                    tensor.data = new  # the Parameter object stays: ties (embedding / lm_head) hold
+                else:
+                    module._buffers[name] = new
+                converted += 1
+    if hasattr(model.config, "dtype"):
+        model.config.dtype = wanted
+    return converted

@@ -1,0 +1,94 @@
+"""Loading in another dtype than the stored one (model/dtype_convert.py): the same model as
+from_pretrained(dtype=...) gives, without the whole file resident on top of the converted copy."""
+
+import json
+import subprocess
+import sys
+
+import pytest
+import torch
+from transformers import AutoModelForCausalLM
+
+from auto_round.model.dtype_convert import stored_float_dtype
+from auto_round.model.loading import load_model_and_tokenizer
+from tiny_models import CONFIGS, tiny_model, tiny_tokenizer
+
+
+def _save(folder, arch, dtype):
+    model = tiny_model(arch).to(dtype)
+    model.save_pretrained(folder)
+    tiny_tokenizer().save_pretrained(folder)
+    return folder
+
+
+def _same_model(ours, theirs):
+    a = dict(ours.named_parameters(remove_duplicate=False)) | dict(ours.named_buffers(remove_duplicate=False))
+    b = dict(theirs.named_parameters(remove_duplicate=False)) | dict(theirs.named_buffers(remove_duplicate=False))
+    assert a.keys() == b.keys()
+    for name in a:
+        assert a[name].dtype == b[name].dtype, (name, a[name].dtype, b[name].dtype)
+        assert torch.equal(a[name], b[name]), name
+    assert ours.config.dtype == theirs.config.dtype
+
+
+@pytest.mark.parametrize("arch", sorted(CONFIGS))
+@pytest.mark.parametrize("stored, wanted", [(torch.float32, torch.bfloat16), (torch.bfloat16, torch.float32),
+                                            (torch.float32, torch.float16)])
+def test_converted_model_equals_from_pretrained_in_that_dtype(tmp_path, arch, stored, wanted):
+    folder = _save(tmp_path, arch, stored)
+    assert stored_float_dtype(folder) == stored
+    ours, _ = load_model_and_tokenizer(str(folder), dtype=wanted)
+    theirs = AutoModelForCausalLM.from_pretrained(folder, dtype=wanted)
+    _same_model(ours, theirs)
+    if theirs.config.tie_word_embeddings:
+        assert ours.get_output_embeddings().weight is ours.get_input_embeddings().weight
+    ids = torch.randint(0, 200, (1, 12))
+    assert torch.equal(ours(ids).logits, theirs(ids).logits)
+
+
+def test_stored_dtype_of_mixed_or_integer_checkpoints(tmp_path):
+    from safetensors.torch import save_file
+
+    save_file({"a": torch.ones(2), "b": torch.ones(2, dtype=torch.bfloat16)}, str(tmp_path / "model.safetensors"))
+    assert stored_float_dtype(tmp_path) is None
+    save_file({"a": torch.ones(2, dtype=torch.float16), "i": torch.ones(2, dtype=torch.int32)},
+              str(tmp_path / "model.safetensors"))
+    assert stored_float_dtype(tmp_path) == torch.float16
+
+
+_LOAD_PEAK = r"""
+import json, sys, torch
+path, how = sys.argv[1], sys.argv[2]
+def hwm():
+    return int(next(x for x in open("/proc/self/status") if x.startswith("VmHWM:")).split()[1]) * 1024
+def rss():
+    return int(next(x for x in open("/proc/self/status") if x.startswith("VmRSS:")).split()[1]) * 1024
+from transformers import AutoModelForCausalLM
+from auto_round.model.loading import load_model_and_tokenizer
+load_model_and_tokenizer(path, dtype=torch.float32) if how == "ours" else None  # imports and lazy init first
+open("/proc/self/clear_refs", "w").write("5")  # the high-water mark restarts here
+base = rss()
+if how == "ours":
+    model, _ = load_model_and_tokenizer(path, dtype=torch.float32)
+else:
+    model = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32)
+print(json.dumps({"added_peak": hwm() - base}))
+"""
+
+
+def test_bf16_checkpoint_loads_to_fp32_without_the_file_resident(tmp_path):
+    """A 64 MiB bf16 checkpoint loaded as fp32 (128 MiB): ours peaks near the fp32 model alone."""
+    import transformers as tf
+
+    config = tf.LlamaConfig(vocab_size=32768, hidden_size=1024, intermediate_size=64, num_hidden_layers=1,
+                            num_attention_heads=4, num_key_value_heads=4, tie_word_embeddings=True)
+    AutoModelForCausalLM.from_config(config, dtype=torch.bfloat16).save_pretrained(tmp_path)
+    tiny_tokenizer().save_pretrained(tmp_path)
+    fp32_bytes = 32768 * 1024 * 4
+    peak = {}
+    for how in ("ours", "transformers"):
+        done = subprocess.run([sys.executable, "-c", _LOAD_PEAK, str(tmp_path), how], capture_output=True, text=True,
+                              check=True)
+        peak[how] = json.loads(done.stdout.strip().splitlines()[-1])["added_peak"]
+    assert peak["ours"] < fp32_bytes * 1.15, peak  # the converted model and a few 4 MiB slices of the file
+    assert peak["ours"] < peak["transformers"], peak
