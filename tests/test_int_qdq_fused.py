@@ -56,24 +56,27 @@ def test_same_weight_and_gradients_as_the_plain_graph(bits, sym, scale_dtype, se
     assert fused_grads[0].abs().sum() > 0 and fused_grads[1].abs().sum() > 0
 
 
-def test_saves_no_weight_sized_tensor_for_backward():
+@pytest.mark.parametrize("bits, code_bytes", [(4, 1), (8, 2)])
+def test_keeps_only_narrow_integer_codes_for_backward(bits, code_bytes):
     grouped, wmin, wmax, v, alpha, beta, _ = _case(3)
-    scale = sym_scale_of_range(wmin, wmax, alpha, beta, 4, torch.float16, grouped.dtype)
-    new = []
+    scale = sym_scale_of_range(wmin, wmax, alpha, beta, bits, torch.float16, grouped.dtype)
 
-    def pack(t):
-        if t.shape == grouped.shape and t.data_ptr() not in (grouped.data_ptr(), v.data_ptr()):
-            new.append(t.shape)
-        return t
+    def saved_bytes(fn) -> int:
+        new = {}
 
-    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
-        int_qdq_tuning(grouped, v, scale, 4, True)
-        plain = qdq_int(grouped, 4, True, v=v, alpha=alpha, beta=beta, wmin=wmin, wmax=wmax)
-    assert plain is not None and len(new) >= 2  # the plain graph keeps codes and clamp inputs; the node none
-    new.clear()
-    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
-        int_qdq_tuning(grouped, v, scale, 4, True)
-    assert new == []
+        def pack(t):
+            if t.shape == grouped.shape and t.data_ptr() not in (grouped.data_ptr(), v.data_ptr()):
+                new[t.data_ptr()] = t.numel() * t.element_size()
+            return t
+
+        with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+            fn()
+        return sum(new.values())
+
+    fused = saved_bytes(lambda: int_qdq_tuning(grouped, v, scale, bits, True))
+    plain = saved_bytes(lambda: qdq_int(grouped, bits, True, v=v, alpha=alpha, beta=beta, wmin=wmin, wmax=wmax))
+    assert fused == grouped.numel() * code_bytes  # one int8 (int16 at 8 bits) code per weight
+    assert plain >= grouped.numel() * 8  # the plain graph: the clamp's input and the codes in fp32
 
 
 def test_asym_needs_the_zero_point():

@@ -3,9 +3,10 @@
 The plain graph of `qdq_int_sym` / `qdq_int_asym` (x = W/s + V, a straight-through round, a clamp, s * q)
 keeps two or three weight-sized fp32 tensors per layer alive from the forward to the backward pass (the
 clamp's input, the codes), and walks the weight with seven element-wise kernels each way. Here the forward
-runs in place on one buffer and saves nothing but references to W, V and the scale (and zero point); the
-backward recomputes the codes from them. The values and gradients are the plain graph's, operation for
-operation (tests/test_int_qdq_fused.py checks bit equality):
+runs in place on one buffer and keeps only the integer codes, clamped one step past the bounds, in int8
+(int16 at 8 bits): 1 byte per weight instead of 8, and enough to rebuild both q and the clamp's mask. The
+values and gradients are the plain graph's, operation for operation (tests/test_int_qdq_fused.py checks bit
+equality):
 
     sym:   q = clamp(round(W/s + V), -2^(b-1), 2^(b-1) - 1)           W^ = s * q
     asym:  q = clamp(round(W/s + V) + zp, 0, 2^b - 1)                  W^ = s * (q - zp)
@@ -26,37 +27,40 @@ from typing import Optional
 import torch
 
 
-def _codes(grouped: torch.Tensor, v: torch.Tensor, s3: torch.Tensor, zp3: Optional[torch.Tensor],
-           lo: float, hi: float) -> tuple[torch.Tensor, torch.Tensor]:
-    """(clamped codes, clamp-pass mask) exactly as the plain graph computes them, in one buffer."""
-    x = torch.div(grouped, s3)
-    x.add_(v).round_()  # (round(x) - x) + x == round(x) exactly, so this is round_ste's forward value
-    if zp3 is not None:
-        x.add_(zp3)
-    mask = (x >= lo).logical_and_(x <= hi)
-    return x.clamp_(lo, hi), mask
+def _code_dtype(lo: float, hi: float) -> torch.dtype:
+    """The narrowest integer type that holds the codes and one step beyond either bound (the clamp's mask)."""
+    return torch.int8 if lo - 1 >= -128 and hi + 1 <= 127 else torch.int16
 
 
 class _IntQdq(torch.autograd.Function):
     @staticmethod
     def forward(ctx, grouped, v, s3, zp3, lo: float, hi: float):  # type: ignore[override]
-        ctx.save_for_backward(grouped, v, s3, zp3)
-        ctx.lo, ctx.hi = lo, hi
         with torch.no_grad():
             x = torch.div(grouped, s3)
-            x.add_(v).round_()
-            if zp3 is None:
-                return x.clamp_(lo, hi).mul_(s3)
-            return x.add_(zp3).clamp_(lo, hi).sub_(zp3).mul_(s3)
+            x.add_(v).round_()  # (round(x) - x) + x == round(x) exactly: round_ste's forward value
+            if zp3 is not None:
+                x.add_(zp3)
+            # the codes one step past the bounds, 1-2 bytes each: enough for the clamp's mask and for q
+            codes = x.clamp(lo - 1, hi + 1).to(_code_dtype(lo, hi))
+            x.clamp_(lo, hi)
+            if zp3 is not None:
+                x.sub_(zp3)
+            out = x.mul_(s3)
+        ctx.save_for_backward(grouped, s3, zp3, codes)
+        ctx.lo, ctx.hi = lo, hi
+        return out
 
     @staticmethod
     def backward(ctx, grad):  # type: ignore[override]
-        grouped, v, s3, zp3 = ctx.saved_tensors
-        q, mask = _codes(grouped, v, s3, zp3, ctx.lo, ctx.hi)
-        if zp3 is not None:
-            q.sub_(zp3)  # the factor s multiplies: q - zp
-        grad_s = (grad * q).sum(-1, keepdim=True) if ctx.needs_input_grad[2] else None
-        del q
+        grouped, s3, zp3, codes = ctx.saved_tensors
+        mask = (codes >= ctx.lo).logical_and_(codes <= ctx.hi)  # torch.clamp's backward passes at the bounds
+        grad_s = None
+        if ctx.needs_input_grad[2]:
+            q = codes.clamp(ctx.lo, ctx.hi).to(grad.dtype)
+            if zp3 is not None:
+                q.sub_(zp3)  # the factor s multiplies: q - zp
+            grad_s = (grad * q).sum(-1, keepdim=True)
+            del q
         grad_q = grad * s3
         grad_zp = (-grad_q).sum(-1, keepdim=True) if zp3 is not None and ctx.needs_input_grad[3] else None
         grad_x = grad_q.masked_fill_(mask.logical_not_(), 0.0)  # +0 where the clamp cut, as torch.clamp's backward
