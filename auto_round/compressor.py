@@ -38,7 +38,8 @@ from .model.block_inputs import BlockCall, capture_block_inputs
 from .model.block_run import block_runner, run_batched
 from .model.blocks import has_tied_embeddings, iter_blocks
 from .model.layer_config import LayerConfig, resolve_layer_schemes
-from .model.loading import check_finite, load_model_and_tokenizer, parse_dtype
+from .model.dtype_convert import PendingConversion
+from .model.loading import check_finite, load_model_deferred, parse_dtype
 from .model.memory import release_memory, release_weight
 from .model.packed_spill import PackedSpill, spill_dir_for
 from .model.run_log import RunLog, relative_errors, weight_snapshot
@@ -184,15 +185,20 @@ class AutoRound:
         self._spill: Optional[PackedSpill] = None  # where the packed blocks wait for the export (same)
         self.packed: dict[str, dict[str, torch.Tensor]] = {}
         self.source_dir = _local_source_dir(model)  # never written to (see check_output_dir)
+        self._pending: Optional[PendingConversion] = None
         if isinstance(model, nn.Module):
             self.model, self.tokenizer = model, tokenizer
             check_finite(self.model)
         else:
-            self.model, loaded_tok = load_model_and_tokenizer(
+            # low_cpu_mem_usage: a checkpoint stored in another dtype is converted block by block as the walk
+            # reaches each block (model/dtype_convert.py); the rest of the model right after block discovery
+            self.model, loaded_tok, self._pending = load_model_deferred(
                 str(model), dtype=model_dtype, trust_remote_code=trust_remote_code, device=self.device,
                 allow_pickle=allow_pickle_checkpoint,
             )
             self.tokenizer = tokenizer if tokenizer is not None else loaded_tok
+            if self._pending is not None and not low_cpu_mem_usage:
+                self._convert_pending()
         if self.auto_scheme is not None:
             from .compressor_autoscheme import check_auto_scheme_data
 
@@ -200,6 +206,8 @@ class AutoRound:
         if iters > 0 and self.tokenizer is None and not isinstance(dataset, torch.Tensor):
             raise ValueError("a tokenizer is needed to build calibration data (iters > 0); pass tokenizer=")
         self.block_groups = select_block_groups(self.model, to_quant_block_names)
+        if self._pending is not None:  # everything but the blocks the walk converts one at a time
+            self._pending.convert(skip=tuple(name for name, _ in iter_blocks(self.model, self.block_groups)))
         self._layer_choices = dict(layer_config=layer_config, fp_layers=fp_layers, quant_lm_head=quant_lm_head)
         self.gguf: Optional[GGUFPlan] = None
         self._resolve_layers(gguf_mix_of(scheme) if isinstance(scheme, str) else None)
@@ -259,6 +267,8 @@ class AutoRound:
         if self.quantized:
             return self.model, self.results
         start = time.perf_counter()
+        if self.auto_scheme is not None:
+            self._convert_pending()  # the scoring runs every block
         self._plan_auto_scheme()
         self.model.eval()
         for p in self.model.parameters():
@@ -269,9 +279,15 @@ class AutoRound:
         else:
             self._quantize_signround()
         self._quantize_outside_blocks()
+        self._convert_pending()  # blocks outside the walk (other block groups) too
         self.quantized = True
         logger.info("quantization done in %.1f s (%d layers)", time.perf_counter() - start, len(self.results))
         return self.model, self.results
+
+    def _convert_pending(self) -> None:
+        if self._pending is not None:
+            self._pending.convert()
+            self._pending = None
 
     def _plan_auto_scheme(self) -> None:
         if self.auto_scheme is None or self.auto_scheme_plans is not None:
@@ -307,6 +323,8 @@ class AutoRound:
             self._quantize_opt_rtn(search=self._wants_opt_rtn())
             return
         for name, block in iter_blocks(self.model, self.block_groups):
+            if self._pending is not None:
+                self._pending.convert(name)
             layers = self._block_layers(name)
             if layers:
                 self.results.update(rtn_block(layers, scale_dtype=self.scale_dtype, device=self.device))
@@ -392,6 +410,8 @@ class AutoRound:
 
         def steps() -> Iterator[tuple[str, nn.Module, BlockCall]]:
             for (name, block), call in zip(blocks, calls):
+                if self._pending is not None:
+                    self._pending.convert(name)
                 block.to(self.device)
                 yield name, block, call
                 if self.device != "cpu":

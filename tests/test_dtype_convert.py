@@ -92,3 +92,56 @@ def test_bf16_checkpoint_loads_to_fp32_without_the_file_resident(tmp_path):
         peak[how] = json.loads(done.stdout.strip().splitlines()[-1])["added_peak"]
     assert peak["ours"] < fp32_bytes * 1.15, peak  # the converted model and a few 4 MiB slices of the file
     assert peak["ours"] < peak["transformers"], peak
+
+
+def test_blocks_are_converted_when_the_walk_reaches_them(tmp_path):
+    """low_cpu_mem_usage on a bf16 checkpoint quantized in fp32: blocks wait in bf16 (memory-mapped) until their
+    turn, the rest is converted at once, and the export equals a fully converted run's, byte for byte."""
+    from safetensors.torch import load_file
+
+    from auto_round import AutoRound
+    from tiny_models import random_ids
+
+    folder = _save(tmp_path / "model", "llama", torch.bfloat16)
+    kw = dict(model_dtype="fp32", dataset=random_ids(), nsamples=4, seqlen=16, batch_size=2, iters=2, group_size=32)
+    lazy = AutoRound(str(folder), low_cpu_mem_usage=True, **kw)
+    blocks = lazy.model.model.layers
+    assert lazy.model.get_input_embeddings().weight.dtype == torch.float32
+    assert lazy.model.model.norm.weight.dtype == torch.float32
+    assert all(p.dtype == torch.bfloat16 for p in blocks.parameters())
+    assert lazy.model.model.rotary_emb.inv_freq.dtype == torch.float32
+    seen = []
+    original = lazy._block_done
+
+    def spy(name):
+        seen.append({p.dtype for p in lazy.model.get_submodule(name).parameters() if not p.is_meta})
+        later = [p.dtype for b in blocks[len(seen):] for p in b.parameters()]
+        seen.append(set(later))
+        original(name)
+
+    lazy._block_done = spy
+    lazy.quantize_and_save(tmp_path / "lazy")
+    assert seen[0] == {torch.float32} and seen[1] == {torch.bfloat16}  # block 0 converted, block 1 not yet
+    eager = AutoRound(str(folder), low_cpu_mem_usage=False, **kw)
+    assert all(p.dtype == torch.float32 for p in eager.model.parameters())
+    eager.quantize_and_save(tmp_path / "eager")
+    a, b = load_file(str(tmp_path / "lazy" / "model.safetensors")), load_file(str(tmp_path / "eager" / "model.safetensors"))
+    assert a.keys() == b.keys() and all(a[k].dtype == b[k].dtype and torch.equal(a[k], b[k]) for k in a)
+
+
+def test_pending_conversion_by_module(tmp_path):
+    from auto_round.model.loading import load_model_deferred
+
+    folder = _save(tmp_path, "qwen2", torch.bfloat16)
+    model, _, pending = load_model_deferred(str(folder), dtype=torch.float32)
+    assert pending is not None
+    assert pending.convert(skip=("model.layers",)) > 0
+    assert all(p.dtype == torch.bfloat16 for p in model.model.layers.parameters())
+    assert pending.convert("model.layers.1") > 0
+    assert {p.dtype for p in model.model.layers[1].parameters()} == {torch.float32}
+    assert {p.dtype for p in model.model.layers[0].parameters()} == {torch.bfloat16}
+    assert pending.convert() > 0 and pending.convert() == 0  # the rest, then nothing left
+    theirs = AutoModelForCausalLM.from_pretrained(folder, dtype=torch.float32)
+    _same_model(model, theirs)
+    _, _, none = load_model_deferred(str(folder), dtype=torch.bfloat16)
+    assert none is None  # stored as asked: nothing to convert

@@ -69,27 +69,50 @@ def _converted(old: torch.Tensor, target: torch.dtype) -> torch.Tensor:
     return new
 
 
-@torch.no_grad()
+class PendingConversion:
+    """A model loaded in its stored dtype whose tensors are converted to what from_pretrained(dtype=wanted)
+    gives, module by module, when asked: `convert(prefix)` before a module computes, `convert()` for the rest.
+
+    Converting a block only when the walk reaches it keeps the blocks not yet quantized memory-mapped in their
+    stored dtype (not resident) instead of as a converted copy on the heap for the whole run."""
+
+    def __init__(self, model: nn.Module, wanted: torch.dtype):
+        self.model, self.wanted = model, wanted
+        self.targets = target_dtypes(model, wanted)
+        self._done: set[int] = set()
+        self.config_dtype_set = False
+
+    @torch.no_grad()
+    def convert(self, prefix: str = "", *, skip: tuple[str, ...] = ()) -> int:
+        """Convert the tensors of module `prefix` ("" = the whole model) except those under `skip` (module
+        names); returns how many tensors were converted. Tied parameters stay tied."""
+        root = self.model.get_submodule(prefix) if prefix else self.model
+        base = prefix + "." if prefix else ""
+        skip_dots = tuple(name + "." for name in skip)
+        converted = 0
+        for module_name, module in root.named_modules():
+            full_module = base + module_name if module_name else prefix
+            if full_module in skip or (full_module + ".").startswith(skip_dots):
+                continue
+            for kind in ("_parameters", "_buffers"):
+                for name, tensor in getattr(module, kind).items():
+                    target = self.targets.get(f"{full_module}.{name}" if full_module else name)
+                    if tensor is None or id(tensor) in self._done or target is None or tensor.dtype == target:
+                        continue
+                    self._done.add(id(tensor))
+                    new = _converted(tensor.detach(), target)
+                    if kind == "_parameters":
+                        tensor.data = new  # the Parameter object stays: ties (embedding / lm_head) hold
+                    else:
+                        module._buffers[name] = new
+                    converted += 1
+        if not self.config_dtype_set and hasattr(self.model.config, "dtype"):
+            self.model.config.dtype = self.wanted
+            self.config_dtype_set = True
+        return converted
+
+
 def convert_loaded_model(model: nn.Module, wanted: torch.dtype) -> int:
     """Convert a model loaded in its stored dtype to what from_pretrained(dtype=wanted) gives, tensor by tensor,
-    handing each source tensor's file pages back. Tied parameters stay tied. Returns tensors converted."""
-    targets = target_dtypes(model, wanted)
-    done: set[int] = set()
-    converted = 0
-    for module_name, module in model.named_modules():
-        for kind in ("_parameters", "_buffers"):
-            for name, tensor in getattr(module, kind).items():
-                full = f"{module_name}.{name}" if module_name else name
-                target = targets.get(full)
-                if tensor is None or id(tensor) in done or target is None or tensor.dtype == target:
-                    continue
-                done.add(id(tensor))
-                new = _converted(tensor.detach(), target)
-                if kind == "_parameters":
-                    tensor.data = new  # the Parameter object stays: ties (embedding / lm_head) hold
-                else:
-                    module._buffers[name] = new
-                converted += 1
-    if hasattr(model.config, "dtype"):
-        model.config.dtype = wanted
-    return converted
+    handing each source tensor's file pages back. Returns the number of tensors converted."""
+    return PendingConversion(model, wanted).convert()

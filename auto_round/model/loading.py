@@ -9,7 +9,7 @@ from typing import Any, Optional
 
 import torch
 
-from .dtype_convert import convert_loaded_model, keeps_fp32_modules, stored_float_dtype
+from .dtype_convert import PendingConversion, keeps_fp32_modules, stored_float_dtype
 from .memory import evict_clean_file_pages
 from .safetensors_header import checkpoint_tensors
 
@@ -48,7 +48,25 @@ def load_model_and_tokenizer(
     device: str = "cpu",
     allow_pickle: bool = False,
 ) -> tuple[torch.nn.Module, Any]:
-    """(model, tokenizer) from a local directory or a hub id.
+    """(model, tokenizer) from a local directory or a hub id, every tensor in its final dtype (see
+    load_model_deferred)."""
+    model, tokenizer, pending = load_model_deferred(name_or_path, dtype=dtype, trust_remote_code=trust_remote_code,
+                                                    device=device, allow_pickle=allow_pickle)
+    if pending is not None:
+        pending.convert()
+    return model, tokenizer
+
+
+def load_model_deferred(
+    name_or_path: str,
+    *,
+    dtype: "str | torch.dtype | None" = None,
+    trust_remote_code: bool = True,
+    device: str = "cpu",
+    allow_pickle: bool = False,
+) -> tuple[torch.nn.Module, Any, Optional[PendingConversion]]:
+    """(model, tokenizer, pending): with `pending` not None the model is still in its stored dtype and
+    `pending.convert(...)` turns it into `dtype` module by module (model/dtype_convert.py).
 
     dtype None means fp32 on CPU (bf16 matmuls are ~5x slower than fp32 on CPUs without AMX) and the
     checkpoint's own dtype elsewhere. A local folder whose weights are only pickle files (pytorch_model.bin,
@@ -77,9 +95,8 @@ def load_model_and_tokenizer(
                                                      trust_remote_code=trust_remote_code)
         if convert and keeps_fp32_modules(model):  # transformers' own rule decides which modules stay fp32
             del model
+            convert = False
             model = AutoModelForCausalLM.from_pretrained(source, dtype=torch_dtype, trust_remote_code=trust_remote_code)
-        elif convert:
-            convert_loaded_model(model, torch_dtype)
     except OSError as err:
         where = "local directory" if is_local else "Hugging Face hub (is it reachable? pass a local directory otherwise)"
         raise ModelLoadError(f"could not load {name_or_path!r} from the {where}: {err}") from err
@@ -87,8 +104,9 @@ def load_model_and_tokenizer(
         raise ModelLoadError(_explain_value_error(name_or_path, err)) from err
     model.eval()
     check_finite(model)
-    logger.info("loaded %s (%s, %.1f M parameters)", source, model.dtype, sum(p.numel() for p in model.parameters()) / 1e6)
-    return model, tokenizer
+    shown = torch_dtype if convert else model.dtype
+    logger.info("loaded %s (%s, %.1f M parameters)", source, shown, sum(p.numel() for p in model.parameters()) / 1e6)
+    return model, tokenizer, PendingConversion(model, torch_dtype) if convert else None
 
 
 PICKLE_PATTERNS = ("*.bin", "*.pt", "*.pth", "*.ckpt")
