@@ -38,7 +38,7 @@ from .model.block_inputs import BlockCall, capture_block_inputs
 from .model.block_run import block_runner, run_batched
 from .model.blocks import has_tied_embeddings, iter_blocks
 from .model.layer_config import LayerConfig, resolve_layer_schemes
-from .model.dtype_convert import PendingConversion
+from .model.dtype_convert import PendingConversion, lazy_embedding_name
 from .model.loading import check_finite, load_model_deferred, parse_dtype
 from .model.memory import release_memory, release_weight
 from .model.packed_spill import PackedSpill, spill_dir_for
@@ -206,8 +206,11 @@ class AutoRound:
         if iters > 0 and self.tokenizer is None and not isinstance(dataset, torch.Tensor):
             raise ValueError("a tokenizer is needed to build calibration data (iters > 0); pass tokenizer=")
         self.block_groups = select_block_groups(self.model, to_quant_block_names)
-        if self._pending is not None:  # everything but the blocks the walk converts one at a time
-            self._pending.convert(skip=tuple(name for name, _ in iter_blocks(self.model, self.block_groups)))
+        if self._pending is not None:  # everything but the blocks the walk converts one at a time (and the
+            # token embedding, read only by the capture pass, which casts its output; converted after the walk)
+            lazy = [name for name, _ in iter_blocks(self.model, self.block_groups)]
+            lazy += [n for n in [lazy_embedding_name(self.model)] if n is not None]
+            self._pending.convert(skip=tuple(lazy))
         self._layer_choices = dict(layer_config=layer_config, fp_layers=fp_layers, quant_lm_head=quant_lm_head)
         self.gguf: Optional[GGUFPlan] = None
         self._resolve_layers(gguf_mix_of(scheme) if isinstance(scheme, str) else None)
@@ -366,6 +369,8 @@ class AutoRound:
         if self.gguf is None or self.gguf.embedding is None or not self.gguf.embedding[1].is_quantized:
             return
         name, scheme = self.gguf.embedding
+        if self._pending is not None:
+            self._pending.convert(name)  # quantized from the converted table, as without deferral
         self.results[name] = gguf_quantize_module(self.model.get_submodule(name), scheme, device=self.device)
         logger.info("%s (token embedding) quantized to %s", name, scheme.gguf)
 
@@ -405,6 +410,7 @@ class AutoRound:
         blocks = list(iter_blocks(self.model, self.block_groups))
         captured = capture_block_inputs(
             self.model, [b for _, b in blocks], calib.input_ids, calib.attention_mask, device=self.device,
+            embedding_dtype=self._pending.wanted if self._pending is not None else None,
         )
         calls = captured.calls  # the steps must not keep `captured`: it holds the first block's inputs [n, T, H]
 

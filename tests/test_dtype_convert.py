@@ -106,7 +106,7 @@ def test_blocks_are_converted_when_the_walk_reaches_them(tmp_path):
     kw = dict(model_dtype="fp32", dataset=random_ids(), nsamples=4, seqlen=16, batch_size=2, iters=2, group_size=32)
     lazy = AutoRound(str(folder), low_cpu_mem_usage=True, **kw)
     blocks = lazy.model.model.layers
-    assert lazy.model.get_input_embeddings().weight.dtype == torch.float32
+    assert lazy.model.get_input_embeddings().weight.dtype == torch.bfloat16  # read by the capture pass only
     assert lazy.model.model.norm.weight.dtype == torch.float32
     assert all(p.dtype == torch.bfloat16 for p in blocks.parameters())
     assert lazy.model.model.rotary_emb.inv_freq.dtype == torch.float32
@@ -122,9 +122,28 @@ def test_blocks_are_converted_when_the_walk_reaches_them(tmp_path):
     lazy._block_done = spy
     lazy.quantize_and_save(tmp_path / "lazy")
     assert seen[0] == {torch.float32} and seen[1] == {torch.bfloat16}  # block 0 converted, block 1 not yet
+    assert lazy.model.get_input_embeddings().weight.dtype == torch.float32  # converted after the walk
     eager = AutoRound(str(folder), low_cpu_mem_usage=False, **kw)
     assert all(p.dtype == torch.float32 for p in eager.model.parameters())
     eager.quantize_and_save(tmp_path / "eager")
+    a, b = load_file(str(tmp_path / "lazy" / "model.safetensors")), load_file(str(tmp_path / "eager" / "model.safetensors"))
+    assert a.keys() == b.keys() and all(a[k].dtype == b[k].dtype and torch.equal(a[k], b[k]) for k in a)
+
+
+@pytest.mark.parametrize("arch, lazy_embedding", [("gemma3", False), ("qwen3", True)])
+def test_deferred_run_equals_the_converted_one_per_architecture(tmp_path, arch, lazy_embedding):
+    """Gemma's scaled embedding multiplies in the table's dtype: it is converted at once; plain ones wait."""
+    from safetensors.torch import load_file
+
+    from auto_round import AutoRound
+    from tiny_models import random_ids
+
+    folder = _save(tmp_path / "model", arch, torch.bfloat16)
+    kw = dict(model_dtype="fp32", dataset=random_ids(), nsamples=4, seqlen=16, batch_size=2, iters=1, group_size=32)
+    lazy = AutoRound(str(folder), low_cpu_mem_usage=True, **kw)
+    assert (lazy.model.get_input_embeddings().weight.dtype == torch.bfloat16) == lazy_embedding
+    lazy.quantize_and_save(tmp_path / "lazy")
+    AutoRound(str(folder), low_cpu_mem_usage=False, **kw).quantize_and_save(tmp_path / "eager")
     a, b = load_file(str(tmp_path / "lazy" / "model.safetensors")), load_file(str(tmp_path / "eager" / "model.safetensors"))
     assert a.keys() == b.keys() and all(a[k].dtype == b[k].dtype and torch.equal(a[k], b[k]) for k in a)
 
@@ -145,3 +164,25 @@ def test_pending_conversion_by_module(tmp_path):
     _same_model(model, theirs)
     _, _, none = load_model_deferred(str(folder), dtype=torch.bfloat16)
     assert none is None  # stored as asked: nothing to convert
+
+
+def test_a_tied_lm_head_waits_with_its_embedding(tmp_path):
+    from safetensors.torch import load_file
+
+    from auto_round import AutoRound
+    from tiny_models import random_ids
+
+    config = CONFIGS["llama"]()
+    config.tie_word_embeddings = True
+    torch.manual_seed(0)
+    AutoModelForCausalLM.from_config(config, dtype=torch.bfloat16).save_pretrained(tmp_path / "model")
+    tiny_tokenizer().save_pretrained(tmp_path / "model")
+    kw = dict(model_dtype="fp32", dataset=random_ids(), nsamples=4, seqlen=16, batch_size=2, iters=1, group_size=32)
+    lazy = AutoRound(str(tmp_path / "model"), low_cpu_mem_usage=True, **kw)
+    embedding = lazy.model.get_input_embeddings().weight
+    assert lazy.model.get_output_embeddings().weight is embedding and embedding.dtype == torch.bfloat16
+    lazy.quantize_and_save(tmp_path / "lazy")
+    assert lazy.model.get_output_embeddings().weight is embedding and embedding.dtype == torch.float32
+    AutoRound(str(tmp_path / "model"), low_cpu_mem_usage=False, **kw).quantize_and_save(tmp_path / "eager")
+    a, b = load_file(str(tmp_path / "lazy" / "model.safetensors")), load_file(str(tmp_path / "eager" / "model.safetensors"))
+    assert a.keys() == b.keys() and all(a[k].dtype == b[k].dtype and torch.equal(a[k], b[k]) for k in a)

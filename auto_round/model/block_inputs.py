@@ -14,7 +14,7 @@ sample later; shared ones (position ids / embeddings, or leading dim 1) are kept
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Any, Callable, Sequence
+from typing import Any, Callable, Optional, Sequence
 
 import torch
 from torch import nn
@@ -128,8 +128,13 @@ def capture_block_inputs(
     chunk_size: int | None = None,
     device: torch.device | str = "cpu",
     store_device: torch.device | str = "cpu",
+    embedding_dtype: Optional[torch.dtype] = None,
 ) -> CapturedInputs:
     """Run the model on [n, T] token ids and record every block's inputs (see module docstring).
+
+    embedding_dtype: when the token embedding (a plain nn.Embedding) is still in its stored dtype while the
+    model computes in this one (model/dtype_convert.py), its output is cast to it: a lookup in the converted
+    table would give the same values.
 
     Only the first block's hidden states are stored; the caller computes later ones block by block.
     chunk_size None runs all samples at once: cheap, since no block computes during the pass, and it
@@ -156,6 +161,7 @@ def capture_block_inputs(
     for i, block in enumerate(blocks):
         block.forward = make_recorder(i)
     sizes = []
+    cast = _cast_embedding_output(model, embedding_dtype)
     try:
         for start in range(0, input_ids.shape[0], chunk_size):
             ids = input_ids[start : start + chunk_size].to(device)
@@ -166,6 +172,8 @@ def capture_block_inputs(
             except _StopForward:
                 pass
     finally:
+        if cast is not None:
+            cast.remove()
         for block, own in zip(blocks, own_forwards):
             if own is None:
                 del block.forward  # the class forward is back
@@ -177,6 +185,15 @@ def capture_block_inputs(
     concat_cache: dict = {}
     calls = [_merge_chunks(r, sizes, concat_cache) for r in records]
     return CapturedInputs(hidden_states=torch.cat(hidden_chunks, dim=0), calls=calls)
+
+
+def _cast_embedding_output(model: nn.Module, dtype: Optional[torch.dtype]):
+    """A forward hook casting the token embedding's output to `dtype` (None when nothing needs a cast)."""
+    get = getattr(model, "get_input_embeddings", None)
+    embedding = get() if callable(get) else None
+    if dtype is None or type(embedding) is not nn.Embedding or embedding.weight.dtype == dtype:
+        return None
+    return embedding.register_forward_hook(lambda module, args, out: out.to(dtype))
 
 
 def _evict_input_embedding(model: nn.Module) -> None:

@@ -88,16 +88,17 @@ class PendingConversion:
         names); returns how many tensors were converted. Tied parameters stay tied."""
         root = self.model.get_submodule(prefix) if prefix else self.model
         base = prefix + "." if prefix else ""
-        skip_dots = tuple(name + "." for name in skip)
+        # skipped by identity: a tied weight (lm_head = embedding) waits with the module it is skipped under
+        skipped = {id(t) for name in skip for t in [*self.model.get_submodule(name).parameters(),
+                                                     *self.model.get_submodule(name).buffers()]}
         converted = 0
         for module_name, module in root.named_modules():
             full_module = base + module_name if module_name else prefix
-            if full_module in skip or (full_module + ".").startswith(skip_dots):
-                continue
             for kind in ("_parameters", "_buffers"):
                 for name, tensor in getattr(module, kind).items():
                     target = self.targets.get(f"{full_module}.{name}" if full_module else name)
-                    if tensor is None or id(tensor) in self._done or target is None or tensor.dtype == target:
+                    if tensor is None or id(tensor) in self._done or id(tensor) in skipped or target is None \
+                            or tensor.dtype == target:
                         continue
                     self._done.add(id(tensor))
                     new = _converted(tensor.detach(), target)
@@ -116,3 +117,15 @@ def convert_loaded_model(model: nn.Module, wanted: torch.dtype) -> int:
     """Convert a model loaded in its stored dtype to what from_pretrained(dtype=wanted) gives, tensor by tensor,
     handing each source tensor's file pages back. Returns the number of tensors converted."""
     return PendingConversion(model, wanted).convert()
+
+
+def lazy_embedding_name(model: nn.Module) -> Optional[str]:
+    """The token embedding's module name when it may wait in its stored dtype until the end of the walk: a
+    plain nn.Embedding, whose lookups cast afterwards equal lookups in the converted table (Gemma's scaled
+    embedding multiplies in the table's dtype, so it is converted at once)."""
+    get = getattr(model, "get_input_embeddings", None)
+    embedding = get() if callable(get) else None
+    if type(embedding) is not nn.Embedding:
+        return None
+    return next((name for name, module in model.named_modules() if module is embedding), None)
+
