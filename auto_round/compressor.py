@@ -67,7 +67,10 @@ class AutoRound:
     low_cpu_mem_usage: in quantize_and_save with one packed format (not `fake`), pack each block's layers
         as soon as the block is done and release their weights (the source pages of a memory-mapped
         checkpoint too): the returned model then has meta weights in its quantized layers. quantize()
-        alone never does this; pass False to keep the fake-quantized model after quantize_and_save.
+        alone never does this; pass False to keep the fake-quantized model after quantize_and_save. Also:
+        a checkpoint stored in another dtype than model_dtype (bf16 files, fp32 on CPU) is loaded as stored
+        and its blocks converted one by one as quantization reaches them, so until quantize() has run the
+        blocks of `self.model` are still in the stored dtype; False converts the whole model at load.
     amp_attention: with amp on CPU, run attention in the amp dtype too (faster steps, slightly worse accuracy).
     enable_torch_compile: True: torch.compile the MX / NVFP4 activation qdq of the tuning forward
         (algorithms/compile.py; needs a C++ compiler on CPU, triton on CUDA). None / False: eager, which

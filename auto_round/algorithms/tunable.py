@@ -135,8 +135,9 @@ class TunableLayer(PatchedForward):
                        wmin=self.wmin, wmax=self.wmax, scale_dtype=self.scale_dtype)
 
     def qdq_weight(self) -> torch.Tensor:
-        """Differentiable fake-quantized weight [out, in] in fp32: qdq()'s weight, computed by the recomputing
-        node of quant/int_qdq_fused.py (same values and gradients, no weight-sized tensor kept for backward)."""
+        """Differentiable fake-quantized weight [out, in] in fp32: qdq()'s weight, computed by the single
+        autograd node of quant/int_qdq_fused.py (same values and gradients; it keeps int8 codes for backward
+        instead of the plain graph's fp32 clamp input and codes)."""
         bits, sym, dt = self.scheme.bits, self.scheme.sym, self.grouped.dtype
         alpha, beta = self.clip()
         if sym:
