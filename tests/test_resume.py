@@ -128,6 +128,21 @@ def test_kill9_then_resume_is_byte_identical(setup, clean):
     assert [b["name"] for b in blocks if b["event"] == "block"] == [f"model.layers.{i}" for i in range(4)]
 
 
+def test_resume_of_a_bf16_checkpoint_tuned_in_fp32_is_byte_identical(setup, tmp_path):
+    """The blocks of bf16 files are converted as the walk reaches them (model/dtype_convert.py), so a resumed
+    run restores its done blocks into a partly converted model: the output is still the clean run's."""
+    base = tmp_path
+    model = tf.AutoModelForCausalLM.from_pretrained(setup / "model", dtype=torch.bfloat16)
+    model.save_pretrained(base / "model")
+    tiny_tokenizer().save_pretrained(base / "model")
+    (base / "calib.txt").write_text((setup / "calib.txt").read_text())
+    assert main(_args(base, base / "clean")) == 0
+    proc = _interrupt(base, base / "killed", signal.SIGKILL, after_blocks=2)
+    assert proc.returncode == -signal.SIGKILL and 2 <= _done_blocks(base / "killed") < 4
+    assert main(_args(base, base / "killed", extra=["--resume"])) == 0
+    assert _hashes(base / "killed") == _hashes(base / "clean")
+
+
 def test_resume_with_another_setting_is_refused(setup, capsys):
     out = setup / "changed"
     _interrupt(setup, out, signal.SIGKILL)

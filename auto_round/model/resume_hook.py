@@ -83,6 +83,8 @@ class RunCheckpoint:
             logger.info("resume: no checkpoint in %s, starting from the first block", self.directory)
             return None
         for block in done.done:
+            if ar._pending is not None:  # restored weights go into converted tensors, never rounded to the stored dtype
+                ar._pending.convert(block)
             layers = ar._block_layers(block)
             with torch.no_grad():
                 for name, (module, _) in layers.items():
