@@ -19,6 +19,7 @@ from typing import Any, Callable, Optional, Sequence
 import torch
 from torch import nn
 
+from .blocks import input_embedding
 from .memory import evict_clean_file_pages
 
 SHARED_KEYS = ("position_ids", "cache_position", "position_embeddings", "cu_seqlens")
@@ -189,8 +190,7 @@ def capture_block_inputs(
 
 def _cast_embedding_output(model: nn.Module, dtype: Optional[torch.dtype]):
     """A forward hook casting the token embedding's output to `dtype` (None when nothing needs a cast)."""
-    get = getattr(model, "get_input_embeddings", None)
-    embedding = get() if callable(get) else None
+    embedding = input_embedding(model)
     if dtype is None or type(embedding) is not nn.Embedding or embedding.weight.dtype == dtype:
         return None
     return embedding.register_forward_hook(lambda module, args, out: out.to(dtype))
@@ -203,9 +203,7 @@ def _evict_input_embedding(model: nn.Module) -> None:
     pages around each faulting one), and nothing reads it again during the block walk: on SmolLM2 that is
     125 MiB of the walk's RSS. Only clean file pages go (model/memory.py), so the values stay readable.
     """
-    get = getattr(model, "get_input_embeddings", None)
-    embedding = get() if callable(get) else None
-    weight = getattr(embedding, "weight", None)
+    weight = getattr(input_embedding(model), "weight", None)
     if isinstance(weight, torch.Tensor):
         evict_clean_file_pages(weight.detach())
 

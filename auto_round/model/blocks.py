@@ -67,6 +67,12 @@ def lm_head_name(model: nn.Module) -> str | None:
     return None
 
 
+def input_embedding(model: nn.Module) -> "nn.Module | None":
+    """The model's token embedding module (get_input_embeddings), or None where it has none."""
+    get = getattr(model, "get_input_embeddings", None)
+    return get() if callable(get) else None
+
+
 def has_tied_embeddings(model: nn.Module) -> bool:
     head = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
     emb = model.get_input_embeddings() if hasattr(model, "get_input_embeddings") else None

@@ -22,7 +22,8 @@ from typing import Optional
 import torch
 from torch import nn
 
-from .memory import evict_clean_file_pages
+from .blocks import input_embedding
+from .memory import evict_clean_file_pages, slices_handed_back
 from .safetensors_header import checkpoint_tensors
 
 _SAFETENSORS_FLOAT = {"F32": torch.float32, "BF16": torch.bfloat16, "F16": torch.float16}
@@ -60,12 +61,9 @@ def _converted(old: torch.Tensor, target: torch.dtype) -> torch.Tensor:
         evict_clean_file_pages(old)
         return new
     new = torch.empty(old.shape, dtype=target, device=old.device)
-    src, dst = old.view(-1), new.view(-1)
-    for start in range(0, src.numel(), SLICE_ELEMENTS):
-        piece = src[start:start + SLICE_ELEMENTS]
-        dst[start:start + SLICE_ELEMENTS].copy_(piece)
-        evict_clean_file_pages(piece)
-    evict_clean_file_pages(old)  # the pages that straddle two slices
+    dst = new.view(-1)
+    for start, piece in slices_handed_back(old, SLICE_ELEMENTS):
+        dst[start:start + piece.numel()].copy_(piece)
     return new
 
 
@@ -123,8 +121,7 @@ def lazy_embedding_name(model: nn.Module) -> Optional[str]:
     """The token embedding's module name when it may wait in its stored dtype until the end of the walk: a
     plain nn.Embedding, whose lookups cast afterwards equal lookups in the converted table (Gemma's scaled
     embedding multiplies in the table's dtype, so it is converted at once)."""
-    get = getattr(model, "get_input_embeddings", None)
-    embedding = get() if callable(get) else None
+    embedding = input_embedding(model)
     if type(embedding) is not nn.Embedding:
         return None
     return next((name for name, module in model.named_modules() if module is embedding), None)

@@ -10,7 +10,7 @@ from typing import Any, Optional
 import torch
 
 from .dtype_convert import PendingConversion, keeps_fp32_modules, stored_float_dtype
-from .memory import evict_clean_file_pages
+from .memory import evict_clean_file_pages, slices_handed_back
 from .safetensors_header import checkpoint_tensors
 
 logger = logging.getLogger("auto_round")
@@ -168,10 +168,4 @@ def _all_finite(tensor: torch.Tensor) -> bool:
     time and each slice's clean file pages are handed back as soon as it is read."""
     if not tensor.is_contiguous() or tensor.numel() <= FINITE_CHECK_CHUNK:
         return bool(torch.isfinite(tensor).all())
-    flat = tensor.detach().view(-1)
-    for start in range(0, flat.numel(), FINITE_CHECK_CHUNK):
-        piece = flat[start:start + FINITE_CHECK_CHUNK]
-        if not bool(torch.isfinite(piece).all()):
-            return False
-        evict_clean_file_pages(piece)
-    return True
+    return all(bool(torch.isfinite(piece).all()) for _, piece in slices_handed_back(tensor, FINITE_CHECK_CHUNK))

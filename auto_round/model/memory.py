@@ -14,7 +14,7 @@ import ctypes.util
 import gc
 import mmap
 from functools import lru_cache
-from typing import Optional
+from typing import Iterator, Optional
 
 import torch
 
@@ -134,6 +134,18 @@ def evict_clean_file_pages(tensor: torch.Tensor) -> int:
             or madvise(span[0], span[1] - span[0], _MADV_DONTNEED) != 0:
         return 0
     return span[1] - span[0]
+
+
+def slices_handed_back(tensor: torch.Tensor, elements: int) -> Iterator[tuple[int, torch.Tensor]]:
+    """(start, flat slice of `elements`) over a contiguous tensor; each slice's clean file pages are handed back
+    once the caller is done with it, and at the end the pages that straddle two slices. Stops early if the
+    caller does (the rest is not read)."""
+    flat = tensor.detach().view(-1)
+    for start in range(0, flat.numel(), elements):
+        piece = flat[start:start + elements]
+        yield start, piece
+        evict_clean_file_pages(piece)
+    evict_clean_file_pages(tensor.detach())
 
 
 def release_weight(module: torch.nn.Module) -> int:

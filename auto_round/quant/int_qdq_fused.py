@@ -1,4 +1,4 @@
-"""Integer qdq of the SignRound inner loop as one autograd node that recomputes instead of saving.
+"""Integer qdq of the SignRound inner loop as one autograd node that keeps int8 codes, not fp32 tensors.
 
 The plain graph of `qdq_int_sym` / `qdq_int_asym` (x = W/s + V, a straight-through round, a clamp, s * q)
 keeps two or three weight-sized fp32 tensors per layer alive from the forward to the backward pass (the
