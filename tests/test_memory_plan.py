@@ -87,3 +87,64 @@ def test_prediction_matches_measured_peak():
     res = min(runs, key=lambda r: r["measured"])
     ratio = res["measured"] / res["predicted"]
     assert 0.5 <= ratio <= 2.0, runs
+
+
+FLOAT_SHAPE = dataclasses.replace(SHAPE, block_weight_elems=6_000_000, block_recomputable_elems=6_000_000,
+                                  largest_recomputable_layer_elems=2_000_000)
+
+
+def test_recompute_qdq_drops_all_but_the_largest_layers_graph():
+    plain = estimate_signround_memory(FLOAT_SHAPE, 8)
+    recomputed = estimate_signround_memory(FLOAT_SHAPE, 8, recompute_qdq=True)
+    from auto_round.model.memory_plan import QDQ_SAVED
+    assert plain.block_state - recomputed.block_state == (6_000_000 - 2_000_000) * 4 * QDQ_SAVED
+    assert recomputed.recompute_qdq and "recompute_qdq" in recomputed.table()
+    int_only = dataclasses.replace(FLOAT_SHAPE, block_recomputable_elems=0, largest_recomputable_layer_elems=0)
+    assert estimate_signround_memory(int_only, 8, recompute_qdq=True).block_state == \
+        estimate_signround_memory(int_only, 8).block_state
+
+
+def test_plan_turns_recompute_qdq_on_before_halving_the_batch():
+    need = estimate_signround_memory(FLOAT_SHAPE, 8, recompute_qdq=True).total
+    assert estimate_signround_memory(FLOAT_SHAPE, 8).total > need
+    for auto_adjust in (True, False):  # recomputing changes no result, so it needs no permission
+        dec = plan_batches(FLOAT_SHAPE, 8, 1, available=need, auto_adjust=auto_adjust)
+        assert dec.breakdown.recompute_qdq and not dec.adjusted and dec.breakdown.batch_size == 8
+    # not enough even so: both, the batch halved on top of the recomputation
+    dec = plan_batches(FLOAT_SHAPE, 8, 1, available=estimate_signround_memory(FLOAT_SHAPE, 4, recompute_qdq=True).total)
+    assert dec.breakdown.recompute_qdq and dec.adjusted and dec.breakdown.batch_size == 4
+    # integer blocks have nothing to recompute: straight to halving, as before
+    int_only = dataclasses.replace(FLOAT_SHAPE, block_recomputable_elems=0, largest_recomputable_layer_elems=0)
+    dec = plan_batches(int_only, 8, 1, available=estimate_signround_memory(int_only, 4).total)
+    assert not dec.breakdown.recompute_qdq and dec.breakdown.batch_size == 4
+    assert not plan_batches(FLOAT_SHAPE, 8, 1, available=10**12).breakdown.recompute_qdq
+
+
+def test_memory_limit_turns_recompute_qdq_on_with_the_same_result(tmp_path, caplog):
+    from tiny_models import random_ids, tiny_model
+    from auto_round import AutoRound
+    from auto_round.model.memory_plan import memory_shape
+    from auto_round.model.blocks import iter_blocks
+
+    def run(out, **kw):
+        torch.manual_seed(0)
+        ar = AutoRound(tiny_model("llama"), scheme="MXFP4", dataset=random_ids(8, 16), iters=3, nsamples=8,
+                       seqlen=16, batch_size=4, device="cpu", **kw)
+        ar.quantize_and_save(tmp_path / out)
+        return ar, (tmp_path / out / "model.safetensors").read_bytes()
+
+    probe = AutoRound(tiny_model("llama"), scheme="MXFP4", dataset=random_ids(8, 16), iters=3, nsamples=8, seqlen=16,
+                      batch_size=4, device="cpu")
+    shape = memory_shape(probe.model, probe.layer_schemes, list(iter_blocks(probe.model, probe.block_groups)),
+                         nsamples=8, seqlen=16, enable_quanted_input=True, amp=probe.tuning.amp_dtype is not None)
+    assert shape.block_recomputable_elems > 0
+    limit = estimate_signround_memory(shape, 4, recompute_qdq=True).total  # fits only with the recomputation
+    plain_ar, plain = run("plain")
+    assert not plain_ar.tuning.recompute_qdq
+    with caplog.at_level("WARNING", logger="auto_round"):
+        limited_ar, limited = run("limited", memory_limit=limit, auto_adjust_memory=False)
+    assert limited_ar.tuning.recompute_qdq and limited_ar.tuning.batch_size == 4
+    assert any("recompute_qdq on" in r.message for r in caplog.records)
+    assert limited == plain  # same bytes: the recomputation changes memory, not results
+    forced_ar, forced = run("forced", recompute_qdq=True)
+    assert forced_ar.tuning.recompute_qdq and forced == plain

@@ -21,7 +21,7 @@ from ..quant.int_qdq import GroupLayout, group_range
 from ..quant.mx_qdq import get_mx_format, qdq_mx
 from ..quant.nvfp_qdq import global_scale, qdq_nvfp4
 from ..schemes import QuantScheme
-from .tunable import PatchedForward
+from .tunable import PatchedForward, recomputed_in_backward
 
 
 @dataclass
@@ -58,8 +58,9 @@ class FloatTunableLayer(PatchedForward):
 
     def __init__(self, module: nn.Module, scheme: QuantScheme, *, enable_minmax_tuning: bool = True,
                  device: "torch.device | str | None" = None, gscale: Optional[torch.Tensor] = None,
-                 init_scale: Optional[torch.Tensor] = None, scale_bound: float = 1.0):
+                 init_scale: Optional[torch.Tensor] = None, scale_bound: float = 1.0, recompute_qdq: bool = False):
         self.module, self.scheme = module, scheme
+        self.recompute_qdq = recompute_qdq  # rebuild the qdq graph in the backward pass (SignRoundConfig)
         self.scale_bound = scale_bound  # max_scale in [0, scale_bound]: 1 (reference), 2 with enable_alg_ext
         weight = layer_weight(module).detach().to(device=device, dtype=torch.float32)
         self.layout = float_layout(scheme, *weight.shape)
@@ -107,7 +108,11 @@ class FloatTunableLayer(PatchedForward):
         return qdq_fp8(self.grouped, v=self.v, max_scale=clip, wmin=self.wmin, wmax=self.wmax)
 
     def qdq_weight(self) -> torch.Tensor:
-        return self.layout.from_groups(self.qdq().weight)
+        """Differentiable fake-quantized weight [out, in] fp32; with recompute_qdq its graph is rebuilt in the
+        backward pass (`recomputed_in_backward`) rather than kept."""
+        def qdq_weight() -> torch.Tensor:
+            return self.layout.from_groups(self.qdq().weight)
+        return recomputed_in_backward(qdq_weight) if self.recompute_qdq else qdq_weight()
 
     @torch.no_grad()
     def finalize(self, params: Optional[tuple] = None) -> FloatQuantResult:

@@ -61,6 +61,11 @@ class SignRoundConfig:
     # Tokens whose fp output norm exceeds this multiple of the block's median token norm count in the loss as if
     # scaled down to that norm (relative error kept); 0 = plain masked MSE, as the reference (see token_loss_scale)
     massive_token_cap: float = 0.0
+    # MX / NVFP4 / FP8 / GGUF weights: rebuild each layer's qdq graph in the backward pass instead of keeping it
+    # from the forward (`tunable.recomputed_in_backward`): the same gradients bit for bit, ~9 bytes per weight
+    # less at the block's peak, one more qdq forward per layer and step (+2-5 % step time on SmolLM2). Integer
+    # weights always use their compact single-node qdq (quant/int_qdq_fused.py) and ignore this.
+    recompute_qdq: bool = False
 
     @property
     def resolved_lr(self) -> float:
@@ -143,12 +148,13 @@ def nvfp4_global_scales(layers: dict[str, tuple[nn.Module, QuantScheme]]) -> dic
 
 def make_tunable(module: nn.Module, scheme: QuantScheme, *, scale_dtype: torch.dtype, enable_minmax_tuning: bool,
                  device, imatrix: Optional[torch.Tensor] = None, gscale: Optional[torch.Tensor] = None,
-                 init_scale: Optional[torch.Tensor] = None, alg_ext: bool = False):
+                 init_scale: Optional[torch.Tensor] = None, alg_ext: bool = False, recompute_qdq: bool = False):
     """The tunable state for one layer's weight type: ggml, integer, or MX / NVFP4 / FP8.
 
-    alg_ext (a `supports_alg_ext` scheme): start from `init_scale` (None = multiplier 1), max_scale in [0, 2]."""
+    alg_ext (a `supports_alg_ext` scheme): start from `init_scale` (None = multiplier 1), max_scale in [0, 2].
+    recompute_qdq: see SignRoundConfig (ggml and float types only)."""
     if scheme.gguf is not None:
-        return GGUFTunableLayer(module, scheme, imatrix=imatrix, device=device)
+        return GGUFTunableLayer(module, scheme, imatrix=imatrix, device=device, recompute_qdq=recompute_qdq)
     if scheme.is_int and alg_ext:
         return InitScaleTunableLayer(module, scheme, init_scale=init_scale, scale_dtype=scale_dtype,
                                      enable_minmax_tuning=enable_minmax_tuning, device=device)
@@ -157,7 +163,7 @@ def make_tunable(module: nn.Module, scheme: QuantScheme, *, scale_dtype: torch.d
                             device=device)
     return FloatTunableLayer(module, scheme, enable_minmax_tuning=enable_minmax_tuning, device=device,
                              gscale=gscale, init_scale=init_scale,
-                             scale_bound=ALG_EXT_SCALE_BOUND if alg_ext else 1.0)
+                             scale_bound=ALG_EXT_SCALE_BOUND if alg_ext else 1.0, recompute_qdq=recompute_qdq)
 
 
 def install_act_quantizers(layers: dict[str, tuple[nn.Module, QuantScheme]], act_max: dict[str, torch.Tensor], *,
@@ -234,7 +240,8 @@ def tune_block(
     tunables = {
         name: make_tunable(m, s, scale_dtype=scale_dtype, enable_minmax_tuning=config.enable_minmax_tuning,
                            device=device, imatrix=imatrix.get(name), gscale=gscales.get(name),
-                           init_scale=init_scales.get(name), alg_ext=name in ext)
+                           init_scale=init_scales.get(name), alg_ext=name in ext,
+                           recompute_qdq=config.recompute_qdq)
         for name, (m, s) in layers.items()
     }
     shared_inputs = SharedInputQdq()

@@ -9,11 +9,12 @@ once, since W itself never changes during tuning.
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Optional
+from typing import Callable, Optional
 
 import torch
 import torch.nn.functional as F
 from torch import nn
+from torch.utils.checkpoint import checkpoint
 
 from ..layers import layer_weight, set_layer_weight
 from ..quant.int_qdq import GroupLayout, QdqResult, asym_scale_zp, group_range, qdq_int, sym_scale_of_range
@@ -48,6 +49,22 @@ def result_from_qdq(res: QdqResult, scheme: QuantScheme, layout: GroupLayout) ->
         zero_point=res.zero_point.detach().float().cpu(),
         codes=codes,
     )
+
+
+def recomputed_in_backward(qdq_weight: Callable[[], torch.Tensor]) -> torch.Tensor:
+    """qdq_weight()'s differentiable fake-quantized weight, its autograd graph rebuilt in the backward pass
+    instead of kept from the forward.
+
+    The plain qdq graphs of the float (MX / NVFP4 / FP8) and GGUF types keep ~9 bytes per weight (clamp
+    inputs, element values, masks, all fp32) from the forward to the backward, for every layer of the block
+    at once: on an 8B model's block that is ~2 GB beside the activations. Under non-reentrant checkpointing
+    the forward keeps none of it; the backward re-runs qdq_weight() for one layer at a time (the same ops, so
+    the same values and bit-identical gradients) and frees that graph once the layer's parameters have their
+    gradients. The price is one more qdq forward per layer and step. Without grad mode it is just a call.
+    """
+    if not torch.is_grad_enabled():
+        return qdq_weight()
+    return checkpoint(qdq_weight, use_reentrant=False, preserve_rng_state=False)
 
 
 class PatchedForward:

@@ -12,7 +12,9 @@ What the walk keeps alive at its peak (compressor.py `_quantize_signround`, mode
     weights         every parameter of the model, resident the whole run (host, or the device when loaded there).
     block state     one block's tunables (algorithms/tunable.py): the fp32 grouped weight copy, V, its grad, the
                     best-iteration snapshot, and the qdq graph kept for backward (~6 fp32 tensors of the weight's
-                    size); min/max scales alpha/beta per group with grads and snapshots. Signed SGD keeps no
+                    size); min/max scales alpha/beta per group with grads and snapshots. With recompute_qdq the
+                    MX / NVFP4 / FP8 / GGUF layers keep no qdq graph; only the largest of them has one, while its
+                    backward rebuilds it. Signed SGD keeps no
                     optimizer moments, so there is no optimizer state beyond the grad (and its sign, transient).
     activations     one micro-batch forward + backward of one block: `ACT_PER_HIDDEN` tensors of [b, T, H] and
                     `ACT_PER_INTERMEDIATE` of [b, T, I] in fp32 (plus an amp-dtype copy when autocast is on), and
@@ -66,6 +68,10 @@ class MemoryShape:
     eager_attention: bool = False
     enable_quanted_input: bool = True
     amp: bool = False
+    # of the largest block's weight elements, those whose qdq graph recompute_qdq drops (MX / NVFP4 / FP8 / GGUF),
+    # and the largest such layer (its graph exists again while its backward runs)
+    block_recomputable_elems: int = 0
+    largest_recomputable_layer_elems: int = 0
 
 
 @dataclass(frozen=True)
@@ -80,6 +86,7 @@ class MemoryBreakdown:
     packed_output: int
     batch_size: int
     gradient_accumulate_steps: int
+    recompute_qdq: bool = False
 
     @property
     def host(self) -> int:
@@ -102,7 +109,8 @@ class MemoryBreakdown:
 
     def components(self) -> dict[str, int]:
         return {"cached block inputs": self.cached_inputs, "block call arguments": self.call_args,
-                "model weights": self.model_weights, "one block's tunables + grads": self.block_state,
+                "model weights": self.model_weights,
+                "one block's tunables + grads" + (" (recompute_qdq)" if self.recompute_qdq else ""): self.block_state,
                 f"activations (batch {self.batch_size})": self.activations, "packed output": self.packed_output}
 
     def table(self) -> str:
@@ -111,7 +119,8 @@ class MemoryBreakdown:
                           f"  {'total':<32} {format_bytes(self.total):>10}"])
 
 
-def estimate_signround_memory(shape: MemoryShape, batch_size: int, gradient_accumulate_steps: int = 1) -> MemoryBreakdown:
+def estimate_signround_memory(shape: MemoryShape, batch_size: int, gradient_accumulate_steps: int = 1,
+                              recompute_qdq: bool = False) -> MemoryBreakdown:
     """The predicted peak of a SignRound run of `shape` with micro-batch `batch_size` (pure arithmetic)."""
     n, t, h = shape.nsamples, shape.seqlen, shape.hidden
     b = min(batch_size, n)
@@ -120,7 +129,10 @@ def estimate_signround_memory(shape: MemoryShape, batch_size: int, gradient_accu
     call_args = n * t * t * shape.dtype_bytes if shape.eager_attention else n * t * 8
     # per weight element: grouped fp32 copy, V, grad V, best V, and the qdq graph; per group: wmin, wmax,
     # alpha, beta, their grads and snapshots
-    block_state = shape.block_weight_elems * 4 * (4 + QDQ_SAVED) + shape.block_groups * 4 * 10
+    graph_elems = shape.block_weight_elems
+    if recompute_qdq:
+        graph_elems -= shape.block_recomputable_elems - shape.largest_recomputable_layer_elems
+    block_state = shape.block_weight_elems * 4 * 4 + graph_elems * 4 * QDQ_SAVED + shape.block_groups * 4 * 10
     per_token = ACT_PER_HIDDEN * h + ACT_PER_INTERMEDIATE * shape.intermediate
     act_bytes = 4 + (2 if shape.amp else 0)
     activations = b * t * per_token * act_bytes
@@ -129,7 +141,7 @@ def estimate_signround_memory(shape: MemoryShape, batch_size: int, gradient_accu
     return MemoryBreakdown(
         cached_inputs=chains * chain, call_args=call_args, model_weights=shape.weight_bytes, block_state=block_state,
         activations=activations, packed_output=shape.packed_bytes, batch_size=b,
-        gradient_accumulate_steps=gradient_accumulate_steps,
+        gradient_accumulate_steps=gradient_accumulate_steps, recompute_qdq=recompute_qdq,
     )
 
 
@@ -146,9 +158,12 @@ class MemoryDecision:
 
 
 def plan_batches(shape: MemoryShape, batch_size: int, gradient_accumulate_steps: int, available: Optional[int],
-                 *, device_available: Optional[int] = None, auto_adjust: bool = True) -> MemoryDecision:
-    """Keep the settings when they fit; else halve the micro-batch (doubling gradient_accumulate_steps, so the
-    effective batch is kept) until they do; raise MemoryPlanError when even batch 1 does not fit.
+                 *, device_available: Optional[int] = None, auto_adjust: bool = True,
+                 recompute_qdq: bool = False) -> MemoryDecision:
+    """Keep the settings when they fit; else turn recompute_qdq on where the block has MX / NVFP4 / FP8 / GGUF
+    layers (same results, whatever auto_adjust says); else halve the micro-batch (doubling
+    gradient_accumulate_steps, so the effective batch is kept) until they do; raise MemoryPlanError when even
+    batch 1 does not fit. The decision's breakdown says whether recompute_qdq is on.
 
     available: host bytes free for the run (None: unknown, nothing is checked). device_available: bytes free on
     the accelerator, or None when tuning on the CPU (then everything counts against `available`).
@@ -160,15 +175,19 @@ def plan_batches(shape: MemoryShape, batch_size: int, gradient_accumulate_steps:
         return host_ok and br.device_work + br.model_weights <= device_available
 
     b, gas = batch_size, gradient_accumulate_steps
-    first = estimate_signround_memory(shape, b, gas)
-    if fits(first):
-        return MemoryDecision(first, available, adjusted=False)
-    br = first
+    br = estimate_signround_memory(shape, b, gas, recompute_qdq)
+    if fits(br):
+        return MemoryDecision(br, available, adjusted=False)
+    if not recompute_qdq and shape.block_recomputable_elems:
+        recompute_qdq = True
+        br = estimate_signround_memory(shape, b, gas, recompute_qdq)
+        if fits(br):
+            return MemoryDecision(br, available, adjusted=False)
     while auto_adjust and b > 1:
         if b % 2:  # an odd batch cannot be split evenly: the effective batch would change
             break
         b, gas = b // 2, gas * 2
-        br = estimate_signround_memory(shape, b, gas)
+        br = estimate_signround_memory(shape, b, gas, recompute_qdq)
         if fits(br):
             return MemoryDecision(br, available, adjusted=True)
     where = "host" if device_available is None else "host / device"
@@ -236,7 +255,7 @@ def memory_shape(model: nn.Module, layer_schemes: Mapping[str, Any], blocks: lis
     params = {id(p): p for p in model.parameters()}.values()
     weight_bytes = sum(p.numel() * p.element_size() for p in params if not p.is_meta)
     dtype = next((p.dtype for p in params if p.is_floating_point()), torch.float32)
-    elems, groups, packed = 0, 0, 0
+    elems, groups, packed, recomputable, largest_recomputable = 0, 0, 0, 0, 0
     for name, scheme in layer_schemes.items():
         if not scheme.is_quantized:
             continue
@@ -244,19 +263,24 @@ def memory_shape(model: nn.Module, layer_schemes: Mapping[str, Any], blocks: lis
         gs = scheme.group_size if isinstance(scheme.group_size, int) and scheme.group_size > 0 else in_f
         packed += out_f * in_f * scheme.bits // 8 + out_f * -(-in_f // gs) * 4
     for bname, _ in blocks:
-        b_elems, b_groups = 0, 0
+        b_elems, b_groups, b_recomputable = 0, 0, 0
         for name, scheme in layer_schemes.items():
             if scheme.is_quantized and name.startswith(bname + "."):
                 out_f, in_f = layer_shape(model.get_submodule(name))
                 gs = scheme.group_size if isinstance(scheme.group_size, int) and scheme.group_size > 0 else in_f
                 b_elems, b_groups = b_elems + out_f * in_f, b_groups + out_f * -(-in_f // gs)
+                if scheme.gguf is not None or not scheme.is_int:  # the qdq graphs recompute_qdq drops
+                    b_recomputable += out_f * in_f
+                    largest_recomputable = max(largest_recomputable, out_f * in_f)
         elems, groups = max(elems, b_elems), max(groups, b_groups)
+        recomputable = max(recomputable, b_recomputable)
     attn = getattr(cfg, "_attn_implementation", None) or getattr(model.config, "_attn_implementation", None)
     return MemoryShape(
         nsamples=nsamples, seqlen=seqlen, hidden=hidden, intermediate=inter, heads=heads,
         dtype_bytes=torch.finfo(dtype).bits // 8, weight_bytes=weight_bytes, block_weight_elems=elems,
         block_groups=groups, packed_bytes=packed, eager_attention=attn == "eager",
-        enable_quanted_input=enable_quanted_input, amp=amp,
+        enable_quanted_input=enable_quanted_input, amp=amp, block_recomputable_elems=recomputable,
+        largest_recomputable_layer_elems=largest_recomputable,
     )
 
 
@@ -277,11 +301,15 @@ def plan_signround_memory(model: nn.Module, layer_schemes: Mapping[str, Any], bl
     else:
         host, dev = (limit if limit is not None else host_available()), None
     decision = plan_batches(shape, tuning.batch_size, tuning.gradient_accumulate_steps, host,
-                            device_available=dev, auto_adjust=auto_adjust)
+                            device_available=dev, auto_adjust=auto_adjust, recompute_qdq=tuning.recompute_qdq)
     br = decision.breakdown
     avail = format_bytes(host) if host is not None else "unknown"
     logger.info("%s\n  %-32s %10s%s", br.table(), "available", avail,
                 f" host, {format_bytes(dev)} on {device}" if dev is not None else "")
+    if br.recompute_qdq and not tuning.recompute_qdq:
+        logger.warning("memory: recompute_qdq on (the MX / NVFP4 / FP8 / GGUF qdq graphs are rebuilt in the backward "
+                       "pass: same results, a few %% slower) so the predicted peak fits")
+        tuning = dataclasses.replace(tuning, recompute_qdq=True)
     if not decision.adjusted:
         return tuning
     logger.warning("memory: batch_size %d -> %d with gradient_accumulate_steps %d -> %d (same effective batch of %d) "

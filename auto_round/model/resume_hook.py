@@ -43,7 +43,8 @@ class RunCheckpoint:
         if directory.exists() and not ar.resume:  # overwrite: the stale checkpoint is discarded
             BlockCheckpoint(directory, {}).remove()
         t = ar.tuning
-        tuning = {**dataclasses.asdict(t), "amp_dtype": str(t.amp_dtype), "enable_quanted_input": ar.enable_quanted_input,
+        # recompute_qdq changes memory, not results: a resume may differ in it (the memory planner may too)
+        tuning = {**{k: v for k, v in dataclasses.asdict(t).items() if k != "recompute_qdq"}, "amp_dtype": str(t.amp_dtype), "enable_quanted_input": ar.enable_quanted_input,
                   "amp_attention": ar.amp_attention, "scale_dtype": str(ar.scale_dtype), "nsamples": ar.nsamples,
                   "seqlen": ar.seqlen, "device_type": torch.device(ar.device).type, "block_groups": ar.block_groups}
         parts = {
