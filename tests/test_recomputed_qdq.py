@@ -95,7 +95,7 @@ def test_recomputed_qdq_keeps_nothing_from_the_forward(name: str) -> None:
     plain = FloatTunableLayer(_linear(64, 512, 0), get_scheme(name))
     recomputed = FloatTunableLayer(_linear(64, 512, 0), get_scheme(name), recompute_qdq=True)
     n = plain.module.weight.numel()
-    assert _saved_bytes(plain.qdq_weight) > 8 * n  # the plain graph: several fp32 tensors per weight
+    assert _saved_bytes(plain.qdq_weight) > 4 * n  # without recomputation: at least the weight and its codes
     assert _saved_bytes(recomputed.qdq_weight) == 0
 
 

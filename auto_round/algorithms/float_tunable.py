@@ -16,10 +16,12 @@ import torch
 from torch import nn
 
 from ..layers import layer_weight, set_layer_weight
+from ..quant.float_qdq_fused import element_qdq
 from ..quant.fp8_qdq import fp8_layout, qdq_fp8
+from ..quant.fp_formats import E2M1, round_to_format
 from ..quant.int_qdq import GroupLayout, group_range
-from ..quant.mx_qdq import get_mx_format, qdq_mx
-from ..quant.nvfp_qdq import global_scale, qdq_nvfp4
+from ..quant.mx_qdq import get_mx_format, mx_block_scale, qdq_mx, round_element
+from ..quant.nvfp_qdq import FP4_MAX, global_scale, nvfp4_group_scales, qdq_nvfp4
 from ..schemes import QuantScheme
 from .tunable import PatchedForward, recomputed_in_backward
 
@@ -108,11 +110,27 @@ class FloatTunableLayer(PatchedForward):
         return qdq_fp8(self.grouped, v=self.v, max_scale=clip, wmin=self.wmin, wmax=self.wmax)
 
     def qdq_weight(self) -> torch.Tensor:
-        """Differentiable fake-quantized weight [out, in] fp32; with recompute_qdq its graph is rebuilt in the
+        """Differentiable fake-quantized weight [out, in] fp32: qdq()'s weight, whose MX / NVFP4 element stage
+        runs as the single autograd node of quant/float_qdq_fused.py (same values and gradients, 3 bytes per
+        weight kept for the backward instead of ~9); with recompute_qdq the whole graph is rebuilt in the
         backward pass (`recomputed_in_backward`) rather than kept."""
-        def qdq_weight() -> torch.Tensor:
-            return self.layout.from_groups(self.qdq().weight)
-        return recomputed_in_backward(qdq_weight) if self.recompute_qdq else qdq_weight()
+        return recomputed_in_backward(self._qdq_weight) if self.recompute_qdq else self._qdq_weight()
+
+    def _qdq_weight(self) -> torch.Tensor:
+        s = self.scheme
+        if s.data_type in ("mx_fp", "mx_int"):
+            fmt = get_mx_format(s.data_type, s.bits)
+            _, scale = mx_block_scale(self.grouped, fmt, max_scale=self.max_scale, init_scale=self.init_scale)
+            w = element_qdq(self.grouped, self.v, scale, scale, divide=True,
+                            round_fn=lambda y: round_element(y, fmt), max_norm=fmt.max_norm)
+        elif s.data_type == "nv_fp":
+            _, dequant, quant = nvfp4_group_scales(self.grouped, self.gscale.reshape(-1), max_scale=self.max_scale,
+                                                   init_scale=self.init_scale)
+            w = element_qdq(self.grouped, self.v, quant.unsqueeze(-1), dequant.unsqueeze(-1), divide=False,
+                            round_fn=lambda y: round_to_format(y, E2M1), max_norm=FP4_MAX)
+        else:
+            w = self.qdq().weight
+        return self.layout.from_groups(w)
 
     @torch.no_grad()
     def finalize(self, params: Optional[tuple] = None) -> FloatQuantResult:

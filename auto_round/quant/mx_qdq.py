@@ -157,6 +157,22 @@ class MxQdqResult:
         return element_codes(self.elements, self.fmt)
 
 
+def mx_block_scale(x: torch.Tensor, fmt: MxFormat, *, max_scale: Optional[torch.Tensor] = None,
+                   init_scale: Optional[torch.Tensor] = None, rule: str = "floor",
+                   rceil_divisor: Optional[float] = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """(e [rows, n_groups], scale = 2^e [rows, n_groups, 1]) of fp32 grouped x: the shared exponent of
+    `qdq_mx`, differentiable w.r.t. max_scale / init_scale (and x, through the group max)."""
+    # not detached: for activations the group max carries gradient to x, as in the reference (a weight's
+    # amax is a constant either way)
+    amax = x.abs().amax(dim=-1)  # [rows, n_groups]
+    if max_scale is not None:
+        amax = amax * max_scale
+    if init_scale is not None:
+        amax = amax * init_scale
+    e = shared_exponent(amax, fmt, rule, rceil_divisor)
+    return e, torch.exp2(e).unsqueeze(-1)  # exact powers of two (2^-127 is an fp32 subnormal)
+
+
 def qdq_mx(
     grouped: torch.Tensor,
     fmt: MxFormat,
@@ -170,15 +186,8 @@ def qdq_mx(
     """MX qdq of [rows, n_groups, G] (module docstring). v: grouped shape; max_scale / init_scale:
     [rows, n_groups] (or broadcastable, e.g. a scalar) multipliers of the block max."""
     x = grouped.float()
-    # not detached: for activations the group max carries gradient to x, as in the reference (a weight's
-    # amax is a constant either way)
-    amax = x.abs().amax(dim=-1)  # [rows, n_groups]
-    if max_scale is not None:
-        amax = amax * max_scale
-    if init_scale is not None:
-        amax = amax * init_scale
-    e = shared_exponent(amax, fmt, rule, rceil_divisor)
-    scale = torch.exp2(e).unsqueeze(-1)  # exact powers of two (2^-127 is an fp32 subnormal)
+    e, scale = mx_block_scale(x, fmt, max_scale=max_scale, init_scale=init_scale, rule=rule,
+                              rceil_divisor=rceil_divisor)
     y = x / scale
     if v is not None:
         y = y + v

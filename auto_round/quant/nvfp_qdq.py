@@ -97,6 +97,19 @@ def nvfp_scales(s_b: torch.Tensor, gscale: torch.Tensor) -> tuple[torch.Tensor, 
     return s, r
 
 
+def nvfp4_group_scales(x: torch.Tensor, g: torch.Tensor, *, max_scale: Optional[torch.Tensor] = None,
+                       init_scale: Optional[torch.Tensor] = None) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(s_b, s, r), each [rows, n_groups], of fp32 grouped x [rows, n_groups, 16] and global scale g [1]: the block
+    scale, its dequantizing s and quantizing r of `qdq_nvfp4`, differentiable w.r.t. max_scale / init_scale."""
+    amax = x.abs().amax(dim=-1)  # [rows, n_groups]; not detached (see mx_qdq.qdq_mx)
+    coeff = _block_max_coefficient(max_scale, init_scale)
+    if coeff is not None:
+        amax = amax * coeff
+    s_b = nvfp_block_scale(amax, g)
+    s, r = nvfp_scales(s_b, g)
+    return s_b, s, r
+
+
 def qdq_nvfp4(
     grouped: torch.Tensor,
     *,
@@ -115,12 +128,7 @@ def qdq_nvfp4(
         raise ValueError(f"NVFP4 needs groups of {NVFP_BLOCK}, got grouped shape {tuple(grouped.shape)}")
     x = grouped.float()
     g = (global_scale(x) if gscale is None else gscale.float()).reshape(-1)
-    amax = x.abs().amax(dim=-1)  # [rows, n_groups]; not detached (see mx_qdq.qdq_mx)
-    coeff = _block_max_coefficient(max_scale, init_scale)
-    if coeff is not None:
-        amax = amax * coeff
-    s_b = nvfp_block_scale(amax, g)  # [rows, n_groups]
-    s, r = nvfp_scales(s_b, g)
+    s_b, s, r = nvfp4_group_scales(x, g, max_scale=max_scale, init_scale=init_scale)
     # a block whose scale underflowed to 0 has r = 0: its values quantize to clamp(V) and dequantize to 0
     y = x * r.unsqueeze(-1)
     if v is not None:
