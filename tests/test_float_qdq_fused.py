@@ -1,6 +1,6 @@
-"""The MX / NVFP4 element stage as one autograd node (quant/float_qdq_fused.py, used by
+"""The MX / NVFP4 / FP8 element stage as one autograd node (quant/float_qdq_fused.py, used by
 FloatTunableLayer.qdq_weight): the same fake-quantized weight and bit-identical gradients of V and max_scale as
-the plain autograd graph of qdq_mx / qdq_nvfp4, with fewer bytes kept for the backward."""
+the plain autograd graph of qdq_mx / qdq_nvfp4 / qdq_fp8, with fewer bytes kept for the backward."""
 
 from __future__ import annotations
 
@@ -17,6 +17,9 @@ SCHEMES = {
     "MXFP4": get_scheme("MXFP4"), "MXFP6": get_scheme("MXFP6"), "MXFP8": get_scheme("MXFP8"),
     "MXINT4": get_scheme("MXINT4"), "MXINT8": QuantScheme(bits=8, group_size=32, data_type="mx_int"),
     "NVFP4": get_scheme("NVFP4"),
+    "FP8_STATIC": get_scheme("FP8_STATIC"),  # per channel
+    "FP8_BLOCK": get_scheme("FP8_BLOCK"),  # 128 x 128 blocks: one ragged block row here (24 rows)
+    "FPW8A16": get_scheme("FPW8A16"),  # per tensor
 }
 
 
@@ -35,14 +38,15 @@ def _tunable(name: str, seed: int, init_scale: bool) -> FloatTunableLayer:
     with torch.no_grad():
         lin.weight.copy_(_weight(24, 128, seed))
     scheme = SCHEMES[name]
-    shape = (24, 128 // scheme.group_size)
+    shape = FloatTunableLayer(lin, scheme).max_scale.shape
     gen = torch.Generator().manual_seed(seed + 100)
     init = 0.5 + torch.rand(shape, generator=gen) if init_scale else None
     tunable = FloatTunableLayer(lin, scheme, init_scale=init, scale_bound=2.0)
     with torch.no_grad():  # as after some steps: V within +-0.5 (some elements pushed past the clamp), clips < 1
         tunable.v.copy_((torch.rand(tunable.v.shape, generator=gen) - 0.5) * 0.98)
-        tunable.v[3] += 8.0  # a row clamped at +max_norm
-        tunable.v[4] -= 8.0
+        over = 1000.0 if scheme.data_type == "fp" else 8.0  # past the element range: FP8 448, FP4 6, ...
+        tunable.v.view(-1)[:400] += over  # elements pushed past +max_norm (FP8: 448)
+        tunable.v.view(-1)[-400:] -= over
         tunable.max_scale.copy_(0.4 + torch.rand(shape, generator=gen) * 0.6)
     return tunable
 
@@ -96,7 +100,7 @@ def _saved_bytes(fn) -> int:
     return sum(seen.values())
 
 
-@pytest.mark.parametrize("name", ["MXFP4", "NVFP4"])
+@pytest.mark.parametrize("name", ["MXFP4", "NVFP4", "FP8_STATIC"])
 def test_fused_element_stage_keeps_fewer_bytes(name: str) -> None:
     tunable = _tunable(name, 0, False)
     n = tunable.grouped.numel()

@@ -17,7 +17,7 @@ from torch import nn
 
 from ..layers import layer_weight, set_layer_weight
 from ..quant.float_qdq_fused import element_qdq
-from ..quant.fp8_qdq import fp8_layout, qdq_fp8
+from ..quant.fp8_qdq import FP8_MAX, fp8_group_scale, fp8_layout, qdq_fp8
 from ..quant.fp_formats import E2M1, round_to_format
 from ..quant.int_qdq import GroupLayout, group_range
 from ..quant.mx_qdq import get_mx_format, mx_block_scale, qdq_mx, round_element
@@ -110,8 +110,8 @@ class FloatTunableLayer(PatchedForward):
         return qdq_fp8(self.grouped, v=self.v, max_scale=clip, wmin=self.wmin, wmax=self.wmax)
 
     def qdq_weight(self) -> torch.Tensor:
-        """Differentiable fake-quantized weight [out, in] fp32: qdq()'s weight, whose MX / NVFP4 element stage
-        runs as the single autograd node of quant/float_qdq_fused.py (same values and gradients, 3 bytes per
+        """Differentiable fake-quantized weight [out, in] fp32: qdq()'s weight, whose element stage (MX, NVFP4,
+        FP8) runs as the single autograd node of quant/float_qdq_fused.py (same values and gradients, 3 bytes per
         weight kept for the backward instead of ~9); with recompute_qdq the whole graph is rebuilt in the
         backward pass (`recomputed_in_backward`) rather than kept."""
         return recomputed_in_backward(self._qdq_weight) if self.recompute_qdq else self._qdq_weight()
@@ -128,8 +128,11 @@ class FloatTunableLayer(PatchedForward):
                                                    init_scale=self.init_scale)
             w = element_qdq(self.grouped, self.v, quant.unsqueeze(-1), dequant.unsqueeze(-1), divide=False,
                             round_fn=lambda y: round_to_format(y, E2M1), max_norm=FP4_MAX)
-        else:
-            w = self.qdq().weight
+        else:  # FP8 e4m3: round through the float8 cast, as qdq_fp8
+            clip = self.max_scale if self.init_scale is None else self.max_scale * self.init_scale
+            scale = fp8_group_scale(self.wmin, self.wmax, clip)
+            w = element_qdq(self.grouped, self.v, scale, scale, divide=True,
+                            round_fn=lambda y: y.to(torch.float8_e4m3fn).float(), max_norm=FP8_MAX["e4m3"])
         return self.layout.from_groups(w)
 
     @torch.no_grad()

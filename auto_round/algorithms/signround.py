@@ -63,7 +63,7 @@ class SignRoundConfig:
     massive_token_cap: float = 0.0
     # MX / NVFP4 / FP8 / GGUF weights: rebuild each layer's qdq graph in the backward pass instead of keeping it
     # from the forward (`tunable.recomputed_in_backward`): the same gradients bit for bit, ~9 bytes per weight
-    # (FP8, GGUF) or ~2-3 (MX, NVFP4) less at the block's peak, one more qdq forward per layer and step (+0-25 % of quantize() time measured by
+    # (GGUF) or 3 (MX, NVFP4, FP8) less at the block's peak, one more qdq forward per layer and step (+0-25 % of quantize() time measured by
     # bench/recompute_qdq_peak.py). Integer weights always use their compact single-node qdq
     # (quant/int_qdq_fused.py) and ignore this.
     recompute_qdq: bool = False

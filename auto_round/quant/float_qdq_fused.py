@@ -1,14 +1,14 @@
-"""The element stage of the MX / NVFP4 weight qdq of a SignRound step as one autograd node. Pure tensor math.
+"""The element stage of the MX / NVFP4 / FP8 weight qdq of a SignRound step as one autograd node. Pure tensor math.
 
 For grouped weights x [rows, n_groups, G] (no gradient), the rounding offset V (same shape) and per-group
 multipliers q, d [rows, n_groups, 1]:
 
-    y   = x / q  (MX: q = d = 2^e)      or      x * q  (NVFP4: q = r, the quantizing multiplier; d = s)
+    y   = x / q  (MX, FP8: q = d = scale)      or      x * q  (NVFP4: q = r, the quantizing multiplier; d = s)
     out = E(clamp(y + V, -m, m)) * d           E: round to the element grid (ties to even), straight-through
 
 The plain composition keeps the division's input, the clamp's input, the rounded elements and the STE terms
 (~9 bytes per weight beyond the weight itself) from the forward to the backward. This node keeps the element
-values in bfloat16 (exact for every MX / NVFP4 element type) and the clamp mask (bool): 3 bytes per weight; x
+values in bfloat16 (exact for every MX / NVFP4 / FP8 element type) and the clamp mask (bool): 3 bytes per weight; x
 is the caller's persistent weight, saved by reference. Its backward evaluates
 the gradients of the plain graph expression by expression, so V, q and d receive bit-identical gradients
 (tests/test_float_qdq_fused.py), and the per-group chain from q / d to max_scale stays in autograd:
@@ -17,7 +17,7 @@ the gradients of the plain graph expression by expression, so V, q and d receive
     dL/dd = sum_G(g * E)
     dL/dq = sum_G(-dL/dV * ((x / q) / q))  (division)     or  sum_G(dL/dV * x)  (multiplication)
 
-With q and d the same tensor (MX) autograd adds the two group sums, as it does for the plain graph.
+With q and d the same tensor (MX, FP8) autograd adds the two group sums, as it does for the plain graph.
 """
 
 from __future__ import annotations
@@ -38,8 +38,9 @@ class _ElementQdq(torch.autograd.Function):
         del y
         elem = round_fn(clamped)
         out = elem * d
-        # every element value of the MX / NVFP4 formats is exact in bfloat16 (at most 4 significant bits, MXINT8's
-        # k / 64 with |k| <= 127 seven; exponents far inside bf16's range), and the casts are cheap (float8's are not)
+        # every element value of the MX / NVFP4 / FP8 formats is exact in bfloat16 (at most 4 significant bits,
+        # MXINT8's k / 64 with |k| <= 127 seven; exponents far inside bf16's range), and the casts are cheap
+        # (float8's are not)
         ctx.save_for_backward(x, elem.to(torch.bfloat16), outside, q, d)
         ctx.divide = divide
         return out

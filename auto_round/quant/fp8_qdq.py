@@ -105,6 +105,16 @@ def fp8_scale(amax: torch.Tensor, fmt: str = "e4m3") -> torch.Tensor:
     return torch.clamp(amax.float() / FP8_MAX[fmt], min=FP8_MIN_SCALE)
 
 
+def fp8_group_scale(wmin: torch.Tensor, wmax: torch.Tensor, max_scale: Optional[torch.Tensor] = None,
+                    fmt: str = "e4m3") -> torch.Tensor:
+    """The scale [rows, n_groups, 1] of `qdq_fp8` from the group range ([rows, n_groups]) and the clip
+    multiplier, differentiable w.r.t. max_scale."""
+    amax = torch.maximum(wmax.abs(), wmin.abs()).float()
+    if max_scale is not None:
+        amax = amax * max_scale
+    return fp8_scale(amax, fmt).unsqueeze(-1)
+
+
 @dataclass
 class Fp8QdqResult:
     """FP8 qdq output. weight/q grouped; scale [rows, n_groups] fp32 (detached)."""
@@ -130,10 +140,7 @@ def qdq_fp8(
     x = grouped.float()
     if wmin is None or wmax is None:
         wmin, wmax = group_range(x)  # not detached (see mx_qdq.qdq_mx)
-    amax = torch.maximum(wmax.abs(), wmin.abs()).float()
-    if max_scale is not None:
-        amax = amax * max_scale
-    scale = fp8_scale(amax, fmt).unsqueeze(-1)
+    scale = fp8_group_scale(wmin, wmax, max_scale, fmt)
     y = x / scale
     if v is not None:
         y = y + v
