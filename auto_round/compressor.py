@@ -88,10 +88,9 @@ class AutoRound:
         memory on CUDA). Before tuning the predicted peak is logged (model/memory_plan.py); when it exceeds the
         limit and auto_adjust_memory, the micro-batch is halved with gradient_accumulate_steps doubled (same
         effective batch, slightly different numerics, logged); when nothing fits, MemoryPlanError. Before halving,
-        MX / NVFP4 / FP8 / GGUF weights switch to recompute_qdq, which does not change any result.
-    recompute_qdq: MX / NVFP4 / FP8 / GGUF SignRound rebuilds each layer's qdq graph in the backward pass instead
-        of keeping it (bit-identical gradients; ~9 bytes per weight less at the block's peak for GGUF, 3 for
-        MX / NVFP4 / FP8; +0-25 % time measured);
+        MX / NVFP4 / FP8 weights switch to recompute_qdq, which does not change any result.
+    recompute_qdq: MX / NVFP4 / FP8 SignRound rebuilds each layer's qdq graph in the backward pass instead of
+        keeping it (bit-identical gradients; 3 bytes per weight less at the block's peak; +0-25 % time measured);
         off by default, switched on by the memory planner when the predicted peak does not fit otherwise.
     The remaining arguments are SignRound's (reference defaults).
     """

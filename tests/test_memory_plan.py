@@ -89,17 +89,17 @@ def test_prediction_matches_measured_peak():
     assert 0.5 <= ratio <= 2.0, runs
 
 
-FLOAT_SHAPE = dataclasses.replace(SHAPE, block_weight_elems=6_000_000, block_recomputable_elems=6_000_000,
-                                  largest_recomputable_layer_elems=2_000_000)
+FLOAT_SHAPE = dataclasses.replace(SHAPE, block_weight_elems=60_000_000, block_qdq_graph_bytes=240_000_000,
+                                  block_recomputable_graph_bytes=240_000_000, largest_recomputable_graph_bytes=80_000_000)
 
 
 def test_recompute_qdq_drops_all_but_the_largest_layers_graph():
     plain = estimate_signround_memory(FLOAT_SHAPE, 8)
     recomputed = estimate_signround_memory(FLOAT_SHAPE, 8, recompute_qdq=True)
-    from auto_round.model.memory_plan import QDQ_SAVED
-    assert plain.block_state - recomputed.block_state == (6_000_000 - 2_000_000) * 4 * QDQ_SAVED
+    assert plain.block_state - recomputed.block_state == 240_000_000 - 80_000_000
     assert recomputed.recompute_qdq and "recompute_qdq" in recomputed.table()
-    int_only = dataclasses.replace(FLOAT_SHAPE, block_recomputable_elems=0, largest_recomputable_layer_elems=0)
+    int_only = dataclasses.replace(FLOAT_SHAPE, block_qdq_graph_bytes=None, block_recomputable_graph_bytes=0,
+                                   largest_recomputable_graph_bytes=0)
     assert estimate_signround_memory(int_only, 8, recompute_qdq=True).block_state == \
         estimate_signround_memory(int_only, 8).block_state
 
@@ -114,7 +114,8 @@ def test_plan_turns_recompute_qdq_on_before_halving_the_batch():
     dec = plan_batches(FLOAT_SHAPE, 8, 1, available=estimate_signround_memory(FLOAT_SHAPE, 4, recompute_qdq=True).total)
     assert dec.breakdown.recompute_qdq and dec.adjusted and dec.breakdown.batch_size == 4
     # integer blocks have nothing to recompute: straight to halving, as before
-    int_only = dataclasses.replace(FLOAT_SHAPE, block_recomputable_elems=0, largest_recomputable_layer_elems=0)
+    int_only = dataclasses.replace(FLOAT_SHAPE, block_qdq_graph_bytes=None, block_recomputable_graph_bytes=0,
+                                   largest_recomputable_graph_bytes=0)
     dec = plan_batches(int_only, 8, 1, available=estimate_signround_memory(int_only, 4).total)
     assert not dec.breakdown.recompute_qdq and dec.breakdown.batch_size == 4
     assert not plan_batches(FLOAT_SHAPE, 8, 1, available=10**12).breakdown.recompute_qdq
@@ -137,7 +138,7 @@ def test_memory_limit_turns_recompute_qdq_on_with_the_same_result(tmp_path, capl
                       batch_size=4, device="cpu")
     shape = memory_shape(probe.model, probe.layer_schemes, list(iter_blocks(probe.model, probe.block_groups)),
                          nsamples=8, seqlen=16, enable_quanted_input=True, amp=probe.tuning.amp_dtype is not None)
-    assert shape.block_recomputable_elems > 0
+    assert shape.block_recomputable_graph_bytes > 0
     limit = estimate_signround_memory(shape, 4, recompute_qdq=True).total  # fits only with the recomputation
     plain_ar, plain = run("plain")
     assert not plain_ar.tuning.recompute_qdq

@@ -1,4 +1,4 @@
-"""With recompute_qdq the float (MX / NVFP4 / FP8) and GGUF tunables rebuild their qdq graph in the backward
+"""With recompute_qdq the float (MX / NVFP4 / FP8) tunables rebuild their qdq graph in the backward
 pass (`tunable.recomputed_in_backward`): same fake-quantized weight and bit-identical gradients as the plain
 autograd graph, while the forward keeps nothing for the backward."""
 
@@ -9,8 +9,7 @@ import torch
 from torch import nn
 
 from auto_round.algorithms.float_tunable import FloatTunableLayer
-from auto_round.algorithms.gguf import GGUFTunableLayer
-from auto_round.schemes import get_scheme, gguf_scheme
+from auto_round.schemes import get_scheme
 
 FLOAT_SCHEMES = ["MXFP4", "MXFP8", "MXINT4", "NVFP4", "FP8_STATIC", "FP8_BLOCK"]
 
@@ -45,9 +44,6 @@ def _weight_and_grads(tunable, qdq_weight, probe: torch.Tensor):
 
 def _plain_qdq(tunable):
     """The same qdq without the recomputation: the layer's own graph, kept from the forward."""
-    if isinstance(tunable, GGUFTunableLayer):
-        from auto_round.quant.gguf import qdq
-        return lambda: qdq(tunable.weight, tunable.params, tunable.v)[0]
     return lambda: tunable.layout.from_groups(tunable.qdq().weight)
 
 
@@ -56,8 +52,6 @@ def _tunables():
         for seed in (0, 1):
             yield f"{name}-{seed}", lambda name=name, seed=seed: FloatTunableLayer(_linear(48, 256, seed), get_scheme(name),
                                                                                  recompute_qdq=True)
-    for ggml in ("q4_k", "q2_k", "q4_0"):
-        yield f"gguf-{ggml}", lambda ggml=ggml: GGUFTunableLayer(_linear(32, 256, 3), gguf_scheme(ggml), recompute_qdq=True)
 
 
 CASES = dict(_tunables())

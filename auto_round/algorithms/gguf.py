@@ -21,7 +21,7 @@ from torch import nn
 from ..layers import layer_weight, set_layer_weight
 from ..quant.gguf import GGUFParams, qdq, search_params
 from ..schemes import QuantScheme
-from .tunable import TunableLayer, recomputed_in_backward
+from .tunable import TunableLayer
 
 
 @dataclass
@@ -73,9 +73,8 @@ class GGUFTunableLayer(TunableLayer):
     """SignRound state of a layer quantized to a ggml type: V only, scales searched once up front."""
 
     def __init__(self, module: nn.Module, scheme: QuantScheme, *, imatrix: Optional[torch.Tensor] = None,
-                 device: "str | torch.device | None" = None, recompute_qdq: bool = False, **_ignored):
+                 device: "str | torch.device | None" = None, **_ignored):
         self.module = module
-        self.recompute_qdq = recompute_qdq  # rebuild the qdq graph in the backward pass (SignRoundConfig)
         self.scheme = scheme
         weight = layer_weight(module).detach().to(device=device, dtype=torch.float32)
         self.weight = weight
@@ -101,10 +100,7 @@ class GGUFTunableLayer(TunableLayer):
         """Nothing to clamp: V's signed steps add up to at most lr * iters / 2 = 0.5 by construction."""
 
     def qdq_weight(self) -> torch.Tensor:
-        """Differentiable fake-quantized weight; with recompute_qdq its graph is rebuilt in the backward pass."""
-        def qdq_weight() -> torch.Tensor:
-            return qdq(self.weight, self.params, self.v)[0]
-        return recomputed_in_backward(qdq_weight) if self.recompute_qdq else qdq_weight()
+        return qdq(self.weight, self.params, self.v)[0]
 
     @torch.no_grad()
     def finalize(self, params: Optional[tuple] = None) -> GGUFLayerResult:

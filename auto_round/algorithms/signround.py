@@ -61,11 +61,11 @@ class SignRoundConfig:
     # Tokens whose fp output norm exceeds this multiple of the block's median token norm count in the loss as if
     # scaled down to that norm (relative error kept); 0 = plain masked MSE, as the reference (see token_loss_scale)
     massive_token_cap: float = 0.0
-    # MX / NVFP4 / FP8 / GGUF weights: rebuild each layer's qdq graph in the backward pass instead of keeping it
-    # from the forward (`tunable.recomputed_in_backward`): the same gradients bit for bit, ~9 bytes per weight
-    # (GGUF) or 3 (MX, NVFP4, FP8) less at the block's peak, one more qdq forward per layer and step (+0-25 % of quantize() time measured by
-    # bench/recompute_qdq_peak.py). Integer weights always use their compact single-node qdq
-    # (quant/int_qdq_fused.py) and ignore this.
+    # MX / NVFP4 / FP8 weights: rebuild each layer's qdq graph in the backward pass instead of keeping it from
+    # the forward (`tunable.recomputed_in_backward`): the same gradients bit for bit, 3 bytes per weight less at
+    # the block's peak, one more qdq forward per layer and step (+0-25 % of quantize() time measured by
+    # bench/recompute_qdq_peak.py). Integer and ggml weights keep ~1-2 bytes per weight in their own single-node
+    # qdq (quant/int_qdq_fused.py, the ggml qdq) and ignore this.
     recompute_qdq: bool = False
 
     @property
@@ -153,9 +153,9 @@ def make_tunable(module: nn.Module, scheme: QuantScheme, *, scale_dtype: torch.d
     """The tunable state for one layer's weight type: ggml, integer, or MX / NVFP4 / FP8.
 
     alg_ext (a `supports_alg_ext` scheme): start from `init_scale` (None = multiplier 1), max_scale in [0, 2].
-    recompute_qdq: see SignRoundConfig (ggml and float types only)."""
+    recompute_qdq: see SignRoundConfig (MX / NVFP4 / FP8 only)."""
     if scheme.gguf is not None:
-        return GGUFTunableLayer(module, scheme, imatrix=imatrix, device=device, recompute_qdq=recompute_qdq)
+        return GGUFTunableLayer(module, scheme, imatrix=imatrix, device=device)
     if scheme.is_int and alg_ext:
         return InitScaleTunableLayer(module, scheme, init_scale=init_scale, scale_dtype=scale_dtype,
                                      enable_minmax_tuning=enable_minmax_tuning, device=device)

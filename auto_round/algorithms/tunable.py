@@ -55,11 +55,10 @@ def recomputed_in_backward(qdq_weight: Callable[[], torch.Tensor]) -> torch.Tens
     """qdq_weight()'s differentiable fake-quantized weight, its autograd graph rebuilt in the backward pass
     instead of kept from the forward.
 
-    The qdq graph of the GGUF types keeps ~9 bytes per weight (clamp inputs, element values, masks, all fp32)
-    from the forward to the backward, MX / NVFP4 / FP8 3 (their element stage is one node,
-    quant/float_qdq_fused.py), for every layer of the block at once: on an 8B model's block ~2 GB, resp.
-    ~0.65 GB, beside the activations. Under non-reentrant checkpointing
-    the forward keeps none of it; the backward re-runs qdq_weight() for one layer at a time (the same ops, so
+    The MX / NVFP4 / FP8 qdq keeps 3 bytes per weight from the forward to the backward (bf16 elements and the
+    clamp mask of quant/float_qdq_fused.py; ~9 with the plain autograd graph), for every layer of the block at
+    once: ~0.65 GB on an 8B model's block, beside the activations. Under non-reentrant checkpointing the forward
+    keeps none of it; the backward re-runs qdq_weight() for one layer at a time (the same ops, so
     the same values and bit-identical gradients) and frees that graph once the layer's parameters have their
     gradients. The price is one more qdq forward per layer and step. Without grad mode it is just a call.
     """

@@ -131,8 +131,8 @@ def build_parser(prog: str = "auto-round") -> argparse.ArgumentParser:
     r.add_argument("--memory_limit", help="memory the tuning may use, e.g. 12GB (default: the free host memory, "
                                           "or the free device memory on CUDA); the predicted peak is checked against it")
     r.add_argument("--recompute_qdq", action="store_true",
-                   help="MX / NVFP4 / FP8 / GGUF tuning: rebuild each layer's qdq graph in the backward pass instead of "
-                        "keeping it (same results, 3-9 bytes per weight less memory, a few %% slower; the memory "
+                   help="MX / NVFP4 / FP8 tuning: rebuild each layer's qdq graph in the backward pass instead of "
+                        "keeping it (same results, 3 bytes per weight less memory, a few %% slower; the memory "
                         "planner turns it on by itself when the predicted peak does not fit otherwise)")
     r.add_argument("--disable_auto_adjust_memory", action="store_true",
                    help="when the predicted peak exceeds the memory, fail instead of halving --batch_size and "

@@ -11,11 +11,13 @@ What the walk keeps alive at its peak (compressor.py `_quantize_signround`, mode
                     else a 2-D mask [n, T] at most); shared rotary tables are negligible.
     weights         every parameter of the model, resident the whole run (host, or the device when loaded there).
     block state     one block's tunables (algorithms/tunable.py): the fp32 grouped weight copy, V, its grad, the
-                    best-iteration snapshot, and the qdq graph kept for backward (~6 fp32 tensors of the weight's
-                    size); min/max scales alpha/beta per group with grads and snapshots. With recompute_qdq the
-                    MX / NVFP4 / FP8 / GGUF layers keep no qdq graph; only the largest of them has one, while its
-                    backward rebuilds it. Signed SGD keeps no
-                    optimizer moments, so there is no optimizer state beyond the grad (and its sign, transient).
+                    best-iteration snapshot, the fake-quantized weight the matmul keeps for its backward (5 x 4
+                    bytes per weight), and what the qdq keeps for the backward (`QDQ_GRAPH_BYTES` per weight by
+                    type, measured with saved_tensors_hooks: int codes, bf16 elements + mask of the MX / NVFP4 /
+                    FP8 node, the ggml node's small state); min/max scales alpha/beta per group with grads and
+                    snapshots. With recompute_qdq the MX / NVFP4 / FP8 layers keep nothing; only the largest of
+                    them has its graph, while its backward rebuilds it. Signed SGD keeps no optimizer moments, so
+                    there is no optimizer state beyond the grad (and its sign, transient).
     activations     one micro-batch forward + backward of one block: `ACT_PER_HIDDEN` tensors of [b, T, H] and
                     `ACT_PER_INTERMEDIATE` of [b, T, I] in fp32 (plus an amp-dtype copy when autocast is on), and
                     with eager attention the scores and probabilities [b, heads, T, T] (x `ACT_SCORES`).
@@ -42,7 +44,9 @@ logger = logging.getLogger("auto_round")
 ACT_PER_HIDDEN = 14  # norms, q/o/residuals, loss temporaries (out, diff, mask products) per [b, T, H]
 ACT_PER_INTERMEDIATE = 5  # gate, up, act(gate), act*up, its grad per [b, T, I]
 ACT_SCORES = 3  # eager attention: scores, softmax probabilities, their grad
-QDQ_SAVED = 6  # fp32 tensors of a weight's size that the qdq graph keeps for backward
+# bytes per weight that a layer's qdq keeps from the forward for the backward, beyond the weight itself (measured:
+# int 1.2 at 2-4 bits and 2.2 at 8; the float node 3 plus ~0.8 of per-group values; ggml ~0.2)
+QDQ_GRAPH_BYTES = {"int": 2, "float": 4, "gguf": 1}
 _UNITS = {"": 1, "B": 1, "KB": 10**3, "MB": 10**6, "GB": 10**9, "TB": 10**12,
           "KIB": 2**10, "MIB": 2**20, "GIB": 2**30, "TIB": 2**40}
 
@@ -68,10 +72,12 @@ class MemoryShape:
     eager_attention: bool = False
     enable_quanted_input: bool = True
     amp: bool = False
-    # of the largest block's weight elements, those whose qdq graph recompute_qdq drops (MX / NVFP4 / FP8 / GGUF),
-    # and the largest such layer (its graph exists again while its backward runs)
-    block_recomputable_elems: int = 0
-    largest_recomputable_layer_elems: int = 0
+    # bytes the largest block's qdq keeps for the backward (None: all integer, QDQ_GRAPH_BYTES["int"] per weight),
+    # the part recompute_qdq drops (MX / NVFP4 / FP8 layers), and the largest such layer's part (it exists again
+    # while that layer's backward runs)
+    block_qdq_graph_bytes: Optional[int] = None
+    block_recomputable_graph_bytes: int = 0
+    largest_recomputable_graph_bytes: int = 0
 
 
 @dataclass(frozen=True)
@@ -127,12 +133,14 @@ def estimate_signround_memory(shape: MemoryShape, batch_size: int, gradient_accu
     chain = n * t * h * shape.dtype_bytes
     chains = 5 if shape.enable_quanted_input else 3
     call_args = n * t * t * shape.dtype_bytes if shape.eager_attention else n * t * 8
-    # per weight element: grouped fp32 copy, V, grad V, best V, and the qdq graph; per group: wmin, wmax,
-    # alpha, beta, their grads and snapshots
-    graph_elems = shape.block_weight_elems
+    # per weight element: grouped fp32 copy, V, grad V, best V, the matmul's fake-quantized weight, and the qdq
+    # graph; per group: wmin, wmax, alpha, beta, their grads and snapshots
+    graph = shape.block_qdq_graph_bytes
+    if graph is None:
+        graph = shape.block_weight_elems * QDQ_GRAPH_BYTES["int"]
     if recompute_qdq:
-        graph_elems -= shape.block_recomputable_elems - shape.largest_recomputable_layer_elems
-    block_state = shape.block_weight_elems * 4 * 4 + graph_elems * 4 * QDQ_SAVED + shape.block_groups * 4 * 10
+        graph -= shape.block_recomputable_graph_bytes - shape.largest_recomputable_graph_bytes
+    block_state = shape.block_weight_elems * 4 * 5 + graph + shape.block_groups * 4 * 10
     per_token = ACT_PER_HIDDEN * h + ACT_PER_INTERMEDIATE * shape.intermediate
     act_bytes = 4 + (2 if shape.amp else 0)
     activations = b * t * per_token * act_bytes
@@ -160,7 +168,7 @@ class MemoryDecision:
 def plan_batches(shape: MemoryShape, batch_size: int, gradient_accumulate_steps: int, available: Optional[int],
                  *, device_available: Optional[int] = None, auto_adjust: bool = True,
                  recompute_qdq: bool = False) -> MemoryDecision:
-    """Keep the settings when they fit; else turn recompute_qdq on where the block has MX / NVFP4 / FP8 / GGUF
+    """Keep the settings when they fit; else turn recompute_qdq on where the block has MX / NVFP4 / FP8
     layers (same results, whatever auto_adjust says); else halve the micro-batch (doubling
     gradient_accumulate_steps, so the effective batch is kept) until they do; raise MemoryPlanError when even
     batch 1 does not fit. The decision's breakdown says whether recompute_qdq is on.
@@ -178,7 +186,7 @@ def plan_batches(shape: MemoryShape, batch_size: int, gradient_accumulate_steps:
     br = estimate_signround_memory(shape, b, gas, recompute_qdq)
     if fits(br):
         return MemoryDecision(br, available, adjusted=False)
-    if not recompute_qdq and shape.block_recomputable_elems:
+    if not recompute_qdq and shape.block_recomputable_graph_bytes:
         recompute_qdq = True
         br = estimate_signround_memory(shape, b, gas, recompute_qdq)
         if fits(br):
@@ -255,7 +263,7 @@ def memory_shape(model: nn.Module, layer_schemes: Mapping[str, Any], blocks: lis
     params = {id(p): p for p in model.parameters()}.values()
     weight_bytes = sum(p.numel() * p.element_size() for p in params if not p.is_meta)
     dtype = next((p.dtype for p in params if p.is_floating_point()), torch.float32)
-    elems, groups, packed, recomputable, largest_recomputable = 0, 0, 0, 0, 0
+    elems, groups, packed, graph, recomputable, largest_recomputable = 0, 0, 0, 0, 0, 0
     for name, scheme in layer_schemes.items():
         if not scheme.is_quantized:
             continue
@@ -263,24 +271,27 @@ def memory_shape(model: nn.Module, layer_schemes: Mapping[str, Any], blocks: lis
         gs = scheme.group_size if isinstance(scheme.group_size, int) and scheme.group_size > 0 else in_f
         packed += out_f * in_f * scheme.bits // 8 + out_f * -(-in_f // gs) * 4
     for bname, _ in blocks:
-        b_elems, b_groups, b_recomputable = 0, 0, 0
+        b_elems, b_groups, b_graph, b_recomputable = 0, 0, 0, 0
         for name, scheme in layer_schemes.items():
             if scheme.is_quantized and name.startswith(bname + "."):
                 out_f, in_f = layer_shape(model.get_submodule(name))
                 gs = scheme.group_size if isinstance(scheme.group_size, int) and scheme.group_size > 0 else in_f
                 b_elems, b_groups = b_elems + out_f * in_f, b_groups + out_f * -(-in_f // gs)
-                if scheme.gguf is not None or not scheme.is_int:  # the qdq graphs recompute_qdq drops
-                    b_recomputable += out_f * in_f
-                    largest_recomputable = max(largest_recomputable, out_f * in_f)
+                kind = "gguf" if scheme.gguf is not None else "int" if scheme.is_int else "float"
+                layer_graph = out_f * in_f * QDQ_GRAPH_BYTES[kind]
+                b_graph += layer_graph
+                if kind == "float":  # the graphs recompute_qdq drops
+                    b_recomputable += layer_graph
+                    largest_recomputable = max(largest_recomputable, layer_graph)
         elems, groups = max(elems, b_elems), max(groups, b_groups)
-        recomputable = max(recomputable, b_recomputable)
+        graph, recomputable = max(graph, b_graph), max(recomputable, b_recomputable)
     attn = getattr(cfg, "_attn_implementation", None) or getattr(model.config, "_attn_implementation", None)
     return MemoryShape(
         nsamples=nsamples, seqlen=seqlen, hidden=hidden, intermediate=inter, heads=heads,
         dtype_bytes=torch.finfo(dtype).bits // 8, weight_bytes=weight_bytes, block_weight_elems=elems,
         block_groups=groups, packed_bytes=packed, eager_attention=attn == "eager",
-        enable_quanted_input=enable_quanted_input, amp=amp, block_recomputable_elems=recomputable,
-        largest_recomputable_layer_elems=largest_recomputable,
+        enable_quanted_input=enable_quanted_input, amp=amp, block_qdq_graph_bytes=graph,
+        block_recomputable_graph_bytes=recomputable, largest_recomputable_graph_bytes=largest_recomputable,
     )
 
 
@@ -307,7 +318,7 @@ def plan_signround_memory(model: nn.Module, layer_schemes: Mapping[str, Any], bl
     logger.info("%s\n  %-32s %10s%s", br.table(), "available", avail,
                 f" host, {format_bytes(dev)} on {device}" if dev is not None else "")
     if br.recompute_qdq and not tuning.recompute_qdq:
-        logger.warning("memory: recompute_qdq on (the MX / NVFP4 / FP8 / GGUF qdq graphs are rebuilt in the backward "
+        logger.warning("memory: recompute_qdq on (the MX / NVFP4 / FP8 qdq graphs are rebuilt in the backward "
                        "pass: same results, a few %% slower) so the predicted peak fits")
         tuning = dataclasses.replace(tuning, recompute_qdq=True)
     if not decision.adjusted:
