@@ -8,9 +8,9 @@ multipliers q, d [rows, n_groups, 1]:
 
 The plain composition keeps the division's input, the clamp's input, the rounded elements and the STE terms
 (~9 bytes per weight beyond the weight itself) from the forward to the backward. This node keeps the element
-values in bfloat16 (exact for every MX / NVFP4 / FP8 element type) and the clamp mask (bool): 3 bytes per weight; x
-is the caller's persistent weight, saved by reference. Its backward evaluates
-the gradients of the plain graph expression by expression, so V, q and d receive bit-identical gradients
+values in bfloat16 (exact for every MX / NVFP4 / FP8 element type) and the clamp mask (bool): 3 bytes per
+weight; x is the caller's persistent weight, saved by reference. Its backward evaluates the gradients of the
+plain graph expression by expression, so V, q and d receive bit-identical gradients
 (tests/test_float_qdq_fused.py), and the per-group chain from q / d to max_scale stays in autograd:
 
     dL/dV = where(inside, g * d, 0)                          inside: -m <= y + V <= m (clamp's inclusive mask)
