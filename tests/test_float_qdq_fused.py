@@ -12,6 +12,7 @@ from auto_round.algorithms.float_tunable import FloatTunableLayer
 from auto_round.quant.fp_formats import E2M1, E2M3, E3M2, E4M3, E5M2, representable_values
 from auto_round.quant.mx_qdq import MX_FORMATS
 from auto_round.schemes import QuantScheme, get_scheme
+from autograd_probe import saved_bytes
 
 SCHEMES = {
     "MXFP4": get_scheme("MXFP4"), "MXFP6": get_scheme("MXFP6"), "MXFP8": get_scheme("MXFP8"),
@@ -88,24 +89,12 @@ def test_mxint_elements_fit_bfloat16() -> None:
         assert torch.equal(values.to(torch.bfloat16).float(), values)
 
 
-def _saved_bytes(fn) -> int:
-    seen = {}
-
-    def pack(t: torch.Tensor) -> torch.Tensor:
-        seen[(t.data_ptr(), t.dtype, tuple(t.shape))] = t.numel() * t.element_size()
-        return t
-
-    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
-        fn()
-    return sum(seen.values())
-
-
 @pytest.mark.parametrize("name", ["MXFP4", "NVFP4", "FP8_STATIC"])
 def test_fused_element_stage_keeps_fewer_bytes(name: str) -> None:
     tunable = _tunable(name, 0, False)
     n = tunable.grouped.numel()
-    plain = _saved_bytes(lambda: tunable.layout.from_groups(tunable.qdq().weight))
-    fused = _saved_bytes(tunable.qdq_weight)
+    plain = saved_bytes(lambda: tunable.layout.from_groups(tunable.qdq().weight))
+    fused = saved_bytes(tunable.qdq_weight)
     groups = n // tunable.grouped.shape[-1]
     # both keep a reference to the weight itself (4 bytes per weight, no copy) and a few fp32 values per group;
     # beyond that the plain graph keeps fp32 tensors of the weight's size, the node two bytes of element (bf16)

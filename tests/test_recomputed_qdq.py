@@ -10,6 +10,7 @@ from torch import nn
 
 from auto_round.algorithms.float_tunable import FloatTunableLayer
 from auto_round.schemes import get_scheme
+from autograd_probe import saved_bytes
 
 FLOAT_SCHEMES = ["MXFP4", "MXFP8", "MXINT4", "NVFP4", "FP8_STATIC", "FP8_BLOCK"]
 
@@ -71,26 +72,13 @@ def test_recomputed_qdq_matches_plain_graph_bit_for_bit(case: str) -> None:
     assert any(g.abs().sum() > 0 for g in g_re), "the probe must reach the parameters"
 
 
-def _saved_bytes(fn) -> int:
-    """Bytes of the distinct tensors autograd keeps for the backward while fn() runs."""
-    seen = {}
-
-    def pack(t: torch.Tensor) -> torch.Tensor:
-        seen[(t.data_ptr(), t.dtype, tuple(t.shape))] = t.numel() * t.element_size()
-        return t
-
-    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
-        fn()
-    return sum(seen.values())
-
-
 @pytest.mark.parametrize("name", ["MXFP4", "NVFP4", "FP8_STATIC"])
 def test_recomputed_qdq_keeps_nothing_from_the_forward(name: str) -> None:
     plain = FloatTunableLayer(_linear(64, 512, 0), get_scheme(name))
     recomputed = FloatTunableLayer(_linear(64, 512, 0), get_scheme(name), recompute_qdq=True)
     n = plain.module.weight.numel()
-    assert _saved_bytes(plain.qdq_weight) > 4 * n  # without recomputation: at least the weight and its codes
-    assert _saved_bytes(recomputed.qdq_weight) == 0
+    assert saved_bytes(plain.qdq_weight) > 4 * n  # without recomputation: at least the weight and its codes
+    assert saved_bytes(recomputed.qdq_weight) == 0
 
 
 def test_no_grad_qdq_weight_is_a_plain_call() -> None:
