@@ -106,8 +106,11 @@ class FloatTunableLayer(PatchedForward):
         if s.data_type == "nv_fp":
             return qdq_nvfp4(self.grouped, gscale=self.gscale, v=self.v, max_scale=self.max_scale,
                              init_scale=self.init_scale)
-        clip = self.max_scale if self.init_scale is None else self.max_scale * self.init_scale
-        return qdq_fp8(self.grouped, v=self.v, max_scale=clip, wmin=self.wmin, wmax=self.wmax)
+        return qdq_fp8(self.grouped, v=self.v, max_scale=self._fp8_clip(), wmin=self.wmin, wmax=self.wmax)
+
+    def _fp8_clip(self) -> torch.Tensor:
+        """FP8's multiplier of the group max [rows, n_groups]: max_scale, times the searched init_scale if any."""
+        return self.max_scale if self.init_scale is None else self.max_scale * self.init_scale
 
     def qdq_weight(self) -> torch.Tensor:
         """Differentiable fake-quantized weight [out, in] fp32: qdq()'s weight, whose element stage (MX, NVFP4,
@@ -129,8 +132,7 @@ class FloatTunableLayer(PatchedForward):
             w = element_qdq(self.grouped, self.v, quant.unsqueeze(-1), dequant.unsqueeze(-1), divide=False,
                             round_fn=lambda y: round_to_format(y, E2M1), max_norm=FP4_MAX)
         else:  # FP8 e4m3: round through the float8 cast, as qdq_fp8
-            clip = self.max_scale if self.init_scale is None else self.max_scale * self.init_scale
-            scale = fp8_group_scale(self.wmin, self.wmax, clip)
+            scale = fp8_group_scale(self.wmin, self.wmax, self._fp8_clip())
             w = element_qdq(self.grouped, self.v, scale, scale, divide=True,
                             round_fn=lambda y: y.to(torch.float8_e4m3fn).float(), max_norm=FP8_MAX["e4m3"])
         return self.layout.from_groups(w)
