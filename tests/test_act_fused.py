@@ -131,3 +131,31 @@ def test_a_tunable_static_clip_is_never_shared():
     assert a.shared is None and b.shared is None  # each layer's clip is its own parameter
     fixed = ActQuantizer(scheme, torch.tensor(3.0), tune_clip=False, shared=shared)
     assert fixed.shared is shared
+
+
+def test_a_second_quantizer_on_a_layer_replaces_the_first():
+    """Tuning a block again (a benchmark's repeated runs, a retry) installs new quantizers on layers that
+    still carry the last ones: the input must be quantized once, by the newest, not twice."""
+    from torch import nn
+
+    from auto_round.algorithms.act_quant import ACT_QUANTIZER_ATTR, ActQuantizer
+    from auto_round.schemes import get_scheme
+
+    calls = []
+    layer = nn.Linear(64, 8)
+    x = torch.randn(4, 64)
+    first = ActQuantizer(get_scheme("MXFP4"), kernels=counting_kernels(calls))
+    first.install(layer)
+    first.install(layer)  # idempotent
+    once = layer(x)
+    assert calls == ["mx_forward"] and getattr(layer, ACT_QUANTIZER_ATTR) is first
+    second = ActQuantizer(get_scheme("MXFP8"), kernels=counting_kernels(calls))
+    second.install(layer)
+    got = layer(x)
+    assert calls == ["mx_forward"] * 2 and getattr(layer, ACT_QUANTIZER_ATTR) is second
+    assert torch.equal(got, nn.functional.linear(ActQuantizer(get_scheme("MXFP8"))(x), layer.weight, layer.bias))
+    assert not torch.equal(got, once)
+    first.remove()  # removing the replaced one leaves the newest in place
+    assert getattr(layer, ACT_QUANTIZER_ATTR) is second
+    second.remove()
+    assert not hasattr(layer, ACT_QUANTIZER_ATTR) and torch.equal(layer(x), nn.functional.linear(x, layer.weight, layer.bias))

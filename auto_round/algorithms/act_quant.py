@@ -29,6 +29,10 @@ def needs_act_calibration(scheme: QuantScheme) -> bool:
     return not scheme.act_dynamic or scheme.resolved_act_data_type == "nv_fp4_with_static_gs"
 
 
+# the module attribute naming the ActQuantizer installed on a layer (one at most)
+ACT_QUANTIZER_ATTR = "_auto_round_act_quantizer"
+
+
 class SharedInputQdq:
     """Lets quantizers fed the same input tensor (q/k/v after the input norm, gate/up after the post-attention
     norm) compute its qdq once. One slot: a call stores (key, x, x's version, grad mode, result), and the
@@ -80,6 +84,7 @@ class ActQuantizer:
         act = (scheme.resolved_act_data_type, scheme.act_bits, scheme.resolved_act_group_size, scheme.resolved_act_sym)
         self._share_key = (act, None if self.act_max is None else float(self.act_max), str(scale_dtype))
         self._handle = None
+        self._module: Optional[nn.Module] = None
 
     def params(self) -> list[torch.Tensor]:
         return [self.max_scale] if self.max_scale.requires_grad else []
@@ -109,14 +114,24 @@ class ActQuantizer:
                        kernels=self.kernels)
 
     def install(self, module: nn.Module) -> None:
-        """Quantize `module`'s input from now on (idempotent)."""
+        """Quantize `module`'s input from now on (idempotent). A quantizer another call left on the module
+        (`module._auto_round_act_quantizer`, e.g. from tuning the block before) is removed first: stacked,
+        the two would quantize the input twice."""
+        previous = getattr(module, ACT_QUANTIZER_ATTR, None)
+        if previous is not None and previous is not self:
+            previous.remove()
         if self._handle is None:
             self._handle = module.register_forward_pre_hook(lambda _m, args: (self(args[0]), *args[1:]))
+            self._module = module
+            setattr(module, ACT_QUANTIZER_ATTR, self)
 
     def remove(self) -> None:
         if self._handle is not None:
             self._handle.remove()
             self._handle = None
+            if getattr(self._module, ACT_QUANTIZER_ATTR, None) is self:
+                delattr(self._module, ACT_QUANTIZER_ATTR)
+            self._module = None
 
 
 def act_max_hooks(layers: dict[str, tuple[nn.Module, QuantScheme]]):

@@ -18,7 +18,7 @@ from typing import Any, Mapping
 import torch
 from torch import nn
 
-from ..algorithms.act_quant import ActQuantizer, SharedInputQdq, needs_act_calibration
+from ..algorithms.act_quant import ACT_QUANTIZER_ATTR, ActQuantizer, SharedInputQdq, needs_act_calibration
 from ..schemes import QuantScheme, SchemeError, normalize_data_type
 from .layer_match import _in_blocks, discover_blocks, linear_layers, match_extra_config, parse_block_names
 
@@ -102,15 +102,14 @@ def install_act_quantizers(model: nn.Module, scale_dtype: torch.dtype = torch.fl
     shared = SharedInputQdq()
     for module in model.modules():
         scheme = getattr(module, "_auto_round_act_scheme", None)
-        if scheme is None or getattr(module, "_auto_round_act_quantizer", None) is not None:
+        if scheme is None or getattr(module, ACT_QUANTIZER_ATTR, None) is not None:
             continue
         act_max = getattr(module, "act_max", None)
         if act_max is not None and act_max.is_meta:
             raise ValueError("act_max was not loaded from the checkpoint (still on the meta device)")
         quantizer = ActQuantizer(scheme, None if act_max is None else act_max.float().reshape(()),
                                  scale_dtype=scale_dtype, shared=shared)
-        quantizer.install(module)
-        module._auto_round_act_quantizer = quantizer
+        quantizer.install(module)  # records itself as module._auto_round_act_quantizer
         count += 1
     return count
 
