@@ -226,6 +226,7 @@ class AutoRound:
         self.block_stats: dict[str, Any] = {}
         self.calibration_info: Optional[dict] = None  # hash of the calibration tokens, once built
         self.quantized = False
+        self._weights_changed = False  # set once quantize() starts changing weights (see _refuse_partial_model)
         # per-block checkpoints of quantize_and_save's SignRound walk (model/checkpoint_resume.py)
         self.resume, self.checkpoint = resume, checkpoint
         self._ckpt: Optional[Any] = None
@@ -277,6 +278,7 @@ class AutoRound:
         """Quantize in place (weights become their fake-quantized values). Returns (model, results)."""
         if self.quantized:
             return self.model, self.results
+        self._refuse_partial_model()
         start = time.perf_counter()
         if self.auto_scheme is not None:
             self._convert_pending()  # the scoring runs every block
@@ -284,6 +286,7 @@ class AutoRound:
         self.model.eval()
         for p in self.model.parameters():
             p.requires_grad_(False)
+        self._weights_changed = True  # from here on the model's weights are quantized in place, block by block
         self._quantize_embedding()
         if self.tuning.iters == 0:
             self._quantize_rtn()
@@ -294,6 +297,18 @@ class AutoRound:
         self.quantized = True
         logger.info("quantization done in %.1f s (%d layers)", time.perf_counter() - start, len(self.results))
         return self.model, self.results
+
+    def _refuse_partial_model(self) -> None:
+        """A quantize() that stopped half-way (an error, Ctrl-C) left some blocks quantized in place: running
+        again would take their quantized weights for the fp model and quantize them a second time."""
+        if self._weights_changed and not self.quantized:
+            done = [n for n in self.block_stats] or ["none of the blocks yet (the embedding or RTN pass)"]
+            raise RuntimeError(
+                "an earlier quantize() of this AutoRound stopped after changing the model's weights in place "
+                f"(blocks finished: {', '.join(done[:3])}{' ...' if len(done) > 3 else ''}); quantizing again would "
+                "quantize those weights twice. Create a new AutoRound from the original model (a model passed as an "
+                "nn.Module was changed too: load it again); a quantize_and_save run that stopped continues from its "
+                "checkpoint with resume=True (CLI: --resume)")
 
     def _convert_pending(self) -> None:
         if self._pending is not None:
@@ -532,6 +547,8 @@ class AutoRound:
 
         With one format and low_cpu_mem_usage, layers are packed block by block (see the class docstring).
         """
+        if not self.quantized:
+            self._refuse_partial_model()  # before the output checks, which may remove a resumable checkpoint
         formats, _, layers = check_export(self, output_dir, format, overwrite)
         if self.tuning.iters > 0 and self.checkpoint and not self.quantized:
             from .model.resume_hook import RunCheckpoint

@@ -76,3 +76,53 @@ def test_rtn_cli_writes_a_complete_checkpoint(tmp_path, capsys, model_dir):
     config = json.loads((out / "config.json").read_text())
     assert config["quantization_config"]["iters"] == 0
     assert (out / "model.safetensors").exists() and (out / "quantization_config.json").exists()
+
+
+def test_quantize_again_after_a_failure_is_refused(tmp_path, model_dir, monkeypatch):
+    """A quantize() that stopped half-way (an error, Ctrl-C) leaves earlier blocks quantized in place; a second
+    call on the same object would quantize them twice and write a wrong model without a word. It is refused,
+    before any output check (overwrite=True must not delete the checkpoint a new object can resume from)."""
+    import hashlib
+
+    import auto_round.compressor as compressor
+    from auto_round import AutoRound
+    from auto_round.model.checkpoint_resume import checkpoint_dir_for
+
+    calib = tmp_path / "calib.json"
+    calib.write_text(json.dumps([f"text {i}: " + " ".join(f"w{i * j}" for j in range(20)) for i in range(8)]))
+    kw = dict(dataset=str(calib), nsamples=4, seqlen=16, iters=3, batch_size=2, group_size=32, device="cpu",
+              amp=False, disable_progress=True, run_report=False)
+
+    def hashes(out):
+        return {p.name: hashlib.sha256(p.read_bytes()).hexdigest() for p in sorted(out.rglob("*.safetensors"))}
+
+    AutoRound(str(model_dir), **kw).quantize_and_save(tmp_path / "clean")
+    tune, calls = compressor.tune_block, []
+
+    def fails_on_the_second_block(*args, **kwargs):
+        calls.append(1)
+        if len(calls) == 2:
+            raise MemoryError("simulated out of memory")
+        return tune(*args, **kwargs)
+
+    monkeypatch.setattr(compressor, "tune_block", fails_on_the_second_block)
+    plain = AutoRound(str(model_dir), **kw)
+    with pytest.raises(MemoryError):
+        plain.quantize()
+    with pytest.raises(RuntimeError, match=r"finished: model.layers.0\).*quantize those weights twice"):
+        plain.quantize()
+    with pytest.raises(RuntimeError, match="quantize those weights twice"):
+        plain.save_quantized(tmp_path / "plain")
+    assert not (tmp_path / "plain").exists()
+
+    out = tmp_path / "out"
+    calls.clear()
+    saving = AutoRound(str(model_dir), **kw)
+    with pytest.raises(MemoryError):
+        saving.quantize_and_save(out)
+    assert checkpoint_dir_for(out).is_dir()
+    with pytest.raises(RuntimeError, match="resume=True"):
+        saving.quantize_and_save(out, overwrite=True)
+    assert checkpoint_dir_for(out).is_dir(), "the refused retry must leave the checkpoint to resume from"
+    AutoRound(str(model_dir), resume=True, **kw).quantize_and_save(out)  # a new object continues correctly
+    assert hashes(out) == hashes(tmp_path / "clean")
