@@ -195,6 +195,10 @@ class AutoRound:
         self.source_dir = _local_source_dir(model)  # never written to (see check_output_dir)
         self._pending: Optional[PendingConversion] = None
         if isinstance(model, nn.Module):
+            if getattr(model, QUANTIZED_IN_PLACE_ATTR, False):
+                raise ValueError("this model object was already quantized in place by another AutoRound (its weights "
+                                 "are fake-quantized, some or all of them): quantizing it again would quantize twice. "
+                                 "Pass a freshly loaded model (or a copy.deepcopy taken before quantizing)")
             self.model, self.tokenizer = model, tokenizer
             check_finite(self.model)
         else:
@@ -287,6 +291,7 @@ class AutoRound:
         for p in self.model.parameters():
             p.requires_grad_(False)
         self._weights_changed = True  # from here on the model's weights are quantized in place, block by block
+        setattr(self.model, QUANTIZED_IN_PLACE_ATTR, True)  # so that another AutoRound refuses this model object
         self._quantize_embedding()
         if self.tuning.iters == 0:
             self._quantize_rtn()
@@ -580,6 +585,10 @@ class AutoRound:
 
 
 # ---------------------------------------------------------------------------------------------
+# set on a model object once quantize() starts changing its weights in place
+QUANTIZED_IN_PLACE_ATTR = "_auto_round_quantized_in_place"
+
+
 def _check_cap(massive_token_cap: float) -> float:
     if isinstance(massive_token_cap, bool) or not isinstance(massive_token_cap, (int, float)) \
             or not math.isfinite(massive_token_cap) or massive_token_cap < 0:

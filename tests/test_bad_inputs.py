@@ -126,3 +126,17 @@ def test_quantize_again_after_a_failure_is_refused(tmp_path, model_dir, monkeypa
     assert checkpoint_dir_for(out).is_dir(), "the refused retry must leave the checkpoint to resume from"
     AutoRound(str(model_dir), resume=True, **kw).quantize_and_save(out)  # a new object continues correctly
     assert hashes(out) == hashes(tmp_path / "clean")
+
+
+def test_a_model_object_quantized_in_place_is_refused_by_another_autoround():
+    """quantize() changes the weights of a model passed as an nn.Module in place; handing that object to a
+    second AutoRound would quantize already quantized weights (and take them for the fp targets)."""
+    from auto_round import AutoRound
+    from tiny_models import random_ids
+
+    model = tiny_model("llama")
+    fresh = tiny_model("llama")
+    AutoRound(model, iters=0, group_size=32, disable_opt_rtn=True).quantize()
+    with pytest.raises(ValueError, match="already quantized in place by another AutoRound"):
+        AutoRound(model, iters=0, group_size=32)
+    AutoRound(fresh, dataset=random_ids(2, 16), nsamples=2, seqlen=16, iters=1, group_size=32)  # a fresh one is fine
