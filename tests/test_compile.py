@@ -15,7 +15,7 @@ from auto_round.schemes import get_scheme
 @pytest.mark.parametrize("enable,scheme,want", [
     (True, "MXFP4", True),
     (True, "NVFP4", True),
-    (None, "MXFP4", False),  # default: eager (measured as fast on CPU)
+    (None, "MXFP4", False),  # default: eager (bytes independent of an installed compiler)
     (False, "MXFP4", False),
     (True, "W4A16", False),  # no activation qdq to compile
     (True, "FP8_STATIC", False),  # fp8 activations do not use the fused kernels

@@ -5,12 +5,14 @@ hand-derived `group_qdq_backward`), each once per process (shapes: torch's autom
 A kernel whose compilation fails falls back to eager with one warning, so a broken toolchain costs
 speed, not the run.
 
-Off unless asked for (`enable_torch_compile=True`, CLI `--enable_torch_compile`). Measured on this
-project's CPU box (SmolLM2 block, MXFP4, fp32, one thread, `bench/step_flops.py`): the eager fused
-kernels with shared q/k/v and gate/up inputs take 0.805-0.834 s a step, compiled 0.854 s, after 5-8 s
-of compilation. In isolation Inductor's loop is faster on a cold allocator (25 vs 62 ms for down_proj's
-input), but inside a step the eager kernels reuse cached memory and the difference is gone. On CUDA,
-where every eager op is a kernel launch, compiling is expected to pay; that has not been measured here.
+Off unless asked for (`enable_torch_compile=True`, CLI `--enable_torch_compile`): the compiled forward is
+bit-identical to eager, but the backward's sums run in another order, so a few of SignRound's rounding
+decisions can differ from an eager run (and from a machine without a compiler). Measured on this project's CPU
+box (SmolLM2 block 5, fp32, `bench/step_flops.py`, bench/results/2026-12-06-step-flops-act-quantizers-fixed.md):
+one thread, MXFP4 0.700-0.872 s a step eager vs 0.680-0.717 compiled, NVFP4 0.811-0.863 vs 0.686-0.779; two
+threads MXFP4 0.45-0.49 vs 0.37-0.40; compilation 5-15 s once per process. So it pays for any real run and is
+recommended for MX / NVFP4 SignRound; on CUDA, where every eager op is a kernel launch, it is expected to pay
+more (not measured here).
 """
 
 from __future__ import annotations
