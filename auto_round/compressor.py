@@ -73,9 +73,9 @@ class AutoRound:
         blocks of `self.model` are still in the stored dtype; False converts the whole model at load.
     amp_attention: with amp on CPU, run attention in the amp dtype too (faster steps, slightly worse accuracy).
     enable_torch_compile: True: torch.compile the MX / NVFP4 activation qdq of the tuning forward
-        (algorithms/compile.py; needs a C++ compiler on CPU, triton on CUDA): 3-20 % faster MX / NVFP4 steps on
-        CPU after 5-15 s of compilation. None / False: eager (the default: the compiled gradient equals eager's
-        only up to fp32 rounding, so a run's bytes would depend on whether a compiler is installed).
+        (algorithms/compile.py; needs a C++ compiler on CPU, triton on CUDA): 3-20 % faster MX / NVFP4 steps
+        in a one-block benchmark on CPU, none measured on a whole SmolLM2 run. None / False: eager (the default;
+        the compiled gradient equals eager's only up to fp32 rounding, so the result's bytes differ).
     enable_alg_ext: SignRoundV2 additions (algorithms/alg_ext.py): tuning starts from the opt-RTN scale search,
         max_scale in [0, 2], and below 4 bits / with 4-bit activations the top 0.1 % output errors are left out
         of the loss. Needs iters > 0 (ValueError) and a sym int, MXFP/MXINT or NVFP4 scheme (SchemeError for asym

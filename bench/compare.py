@@ -62,6 +62,9 @@ SETTINGS["w2g64_sr200_fp32"] = ("W2A16G64", 200, None)
 for _base in ("w2g64_sr200", "w4_sr50", "nvfp4_sr50_fp32", "mxfp4_sr50_fp32", "fp8static_sr50"):
     for _cap in (0, 1, 2, 4, 8):
         SETTINGS[f"{_base}_cap{_cap}"] = SETTINGS[_base]
+# "<setting>_compiled": ours with --enable_torch_compile (the reference compiles by default: reference doc 1.13)
+for _base in ("mxfp4_sr50_fp32", "nvfp4_sr50_fp32", "mxfp4_sr50", "nvfp4_sr50"):
+    SETTINGS[f"{_base}_compiled"] = SETTINGS[_base]
 # Ours keeps the model fp32 and autocasts the tuning matmuls to bf16 where bf16 is fast; "*_bf16" settings
 # load ours in bf16 instead (--model_dtype bf16), as the reference does with its whole model on CPU; "*_fp32"
 # pass --disable_amp to both (on a CPU without bf16 both tune in fp32 anyway).
@@ -128,6 +131,8 @@ def write_calibration(work: Path, nsamples: int) -> Path:
 def cli_command(impl: str, model: Path, setting: str, calib: Path, out: Path, args) -> list[str]:
     scheme, iters, lr = SETTINGS[setting]
     setting, _, cap = setting.partition("_cap")
+    compiled = setting.endswith("_compiled")
+    setting = setting.removesuffix("_compiled")
     binary = (OURS_BIN if impl == "ours" else PEER_BIN) / "auto-round"
     cmd = [str(binary), "--model", str(model), "--scheme", scheme, "--iters", str(iters),
            "--nsamples", str(args.nsamples), "--seqlen", str(args.seqlen), "--batch_size", str(args.batch_size),
@@ -144,6 +149,8 @@ def cli_command(impl: str, model: Path, setting: str, calib: Path, out: Path, ar
         cmd.append("--disable_opt_rtn")  # plain RTN; "*_optrtn" keeps both sides' iters=0 default (opt-RTN)
     if cap and impl == "ours":
         cmd += ["--massive_token_cap", cap]
+    if compiled and impl == "ours":
+        cmd.append("--enable_torch_compile")
     return cmd + (["--lr", str(lr)] if lr is not None else [])
 
 

@@ -10,9 +10,9 @@ bit-identical to eager, but the backward's sums run in another order, so a few o
 decisions can differ from an eager run (and from a machine without a compiler). Measured on this project's CPU
 box (SmolLM2 block 5, fp32, `bench/step_flops.py`, bench/results/2026-12-06-step-flops-act-quantizers-fixed.md):
 one thread, MXFP4 0.700-0.872 s a step eager vs 0.680-0.717 compiled, NVFP4 0.811-0.863 vs 0.686-0.779; two
-threads MXFP4 0.45-0.49 vs 0.37-0.40; compilation 5-15 s once per process. So it pays for any real run and is
-recommended for MX / NVFP4 SignRound; on CUDA, where every eager op is a kernel launch, it is expected to pay
-more (not measured here).
+threads MXFP4 0.45-0.49 vs 0.37-0.40; compilation 5-15 s once per process. A whole SmolLM2 MXFP4 SignRound run
+(50 iters, two threads) did not get faster (643.5 s compiled, 641.3 s eager), so eager stays the default; on
+CUDA, where every eager op is a kernel launch, compiling is expected to pay (not measured here).
 """
 
 from __future__ import annotations

@@ -97,8 +97,8 @@ def build_parser(prog: str = "auto-round") -> argparse.ArgumentParser:
     tc = t.add_mutually_exclusive_group()
     tc.add_argument("--enable_torch_compile", dest="enable_torch_compile", action="store_true", default=None,
                     help="torch.compile the MX / NVFP4 activation qdq of the tuning forward (needs a C++ compiler "
-                         "on CPU, triton on CUDA): 3-20 %% faster MX / NVFP4 steps on CPU after 5-15 s of compilation. "
-                         "Off by default (its gradient equals eager's up to fp32 rounding)")
+                         "on CPU, triton on CUDA). Off by default: on CPU a one-block step got 3-20 %% faster but a whole "
+                         "SmolLM2 run did not, and its gradient equals eager's only up to fp32 rounding")
     tc.add_argument("--disable_torch_compile", dest="enable_torch_compile", action="store_false",
                     help="never compile (eager activation qdq; the default)")
     r = p.add_argument_group("runtime and output")
