@@ -51,6 +51,8 @@ from .model.setup import clamp_seqlen, select_block_groups, shared_weight_ptrs
 from .schemes import QuantScheme, SchemeError, gguf_mix_of, resolve_scheme
 
 logger = logging.getLogger("auto_round")
+# set on a model object once quantize() starts changing its weights in place (see AutoRound._refuse_partial_model)
+QUANTIZED_IN_PLACE_ATTR = "_auto_round_quantized_in_place"
 
 
 
@@ -231,7 +233,6 @@ class AutoRound:
         self.block_stats: dict[str, Any] = {}
         self.calibration_info: Optional[dict] = None  # hash of the calibration tokens, once built
         self.quantized = False
-        self._weights_changed = False  # set once quantize() starts changing weights (see _refuse_partial_model)
         # per-block checkpoints of quantize_and_save's SignRound walk (model/checkpoint_resume.py)
         self.resume, self.checkpoint = resume, checkpoint
         self._ckpt: Optional[Any] = None
@@ -291,8 +292,9 @@ class AutoRound:
         self.model.eval()
         for p in self.model.parameters():
             p.requires_grad_(False)
-        self._weights_changed = True  # from here on the model's weights are quantized in place, block by block
-        setattr(self.model, QUANTIZED_IN_PLACE_ATTR, True)  # so that another AutoRound refuses this model object
+        # from here on the weights are quantized in place, block by block: a second quantize() of this object
+        # (_refuse_partial_model) and another AutoRound given this model object refuse it
+        setattr(self.model, QUANTIZED_IN_PLACE_ATTR, True)
         self._quantize_embedding()
         if self.tuning.iters == 0:
             self._quantize_rtn()
@@ -307,7 +309,7 @@ class AutoRound:
     def _refuse_partial_model(self) -> None:
         """A quantize() that stopped half-way (an error, Ctrl-C) left some blocks quantized in place: running
         again would take their quantized weights for the fp model and quantize them a second time."""
-        if self._weights_changed and not self.quantized:
+        if getattr(self.model, QUANTIZED_IN_PLACE_ATTR, False) and not self.quantized:
             done = [n for n in self.block_stats] or ["none of the blocks yet (the embedding or RTN pass)"]
             raise RuntimeError(
                 "an earlier quantize() of this AutoRound stopped after changing the model's weights in place "
@@ -586,10 +588,6 @@ class AutoRound:
 
 
 # ---------------------------------------------------------------------------------------------
-# set on a model object once quantize() starts changing its weights in place
-QUANTIZED_IN_PLACE_ATTR = "_auto_round_quantized_in_place"
-
-
 def _check_cap(massive_token_cap: float) -> float:
     if isinstance(massive_token_cap, bool) or not isinstance(massive_token_cap, (int, float)) \
             or not math.isfinite(massive_token_cap) or massive_token_cap < 0:
