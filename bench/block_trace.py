@@ -60,6 +60,8 @@ def main() -> None:
     p.add_argument("--quant_from", type=int, default=0,
                    help="keep decoder layers below this index in fp (bits 16), so the first tuned block sees the "
                         "same fp inputs in both implementations")
+    p.add_argument("--compile", action="store_true",
+                   help="enable_torch_compile=True (the reference's CLI default; ours: the activation qdq)")
     args = p.parse_args()
     torch.set_num_threads(args.threads)
     from transformers import AutoModelForCausalLM, AutoTokenizer
@@ -89,6 +91,8 @@ def main() -> None:
         kw.update(dataset=[ids[i : i + 1] for i in range(ids.shape[0])], device_map="cpu")
         if not args.amp:
             kw.update(amp=False, enable_torch_compile=False)
+    if args.compile:
+        kw["enable_torch_compile"] = True
     ar = AutoRound(model, tokenizer=tok, **kw)
     t0 = time.perf_counter()
     ar.quantize()

@@ -67,7 +67,9 @@ for _base in ("mxfp4_sr50_fp32", "nvfp4_sr50_fp32", "mxfp4_sr50", "nvfp4_sr50"):
     SETTINGS[f"{_base}_compiled"] = SETTINGS[_base]
 # Ours keeps the model fp32 and autocasts the tuning matmuls to bf16 where bf16 is fast; "*_bf16" settings
 # load ours in bf16 instead (--model_dtype bf16), as the reference does with its whole model on CPU; "*_fp32"
-# pass --disable_amp to both (on a CPU without bf16 both tune in fp32 anyway).
+# pass --disable_amp to both (on a CPU without bf16 both tune in fp32 anyway). The reference's CLI ignores that
+# flag (0.16.1) and tunes a bf16 model on a bf16 CPU: runs of "*_fp32" before 2026-12-07 on the AVX-512-BF16 box
+# were ours fp32 against the reference in bf16; bench/peer_cli.py now passes amp=False for it.
 
 
 def parse_args() -> argparse.Namespace:
@@ -133,8 +135,10 @@ def cli_command(impl: str, model: Path, setting: str, calib: Path, out: Path, ar
     setting, _, cap = setting.partition("_cap")
     compiled = setting.endswith("_compiled")
     setting = setting.removesuffix("_compiled")
-    binary = (OURS_BIN if impl == "ours" else PEER_BIN) / "auto-round"
-    cmd = [str(binary), "--model", str(model), "--scheme", scheme, "--iters", str(iters),
+    # the reference through bench/peer_cli.py: its own CLI, with --disable_amp honoured (0.16.1 ignores the flag)
+    launcher = ([str(OURS_BIN / "auto-round")] if impl == "ours"
+                else [str(PEER_BIN / "python"), str(ROOT / "bench" / "peer_cli.py")])
+    cmd = [*launcher, "--model", str(model), "--scheme", scheme, "--iters", str(iters),
            "--nsamples", str(args.nsamples), "--seqlen", str(args.seqlen), "--batch_size", str(args.batch_size),
            "--seed", str(args.seed), "--dataset", str(calib), "--format", "auto_round", "--output_dir", str(out), "--device_map", "cpu"]
     if setting.endswith("_algext"):
