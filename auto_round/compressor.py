@@ -40,7 +40,7 @@ from .model.blocks import has_tied_embeddings, iter_blocks
 from .model.layer_config import LayerConfig, resolve_layer_schemes
 from .model.dtype_convert import PendingConversion, lazy_embedding_name
 from .model.loading import check_finite, load_model_deferred, parse_dtype
-from .model.memory import release_memory, release_weight
+from .model.memory import freed_memory_reused, release_memory, release_weight
 from .model.packed_spill import PackedSpill, spill_dir_for
 from .model.run_log import RunLog, relative_errors, weight_snapshot
 from .model.memory_plan import plan_signround_memory
@@ -95,6 +95,9 @@ class AutoRound:
     recompute_qdq: MX / NVFP4 / FP8 SignRound rebuilds each layer's qdq graph in the backward pass instead of
         keeping it (bit-identical gradients; 3 bytes per weight less at the block's peak; +0-25 % time measured);
         off by default, switched on by the memory planner when the predicted peak does not fit otherwise.
+    reuse_freed_memory: while quantize() runs, glibc's malloc keeps freed memory for the next step instead of
+        unmapping it and page-faulting it in again (model/memory.py: ~10 % faster CPU tuning, the same peak RSS
+        and results; the heap is still trimmed after each block). Process-wide; no effect outside glibc.
     The remaining arguments are SignRound's (reference defaults).
     """
 
@@ -148,6 +151,7 @@ class AutoRound:
         memory_limit: "int | str | None" = None,
         auto_adjust_memory: bool = True,
         recompute_qdq: bool = False,
+        reuse_freed_memory: bool = True,
     ):
         # AutoScheme: the layers start with its first option; the plan replaces them before quantization
         self.auto_scheme: Optional[AutoScheme] = scheme if isinstance(scheme, AutoScheme) else None
@@ -191,6 +195,7 @@ class AutoRound:
         self.dataset, self.nsamples, self.seqlen, self.seed = dataset, nsamples, seqlen, seed
         self.max_shard_size = max_shard_size
         self.low_cpu_mem_usage = low_cpu_mem_usage
+        self.reuse_freed_memory = reuse_freed_memory
         self.memory_limit, self.auto_adjust_memory = memory_limit, auto_adjust_memory  # model/memory_plan.py
         self._packer: Optional[BlockPacker] = None  # set by quantize_and_save for immediate packing
         self._spill: Optional[PackedSpill] = None  # where the packed blocks wait for the export (same)
@@ -286,6 +291,13 @@ class AutoRound:
             return self.model, self.results
         self._refuse_partial_model()
         start = time.perf_counter()
+        with freed_memory_reused(self.reuse_freed_memory):
+            self._quantize_in_place()
+        self.quantized = True
+        logger.info("quantization done in %.1f s (%d layers)", time.perf_counter() - start, len(self.results))
+        return self.model, self.results
+
+    def _quantize_in_place(self) -> None:
         if self.auto_scheme is not None:
             self._convert_pending()  # the scoring runs every block
         self._plan_auto_scheme()
@@ -302,9 +314,6 @@ class AutoRound:
             self._quantize_signround()
         self._quantize_outside_blocks()
         self._convert_pending()  # blocks outside the walk (other block groups) too
-        self.quantized = True
-        logger.info("quantization done in %.1f s (%d layers)", time.perf_counter() - start, len(self.results))
-        return self.model, self.results
 
     def _refuse_partial_model(self) -> None:
         """A quantize() that stopped half-way (an error, Ctrl-C) left some blocks quantized in place: running

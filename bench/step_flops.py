@@ -34,6 +34,7 @@ from auto_round.algorithms.signround import SignRoundConfig, loss_mask_from_atte
 from auto_round.model.block_run import block_runner, run_batched  # noqa: E402
 from auto_round.model.block_inputs import capture_block_inputs  # noqa: E402
 from auto_round.model.blocks import iter_blocks  # noqa: E402
+from auto_round.model.memory import freed_memory_reused  # noqa: E402
 from auto_round.model.tuning_attention import tuning_attention  # noqa: E402
 
 
@@ -75,6 +76,8 @@ def main() -> None:
     p.add_argument("--amp_attention", action="store_true", help="with --amp bf16: attention in bf16 too (opt-in)")
     p.add_argument("--compile", action="store_true", help="torch.compile the MX / NVFP4 activation qdq (compile_act_qdq)")
     p.add_argument("--compile_block", action="store_true", help="experiment: torch.compile the whole block forward")
+    p.add_argument("--no_heap_reuse", action="store_true",
+                   help="time the steps without reuse_freed_memory (glibc unmaps freed big blocks: page faults)")
     p.add_argument("--profile", action="store_true", help="print torch.profiler's top operators for 5 steps")
     args = p.parse_args()
     from compare import model_folder, write_calibration  # same model/data as the comparison
@@ -110,7 +113,9 @@ def main() -> None:
             m.weight.data.copy_(snapshot[n])
         cfg = SignRoundConfig(**{**config.__dict__, "iters": iters})
         with tuning_attention(block, enabled=args.amp_attention and cfg.amp_dtype is not None):
-            return _timed(lambda: tune_block(layers, run, targets, mask, cfg, block_name=name, act_max=act_max))
+            # as quantize() runs it (reuse_freed_memory, the default): freed memory kept for the next step
+            with freed_memory_reused(not args.no_heap_reuse):
+                return _timed(lambda: tune_block(layers, run, targets, mask, cfg, block_name=name, act_max=act_max))
 
     warmup_s = tune(2)  # warm-up (includes the compilation with --compile)
     step_s = (tune(args.iters) - tune(1)) / (args.iters - 1)  # excludes per-block setup and finalize
@@ -118,7 +123,7 @@ def main() -> None:
     big = max((m for m, _ in layers.values()), key=lambda m: m.in_features * m.out_features)
     peak = max(sgemm_gflops(2048, 2048, 2048), sgemm_gflops(args.batch_size * args.seqlen, big.in_features, big.out_features))
     result = {
-        "model": args.model, "scheme": args.scheme, "block": name, "amp": args.amp, "amp_attention": args.amp_attention, "batch": args.batch_size, "seqlen": args.seqlen,
+        "heap_reuse": not args.no_heap_reuse, "model": args.model, "scheme": args.scheme, "block": name, "amp": args.amp, "amp_attention": args.amp_attention, "batch": args.batch_size, "seqlen": args.seqlen,
         "step_s": step_s, "warmup_2_steps_s": warmup_s, "compile_act_qdq": args.compile, "compile_block": args.compile_block, "step_gflop": flops / 1e9, "achieved_gflops": flops / step_s / 1e9,
         "sgemm_gflops": peak, "ratio": flops / step_s / 1e9 / peak, "threads": torch.get_num_threads(),
         "machine": platform.processor() or platform.machine(), "torch": torch.__version__,
@@ -130,6 +135,7 @@ def main() -> None:
     tag = ("-" + args.scheme.lower() if args.scheme != "W4A16" else "") + ("-" + args.amp if args.amp != "none" else "")
     tag += "-compiled" if args.compile else ""
     tag += "-compiled-block" if args.compile_block else ""
+    tag += "-no-heap-reuse" if args.no_heap_reuse else ""
     (out / f"step_flops-{stem}{tag}.json").write_text(
         json.dumps(result, indent=1))
     if args.profile:

@@ -135,6 +135,9 @@ def build_parser(prog: str = "auto-round") -> argparse.ArgumentParser:
                    help="MX / NVFP4 / FP8 tuning: rebuild each layer's qdq graph in the backward pass instead of "
                         "keeping it (same results, 3 bytes per weight less memory, a few %% slower; the memory "
                         "planner turns it on by itself when the predicted peak does not fit otherwise)")
+    r.add_argument("--disable_reuse_freed_memory", dest="reuse_freed_memory", action="store_false",
+                   help="let glibc's malloc return freed memory to the OS during tuning as it does by default "
+                        "(by default the tuning keeps it for the next step: ~10 %% faster on CPU, same peak RSS)")
     r.add_argument("--disable_auto_adjust_memory", action="store_true",
                    help="when the predicted peak exceeds the memory, fail instead of halving --batch_size and "
                         "doubling --gradient_accumulate_steps (same effective batch, slightly different numerics)")
@@ -265,7 +268,7 @@ def main(argv: Optional[Sequence[str]] = None, recipe: str = "default", prog: st
             resume=args.resume, checkpoint=not args.disable_checkpoint, disable_progress=args.disable_progress,
             run_report=not args.disable_run_report,
             memory_limit=args.memory_limit, auto_adjust_memory=not args.disable_auto_adjust_memory,
-            recompute_qdq=args.recompute_qdq,
+            recompute_qdq=args.recompute_qdq, reuse_freed_memory=args.reuse_freed_memory,
         )
         _, paths = ar.quantize_and_save(args.output_dir, format=args.format, overwrite=args.overwrite)
         for path in paths:
