@@ -65,6 +65,9 @@ for _base in ("w2g64_sr200", "w4_sr50", "nvfp4_sr50_fp32", "mxfp4_sr50_fp32", "f
 # "<setting>_compiled": ours with --enable_torch_compile (the reference compiles by default: reference doc 1.13)
 for _base in ("mxfp4_sr50_fp32", "nvfp4_sr50_fp32", "mxfp4_sr50", "nvfp4_sr50"):
     SETTINGS[f"{_base}_compiled"] = SETTINGS[_base]
+# "<setting>_noreuse": ours with --disable_reuse_freed_memory (glibc's malloc defaults: the timing before 2026-12-07)
+for _base in ("w4_sr50", "w4_rtn", "mxfp4_sr50", "nvfp4_sr50", "w2g64_sr200"):
+    SETTINGS[f"{_base}_noreuse"] = SETTINGS[_base]
 # Ours keeps the model fp32 and autocasts the tuning matmuls to bf16 where bf16 is fast; "*_bf16" settings
 # load ours in bf16 instead (--model_dtype bf16), as the reference does with its whole model on CPU; "*_fp32"
 # pass --disable_amp to both (on a CPU without bf16 both tune in fp32 anyway). The reference's CLI ignores that
@@ -133,6 +136,8 @@ def write_calibration(work: Path, nsamples: int) -> Path:
 def cli_command(impl: str, model: Path, setting: str, calib: Path, out: Path, args) -> list[str]:
     scheme, iters, lr = SETTINGS[setting]
     setting, _, cap = setting.partition("_cap")
+    noreuse = setting.endswith("_noreuse")
+    setting = setting.removesuffix("_noreuse")
     compiled = setting.endswith("_compiled")
     setting = setting.removesuffix("_compiled")
     # the reference through bench/peer_cli.py: its own CLI, with --disable_amp honoured (0.16.1 ignores the flag)
@@ -155,6 +160,8 @@ def cli_command(impl: str, model: Path, setting: str, calib: Path, out: Path, ar
         cmd += ["--massive_token_cap", cap]
     if compiled and impl == "ours":
         cmd.append("--enable_torch_compile")
+    if noreuse and impl == "ours":
+        cmd.append("--disable_reuse_freed_memory")
     return cmd + (["--lr", str(lr)] if lr is not None else [])
 
 
