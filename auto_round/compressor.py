@@ -298,6 +298,7 @@ class AutoRound:
         return self.model, self.results
 
     def _quantize_in_place(self) -> None:
+        """The AutoScheme plan if any, then every layer (blocks, embedding, outside the blocks), in place."""
         if self.auto_scheme is not None:
             self._convert_pending()  # the scoring runs every block
         self._plan_auto_scheme()

@@ -63,10 +63,11 @@ def freed_memory_reused(enabled: bool = True) -> Iterator[bool]:
     its pages in again (3.7 ms for an `abs` of 12 MiB against 0.2 ms for one of 4.7 MiB served from the heap,
     measured). Requests up to 32 MiB now come from the heap and freed memory is kept; `release_memory` still
     trims explicitly after each block, so the retained memory never outlives a block's working set.
-    MXFP4 SignRound on SmolLM2 (2026-12-07, two threads): 486.4 -> 438.5 s, peak RSS 989 -> 988 MiB, same result.
-    On exit the trim threshold goes back to what glibc's own rule gives at that mmap threshold (twice it)
-    and the heap is trimmed; the mmap threshold stays at 32 MiB, where a long torch run's dynamic one ends
-    anyway.
+    SignRound on SmolLM2 (2026-12-07, two threads, same results bit for bit): MXFP4 486.4 -> 438.1 s, peak RSS
+    989 -> 981 MiB; W4A16 371.2 -> 355.3 s, 853 -> 852 MiB.
+    On exit the trim threshold goes back to what glibc's own rule gives at that mmap threshold (twice it) and
+    the heap is trimmed; the mmap threshold stays at 32 MiB, where glibc's dynamic one ends once a block of
+    32 MiB or more has been freed (routine for torch).
     """
     mallopt = _libc("mallopt") if enabled else None
     if mallopt is None:
