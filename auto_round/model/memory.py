@@ -35,12 +35,17 @@ def _libc(symbol: str):
         return None
 
 
-def release_memory(device: str = "cpu") -> None:
-    """Collect garbage, return the freed heap to the OS (glibc), and empty the CUDA cache on CUDA devices."""
-    gc.collect()
+def _trim_heap() -> None:
+    """Return the free heap memory to the OS (glibc's malloc_trim; nothing elsewhere)."""
     trim = _libc("malloc_trim")
     if trim is not None:
         trim(0)
+
+
+def release_memory(device: str = "cpu") -> None:
+    """Collect garbage, return the freed heap to the OS (glibc), and empty the CUDA cache on CUDA devices."""
+    gc.collect()
+    _trim_heap()
     if torch.device(device).type == "cuda" and torch.cuda.is_available():
         torch.cuda.empty_cache()
 
@@ -79,9 +84,7 @@ def freed_memory_reused(enabled: bool = True) -> Iterator[bool]:
         yield reused
     finally:
         mallopt(_M_TRIM_THRESHOLD, 2 * _MMAP_THRESHOLD_MAX)
-        trim = _libc("malloc_trim")
-        if trim is not None:
-            trim(0)
+        _trim_heap()
 
 
 # ---- weights read through a memory map --------------------------------------------------------------
