@@ -3,11 +3,8 @@
     ar = AutoRound("path/or/hub-id", scheme="W4A16")   # or AutoRound(model, tokenizer, ...)
     ar.quantize_and_save("./out", format="auto_round")
 
-Block walk (SignRound, iters > 0): capture every block's inputs once; then for block i
-    targets_i = block_i(fp_in_i)                    fp chain (weights not yet quantized)
-    tune block_i on q_in_i against targets_i        q_in_0 = fp_in_0
-    q_in_{i+1} = block_i(q_in_i) (quantized)        fp_in_{i+1} = targets_i
-With iters == 0 the layers are rounded to nearest, with no data and no forward pass.
+The block walks themselves (RTN / opt-RTN, SignRound) are in compressor_walk.py, the export checks in
+compressor_export.py, the AutoScheme step in compressor_autoscheme.py.
 """
 
 from __future__ import annotations
@@ -15,39 +12,33 @@ from __future__ import annotations
 import dataclasses
 import logging
 import math
-import random
 import time
-from types import SimpleNamespace
 from pathlib import Path
-from typing import Any, Iterator, Optional, Sequence
+from typing import Any, Optional, Sequence
 
 import torch
 from torch import nn
 
 from .algorithms.autoscheme import AutoScheme
 from .algorithms.gguf import gguf_quantize_module
-from .algorithms.act_quant import act_max_hooks, needs_act_calibration
+from .algorithms.act_quant import needs_act_calibration
 from .algorithms.alg_ext import supports_alg_ext
 from .algorithms.compile import act_qdq_kernels
-from .algorithms.opt_rtn import imatrix_hooks, opt_rtn_block, uses_opt_rtn
-from .algorithms.signround import SignRoundConfig, loss_mask_from_attention, rtn_block, tune_block
+from .algorithms.opt_rtn import uses_opt_rtn
+from .algorithms.signround import SignRoundConfig, rtn_block
 from .algorithms.tunable import LayerQuantResult
 from .compressor_export import SCALE_DTYPES, check_export, export_context
+from .compressor_walk import calibration_set, quantize_opt_rtn, quantize_rtn, quantize_signround
 from .export import BlockPacker, block_packer, export
-from .model.block_inputs import BlockCall, capture_block_inputs
-from .model.block_run import block_runner, run_batched
 from .model.blocks import has_tied_embeddings, iter_blocks
 from .model.layer_config import LayerConfig, resolve_layer_schemes
 from .model.dtype_convert import PendingConversion, lazy_embedding_name
 from .model.loading import check_finite, load_model_deferred, parse_dtype
-from .model.memory import freed_memory_reused, release_memory, release_weight
+from .model.memory import freed_memory_reused, release_weight
 from .model.packed_spill import PackedSpill, spill_dir_for
-from .model.run_log import RunLog, relative_errors, weight_snapshot
-from .model.memory_plan import plan_signround_memory
-from .model.tuning_attention import tuning_attention
 from .runtime import resolve_amp_dtype, resolve_device
 from .model.gguf_plan import GGUFPlan, plan_gguf
-from .model.setup import clamp_seqlen, select_block_groups, shared_weight_ptrs
+from .model.setup import select_block_groups, shared_weight_ptrs
 from .schemes import QuantScheme, SchemeError, gguf_mix_of, resolve_scheme
 
 logger = logging.getLogger("auto_round")
@@ -363,35 +354,10 @@ class AutoRound:
         return any(needs_act_calibration(s) for s in self.layer_schemes.values())
 
     def _quantize_rtn(self) -> None:
-        if self._wants_opt_rtn() or self._needs_act_calibration():
-            self._quantize_opt_rtn(search=self._wants_opt_rtn())
-            return
-        for name, block in iter_blocks(self.model, self.block_groups):
-            if self._pending is not None:
-                self._pending.convert(name)
-            layers = self._block_layers(name)
-            if layers:
-                self.results.update(rtn_block(layers, scale_dtype=self.scale_dtype, device=self.device))
-            self._block_done(name)
-            release_memory(self.device)  # the qdq temporaries fragment the heap between the packed tensors
-        logger.info("RTN: rounded %d layers to nearest (iters=0)", len(self.results))
+        quantize_rtn(self)
 
     def _quantize_opt_rtn(self, search: bool = True) -> None:
-        """imatrix (and static activation ranges) from each block's fp inputs, then a per-group scale search
-        (algorithms/opt_rtn.py); search=False: plain RTN, data only for the static activation ranges."""
-        fp_in, steps = self._walk_blocks(self._calibration(), "opt-RTN" if search else "activation calibration")
-        for name, block, call in steps:
-            layers = self._block_layers(name)
-            with imatrix_hooks(layers if search else {}) as imatrix, act_max_hooks(layers) as act_max:
-                fp_out = run_batched(block, fp_in, call, self.tuning.batch_size, self.device)
-            if layers:
-                self.results.update(opt_rtn_block(layers, imatrix, scale_dtype=self.scale_dtype, device=self.device,
-                                                  act_max=act_max))
-            fp_in = fp_out
-        if search:
-            logger.info("opt-RTN: %d layers quantized with imatrix-weighted scale search (iters=0)", len(self.results))
-        else:
-            logger.info("RTN: %d layers rounded to nearest, static activation ranges calibrated", len(self.results))
+        quantize_opt_rtn(self, search)
 
     def _quantize_outside_blocks(self) -> None:
         """Layers outside the blocks (lm_head with quant_lm_head) are rounded to nearest."""
@@ -415,58 +381,9 @@ class AutoRound:
         self.results[name] = gguf_quantize_module(self.model.get_submodule(name), scheme, device=self.device)
         logger.info("%s (token embedding) quantized to %s", name, scheme.gguf)
 
-    def _calibration(self):
-        if isinstance(self.dataset, torch.Tensor):  # pre-tokenized [n, T] ids: used as given
-            ids = self.dataset.long()
-            if ids.dim() != 2 or ids.numel() == 0:
-                raise ValueError(f"a tensor dataset must be non-empty token ids [n, seqlen], got shape {tuple(ids.shape)}")
-            calib = SimpleNamespace(input_ids=ids, attention_mask=torch.ones_like(ids),
-                                    description=f"{ids.shape[0]} pre-tokenized samples")
-            self.calibration_info = calibration_fingerprint(ids, calib.attention_mask, calib.description)
-            return calib
-        from .model.calib_data import CalibrationDataError, build_calibration_set
-
-        seqlen = clamp_seqlen(self.seqlen, self.model, self.tokenizer)
-        calib = build_calibration_set(self.tokenizer, self.dataset, seqlen=seqlen, nsamples=self.nsamples, seed=self.seed)
-        logger.info("calibration: %d samples x %d tokens from %s", *calib.input_ids.shape, calib.description)
-        real = int(calib.attention_mask.sum())
-        if real < seqlen:  # not one full sample: tuning/statistics on mostly padding would be meaningless
-            raise CalibrationDataError(
-                f"the calibration data ({calib.description}) holds {real} tokens, fewer than seqlen={seqlen}: not "
-                f"even one full sample; give more text or a smaller seqlen (CLI: --seqlen)")
-        self.calibration_info = calibration_fingerprint(calib.input_ids, calib.attention_mask, calib.description)
-        return calib
-
-    def _walk_blocks(self, calib: Any, what: str) -> tuple[torch.Tensor, Iterator[tuple[str, nn.Module, BlockCall]]]:
-        """Capture every block's inputs once; returns (first block's hidden states [n, T, H], steps).
-
-        Each step yields (name, block, call) with the block on the tuning device; after the step the block
-        goes back to the CPU (one block at a time on an accelerator) and freed memory is released.
-        """
-        if len(self.block_groups) != 1:
-            raise NotImplementedError(
-                f"{what} over several block groups ({self.block_groups}) is not supported yet; "
-                "pass to_quant_block_names with one of them"
-            )
-        blocks = list(iter_blocks(self.model, self.block_groups))
-        captured = capture_block_inputs(
-            self.model, [b for _, b in blocks], calib.input_ids, calib.attention_mask, device=self.device,
-            embedding_dtype=self._pending.wanted if self._pending is not None else None,
-        )
-        calls = captured.calls  # the steps must not keep `captured`: it holds the first block's inputs [n, T, H]
-
-        def steps() -> Iterator[tuple[str, nn.Module, BlockCall]]:
-            for (name, block), call in zip(blocks, calls):
-                if self._pending is not None:
-                    self._pending.convert(name)
-                block.to(self.device)
-                yield name, block, call
-                if self.device != "cpu":
-                    block.to("cpu")
-                self._block_done(name)
-                release_memory(self.device)
-
-        return captured.hidden_states, steps()
+    def _calibration(self) -> Any:
+        """The calibration set (input_ids / attention_mask [n, T], description); sets calibration_info."""
+        return calibration_set(self)
 
     def _block_done(self, block_name: str) -> None:
         """Immediate packing: pack the finished block's quantized layers now and release their weights.
@@ -486,59 +403,7 @@ class AutoRound:
         self.packed.update(self._spill.put(fresh) if self._spill is not None else fresh)
 
     def _quantize_signround(self) -> None:
-        calib = self._calibration()
-        self.tuning = plan_signround_memory(  # logs the predicted peak; a smaller micro-batch or an error if too big
-            self.model, self.layer_schemes, list(iter_blocks(self.model, self.block_groups)), self.tuning,
-            nsamples=calib.input_ids.shape[0], seqlen=calib.input_ids.shape[1], device=self.device,
-            enable_quanted_input=self.enable_quanted_input, memory_limit=self.memory_limit,
-            auto_adjust=self.auto_adjust_memory)
-        self.tuning = dataclasses.replace(self.tuning, compile_act_qdq=self._compile_act_qdq())
-        fp_in, steps = self._walk_blocks(calib, "SignRound")
-        loss_mask = loss_mask_from_attention(calib.attention_mask)
-        batch_order = random.Random(self.tuning.seed)  # one stream through all blocks (see IndexSampler)
-        q_in = None
-        ckpt = self._ckpt.bind(self.calibration_info) if self._ckpt is not None else None
-        done = ckpt.restore(self, batch_order) if ckpt is not None else None
-        if done is not None:
-            fp_in, q_in = done.fp_in, done.q_in
-        log = RunLog(sum(1 for _ in iter_blocks(self.model, self.block_groups)), self._settings(),
-                     self.disable_progress, done.extra.get("events") if done is not None else None)
-        for name, block, call in steps:
-            if done is not None and name in done.done:
-                log.skip()
-                continue  # results and weights restored; _walk_blocks still packs the block
-            log.block_start(name, self.tuning.iters)
-            layers = self._block_layers(name)
-            before = weight_snapshot(layers)
-            # GGUF layers (and alg_ext ones) search their scales with the imatrix of their fp inputs before tuning V
-            searched = {n: v for n, v in layers.items()
-                        if v[1].gguf is not None or (self.tuning.enable_alg_ext and supports_alg_ext(v[1]))}
-            with imatrix_hooks(searched) as imatrix, act_max_hooks(layers) as act_max:
-                targets = run_batched(block, fp_in, call, self.tuning.batch_size, self.device)
-            tune_in = q_in if (self.enable_quanted_input and q_in is not None) else fp_in
-            if tune_in is not fp_in:
-                fp_in = None  # the targets carry the fp chain on; its input is not read again (one chain less)
-            if layers:
-                run = block_runner(block, tune_in, call, self.device)
-                # opt-in: attention in the autocast dtype too (model/tuning_attention.py; ~8 % faster steps on
-                # CPU, but W2 perplexity on SmolLM2 went 75.8 -> 77.8, so it is not the default)
-                with tuning_attention(block, enabled=self.amp_attention and self.tuning.amp_dtype is not None):
-                    results, stats = tune_block(
-                        layers, run, targets, loss_mask, self.tuning,
-                        scale_dtype=self.scale_dtype, device=self.device, block_name=name, imatrix=imatrix,
-                        rng=batch_order, act_max=act_max, on_iter=log.on_iter,
-                    )
-                self.results.update(results)
-                self.block_stats[name] = stats
-            q_in = run_batched(block, tune_in, call, self.tuning.batch_size, self.device) if self.enable_quanted_input else None
-            fp_in = targets
-            st = self.block_stats.get(name)
-            tokens = (st.iters_run if st else 0) * self.tuning.batch_size * self.tuning.gradient_accumulate_steps * fp_in.shape[1]
-            log.block_done(name, st, tokens, relative_errors(layers, before))
-            if ckpt is not None:
-                ckpt.save(self, name, layers, fp_in, q_in, batch_order, extra={"events": log.events})
-        log.end()
-        self.run_events = log.events
+        quantize_signround(self)
 
     def _compile_act_qdq(self) -> bool:
         """Whether the tuning forward's MX / NVFP4 activation qdq runs torch.compile'd (algorithms/compile.py)."""
@@ -619,14 +484,3 @@ def _local_source_dir(model: Any) -> Optional[Path]:
         return None
     path = Path(str(name)).expanduser()
     return path if path.is_dir() else None
-
-
-def calibration_fingerprint(input_ids: torch.Tensor, attention_mask: torch.Tensor, description: str) -> dict:
-    """SHA-256 of the calibration token ids and mask (int64 bytes, row-major): equal hashes = equal data."""
-    import hashlib
-
-    digest = hashlib.sha256()
-    for t in (input_ids, attention_mask):
-        digest.update(t.to(torch.int64).contiguous().numpy().tobytes())
-    return {"sha256": digest.hexdigest(), "samples": int(input_ids.shape[0]), "seqlen": int(input_ids.shape[1]),
-            "source": description}

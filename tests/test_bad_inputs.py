@@ -84,7 +84,7 @@ def test_quantize_again_after_a_failure_is_refused(tmp_path, model_dir, monkeypa
     before any output check (overwrite=True must not delete the checkpoint a new object can resume from)."""
     import hashlib
 
-    import auto_round.compressor as compressor
+    import auto_round.compressor_walk as walk
     from auto_round import AutoRound
     from auto_round.model.checkpoint_resume import checkpoint_dir_for
 
@@ -97,7 +97,7 @@ def test_quantize_again_after_a_failure_is_refused(tmp_path, model_dir, monkeypa
         return {p.name: hashlib.sha256(p.read_bytes()).hexdigest() for p in sorted(out.rglob("*.safetensors"))}
 
     AutoRound(str(model_dir), **kw).quantize_and_save(tmp_path / "clean")
-    tune, calls = compressor.tune_block, []
+    tune, calls = walk.tune_block, []
 
     def fails_on_the_second_block(*args, **kwargs):
         calls.append(1)
@@ -105,7 +105,7 @@ def test_quantize_again_after_a_failure_is_refused(tmp_path, model_dir, monkeypa
             raise MemoryError("simulated out of memory")
         return tune(*args, **kwargs)
 
-    monkeypatch.setattr(compressor, "tune_block", fails_on_the_second_block)
+    monkeypatch.setattr(walk, "tune_block", fails_on_the_second_block)
     plain = AutoRound(str(model_dir), **kw)
     with pytest.raises(MemoryError):
         plain.quantize()

@@ -63,7 +63,7 @@ def test_parse_memory():
 def test_impossible_limit_raises_before_tuning(monkeypatch):
     from tiny_models import random_ids, tiny_model
     from auto_round import AutoRound
-    import auto_round.compressor as comp
+    import auto_round.compressor_walk as comp
 
     called = []
     monkeypatch.setattr(comp, "capture_block_inputs", lambda *a, **k: called.append(1))

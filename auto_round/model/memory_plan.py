@@ -1,6 +1,6 @@
 """Memory planner for the SignRound block walk: predict the peak, pick a micro-batch that fits, or refuse early.
 
-What the walk keeps alive at its peak (compressor.py `_quantize_signround`, model/block_run.py `run_batched`):
+What the walk keeps alive at its peak (compressor_walk.py `quantize_signround`, model/block_run.py `run_batched`):
 
     cached chains   fp_in, targets, q_in (old) and q_in (new) [n, T, H] in the model dtype, plus the torch.cat
                     of run_batched, which holds the per-batch pieces and the joined tensor at once: 5 chains

@@ -1,6 +1,6 @@
 """The glue between AutoRound's SignRound block walk and the checkpoint directory (model/checkpoint_resume.py).
 
-compressor.py calls only: RunCheckpoint.start (quantize_and_save, before tuning), bind (calibration built),
+compressor.py / compressor_walk.py call only: RunCheckpoint.start (quantize_and_save, before tuning), bind (calibration built),
 restore (before the walk), save (after each block), remove (after a successful export). Ctrl-C during the
 walk is deferred: the current block finishes, its checkpoint is written, then QuantizationInterrupted is
 raised (CLI exit code 130); a second Ctrl-C aborts at once.

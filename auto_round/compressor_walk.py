@@ -1,0 +1,198 @@
+"""AutoRound's block walks: RTN / opt-RTN and SignRound, and the calibration set they read.
+
+Kept out of compressor.py (which validates the arguments and orchestrates quantize / save); each function
+takes the `AutoRound` whose model, layer schemes and results it reads and fills.
+
+SignRound (iters > 0): capture every block's inputs once; then for block i
+    targets_i = block_i(fp_in_i)                    fp chain (weights not yet quantized)
+    tune block_i on q_in_i against targets_i        q_in_0 = fp_in_0
+    q_in_{i+1} = block_i(q_in_i) (quantized)        fp_in_{i+1} = targets_i
+With iters == 0 the layers are rounded to nearest, with no data and no forward pass (opt-RTN and static
+activation ranges walk the fp chain only).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import logging
+import random
+from types import SimpleNamespace
+from typing import TYPE_CHECKING, Any, Iterator
+
+import torch
+from torch import nn
+
+from .algorithms.act_quant import act_max_hooks
+from .algorithms.alg_ext import supports_alg_ext
+from .algorithms.opt_rtn import imatrix_hooks, opt_rtn_block
+from .algorithms.signround import loss_mask_from_attention, rtn_block, tune_block
+from .model.block_inputs import BlockCall, capture_block_inputs
+from .model.block_run import block_runner, run_batched
+from .model.blocks import iter_blocks
+from .model.memory import release_memory
+from .model.memory_plan import plan_signround_memory
+from .model.run_log import RunLog, relative_errors, weight_snapshot
+from .model.setup import clamp_seqlen
+from .model.tuning_attention import tuning_attention
+
+if TYPE_CHECKING:
+    from .compressor import AutoRound
+
+logger = logging.getLogger("auto_round")
+
+
+def quantize_rtn(ar: "AutoRound") -> None:
+    """iters=0: every block's layers rounded to nearest, or opt-RTN / static activation ranges when they
+    need calibration data."""
+    if ar._wants_opt_rtn() or ar._needs_act_calibration():
+        quantize_opt_rtn(ar, search=ar._wants_opt_rtn())
+        return
+    for name, block in iter_blocks(ar.model, ar.block_groups):
+        if ar._pending is not None:
+            ar._pending.convert(name)
+        layers = ar._block_layers(name)
+        if layers:
+            ar.results.update(rtn_block(layers, scale_dtype=ar.scale_dtype, device=ar.device))
+        ar._block_done(name)
+        release_memory(ar.device)  # the qdq temporaries fragment the heap between the packed tensors
+    logger.info("RTN: rounded %d layers to nearest (iters=0)", len(ar.results))
+
+
+def quantize_opt_rtn(ar: "AutoRound", search: bool = True) -> None:
+    """imatrix (and static activation ranges) from each block's fp inputs, then a per-group scale search
+    (algorithms/opt_rtn.py); search=False: plain RTN, data only for the static activation ranges."""
+    fp_in, steps = walk_blocks(ar, calibration_set(ar), "opt-RTN" if search else "activation calibration")
+    for name, block, call in steps:
+        layers = ar._block_layers(name)
+        with imatrix_hooks(layers if search else {}) as imatrix, act_max_hooks(layers) as act_max:
+            fp_out = run_batched(block, fp_in, call, ar.tuning.batch_size, ar.device)
+        if layers:
+            ar.results.update(opt_rtn_block(layers, imatrix, scale_dtype=ar.scale_dtype, device=ar.device,
+                                            act_max=act_max))
+        fp_in = fp_out
+    if search:
+        logger.info("opt-RTN: %d layers quantized with imatrix-weighted scale search (iters=0)", len(ar.results))
+    else:
+        logger.info("RTN: %d layers rounded to nearest, static activation ranges calibrated", len(ar.results))
+
+
+def calibration_set(ar: "AutoRound") -> Any:
+    if isinstance(ar.dataset, torch.Tensor):  # pre-tokenized [n, T] ids: used as given
+        ids = ar.dataset.long()
+        if ids.dim() != 2 or ids.numel() == 0:
+            raise ValueError(f"a tensor dataset must be non-empty token ids [n, seqlen], got shape {tuple(ids.shape)}")
+        calib = SimpleNamespace(input_ids=ids, attention_mask=torch.ones_like(ids),
+                                description=f"{ids.shape[0]} pre-tokenized samples")
+        ar.calibration_info = calibration_fingerprint(ids, calib.attention_mask, calib.description)
+        return calib
+    from .model.calib_data import CalibrationDataError, build_calibration_set
+
+    seqlen = clamp_seqlen(ar.seqlen, ar.model, ar.tokenizer)
+    calib = build_calibration_set(ar.tokenizer, ar.dataset, seqlen=seqlen, nsamples=ar.nsamples, seed=ar.seed)
+    logger.info("calibration: %d samples x %d tokens from %s", *calib.input_ids.shape, calib.description)
+    real = int(calib.attention_mask.sum())
+    if real < seqlen:  # not one full sample: tuning/statistics on mostly padding would be meaningless
+        raise CalibrationDataError(
+            f"the calibration data ({calib.description}) holds {real} tokens, fewer than seqlen={seqlen}: not "
+            f"even one full sample; give more text or a smaller seqlen (CLI: --seqlen)")
+    ar.calibration_info = calibration_fingerprint(calib.input_ids, calib.attention_mask, calib.description)
+    return calib
+
+
+def walk_blocks(ar: "AutoRound", calib: Any, what: str) -> tuple[torch.Tensor, Iterator[tuple[str, nn.Module, BlockCall]]]:
+    """Capture every block's inputs once; returns (first block's hidden states [n, T, H], steps).
+
+    Each step yields (name, block, call) with the block on the tuning device; after the step the block
+    goes back to the CPU (one block at a time on an accelerator) and freed memory is released.
+    """
+    if len(ar.block_groups) != 1:
+        raise NotImplementedError(
+            f"{what} over several block groups ({ar.block_groups}) is not supported yet; "
+            "pass to_quant_block_names with one of them"
+        )
+    blocks = list(iter_blocks(ar.model, ar.block_groups))
+    captured = capture_block_inputs(
+        ar.model, [b for _, b in blocks], calib.input_ids, calib.attention_mask, device=ar.device,
+        embedding_dtype=ar._pending.wanted if ar._pending is not None else None,
+    )
+    calls = captured.calls  # the steps must not keep `captured`: it holds the first block's inputs [n, T, H]
+
+    def steps() -> Iterator[tuple[str, nn.Module, BlockCall]]:
+        for (name, block), call in zip(blocks, calls):
+            if ar._pending is not None:
+                ar._pending.convert(name)
+            block.to(ar.device)
+            yield name, block, call
+            if ar.device != "cpu":
+                block.to("cpu")
+            ar._block_done(name)
+            release_memory(ar.device)
+
+    return captured.hidden_states, steps()
+
+
+def quantize_signround(ar: "AutoRound") -> None:
+    """iters > 0: tune block by block (see the module docstring); results and per-block stats go to `ar`."""
+    calib = calibration_set(ar)
+    ar.tuning = plan_signround_memory(  # logs the predicted peak; a smaller micro-batch or an error if too big
+        ar.model, ar.layer_schemes, list(iter_blocks(ar.model, ar.block_groups)), ar.tuning,
+        nsamples=calib.input_ids.shape[0], seqlen=calib.input_ids.shape[1], device=ar.device,
+        enable_quanted_input=ar.enable_quanted_input, memory_limit=ar.memory_limit,
+        auto_adjust=ar.auto_adjust_memory)
+    ar.tuning = dataclasses.replace(ar.tuning, compile_act_qdq=ar._compile_act_qdq())
+    fp_in, steps = walk_blocks(ar, calib, "SignRound")
+    loss_mask = loss_mask_from_attention(calib.attention_mask)
+    batch_order = random.Random(ar.tuning.seed)  # one stream through all blocks (see IndexSampler)
+    q_in = None
+    ckpt = ar._ckpt.bind(ar.calibration_info) if ar._ckpt is not None else None
+    done = ckpt.restore(ar, batch_order) if ckpt is not None else None
+    if done is not None:
+        fp_in, q_in = done.fp_in, done.q_in
+    log = RunLog(sum(1 for _ in iter_blocks(ar.model, ar.block_groups)), ar._settings(),
+                 ar.disable_progress, done.extra.get("events") if done is not None else None)
+    for name, block, call in steps:
+        if done is not None and name in done.done:
+            log.skip()
+            continue  # results and weights restored; walk_blocks still packs the block
+        log.block_start(name, ar.tuning.iters)
+        layers = ar._block_layers(name)
+        before = weight_snapshot(layers)
+        # GGUF layers (and alg_ext ones) search their scales with the imatrix of their fp inputs before tuning V
+        searched = {n: v for n, v in layers.items()
+                    if v[1].gguf is not None or (ar.tuning.enable_alg_ext and supports_alg_ext(v[1]))}
+        with imatrix_hooks(searched) as imatrix, act_max_hooks(layers) as act_max:
+            targets = run_batched(block, fp_in, call, ar.tuning.batch_size, ar.device)
+        tune_in = q_in if (ar.enable_quanted_input and q_in is not None) else fp_in
+        if tune_in is not fp_in:
+            fp_in = None  # the targets carry the fp chain on; its input is not read again (one chain less)
+        if layers:
+            run = block_runner(block, tune_in, call, ar.device)
+            # opt-in: attention in the autocast dtype too (model/tuning_attention.py; ~8 % faster steps on
+            # CPU, but W2 perplexity on SmolLM2 went 75.8 -> 77.8, so it is not the default)
+            with tuning_attention(block, enabled=ar.amp_attention and ar.tuning.amp_dtype is not None):
+                results, stats = tune_block(
+                    layers, run, targets, loss_mask, ar.tuning,
+                    scale_dtype=ar.scale_dtype, device=ar.device, block_name=name, imatrix=imatrix,
+                    rng=batch_order, act_max=act_max, on_iter=log.on_iter,
+                )
+            ar.results.update(results)
+            ar.block_stats[name] = stats
+        q_in = run_batched(block, tune_in, call, ar.tuning.batch_size, ar.device) if ar.enable_quanted_input else None
+        fp_in = targets
+        st = ar.block_stats.get(name)
+        tokens = (st.iters_run if st else 0) * ar.tuning.batch_size * ar.tuning.gradient_accumulate_steps * fp_in.shape[1]
+        log.block_done(name, st, tokens, relative_errors(layers, before))
+        if ckpt is not None:
+            ckpt.save(ar, name, layers, fp_in, q_in, batch_order, extra={"events": log.events})
+    log.end()
+    ar.run_events = log.events
+
+
+def calibration_fingerprint(input_ids: torch.Tensor, attention_mask: torch.Tensor, description: str) -> dict:
+    """SHA-256 of the calibration token ids and mask (int64 bytes, row-major): equal hashes = equal data."""
+    digest = hashlib.sha256()
+    for t in (input_ids, attention_mask):
+        digest.update(t.to(torch.int64).contiguous().numpy().tobytes())
+    return {"sha256": digest.hexdigest(), "samples": int(input_ids.shape[0]), "seqlen": int(input_ids.shape[1]),
+            "source": description}
