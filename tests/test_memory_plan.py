@@ -149,3 +149,38 @@ def test_memory_limit_turns_recompute_qdq_on_with_the_same_result(tmp_path, capl
     assert limited == plain  # same bytes: the recomputation changes memory, not results
     forced_ar, forced = run("forced", recompute_qdq=True)
     assert forced_ar.tuning.recompute_qdq and forced == plain
+
+
+def test_large_block_reuse_needs_room_for_one_more_micro_batch_of_activations():
+    from auto_round.model.memory_plan import room_for_large_block_reuse
+
+    br = estimate_signround_memory(SHAPE, 8)
+    assert room_for_large_block_reuse(br, None)  # free memory unknown: nothing is checked, as for the plan
+    assert room_for_large_block_reuse(br, br.total + br.activations)
+    assert not room_for_large_block_reuse(br, br.total + br.activations - 1)
+    assert not room_for_large_block_reuse(br, br.total)  # fits, but the heap's holes could push it over
+
+
+@pytest.mark.parametrize("limit, reuse, expected", [("1TB", True, True), ("1TB", False, False), ("tight", True, False)])
+def test_walk_keeps_large_blocks_only_with_room(monkeypatch, limit, reuse, expected):
+    from contextlib import nullcontext
+
+    from tiny_models import random_ids, tiny_model
+    from auto_round import AutoRound
+    from auto_round.model.blocks import iter_blocks
+    from auto_round.model.memory_plan import memory_shape
+    import auto_round.compressor_walk as walk
+
+    seen = []
+    monkeypatch.setattr(walk, "large_blocks_reused", lambda enabled: seen.append(enabled) or nullcontext(enabled))
+    kw = dict(dataset=random_ids(8, 16), iters=1, nsamples=8, seqlen=16, batch_size=4, device="cpu", amp=False,
+              disable_progress=True, reuse_freed_memory=reuse)
+    ar = AutoRound(tiny_model("llama"), **kw)
+    if limit == "tight":  # what the plan predicts: it fits, with no micro-batch to spare
+        shape = memory_shape(ar.model, ar.layer_schemes, list(iter_blocks(ar.model, ar.block_groups)), nsamples=8,
+                             seqlen=16, enable_quanted_input=True, amp=False)
+        ar.memory_limit = estimate_signround_memory(shape, 4).total
+    else:
+        ar.memory_limit = limit
+    ar.quantize()
+    assert seen == [expected] and ar.tuning.batch_size == 4

@@ -297,8 +297,9 @@ def memory_shape(model: nn.Module, layer_schemes: Mapping[str, Any], blocks: lis
 
 def plan_signround_memory(model: nn.Module, layer_schemes: Mapping[str, Any], blocks: list[tuple[str, nn.Module]],
                           tuning: Any, *, nsamples: int, seqlen: int, device: str, enable_quanted_input: bool,
-                          memory_limit: "int | str | None" = None, auto_adjust: bool = True) -> Any:
-    """Log the predicted peak and return `tuning` (a SignRoundConfig), with a smaller micro-batch if needed.
+                          memory_limit: "int | str | None" = None, auto_adjust: bool = True) -> tuple[Any, bool]:
+    """Log the predicted peak; returns (`tuning`, a SignRoundConfig with a smaller micro-batch if needed,
+    whether the host has room for `large_blocks_reused`).
 
     memory_limit overrides the detected free memory (host, or device when tuning on CUDA). Raises
     MemoryPlanError before any heavy work when nothing fits.
@@ -321,15 +322,26 @@ def plan_signround_memory(model: nn.Module, layer_schemes: Mapping[str, Any], bl
         logger.warning("memory: recompute_qdq on (the MX / NVFP4 / FP8 qdq graphs are rebuilt in the backward "
                        "pass: same results, a few %% slower) so the predicted peak fits")
         tuning = dataclasses.replace(tuning, recompute_qdq=True)
+    roomy = room_for_large_block_reuse(br, host)
     if not decision.adjusted:
-        return tuning
+        return tuning, roomy
     logger.warning("memory: batch_size %d -> %d with gradient_accumulate_steps %d -> %d (same effective batch of %d) "
                    "so the predicted peak fits; losses are summed in a different order, so results differ slightly "
                    "from a run with batch_size %d (auto_adjust_memory=False / --disable_auto_adjust_memory keeps "
                    "the settings and fails instead)", tuning.batch_size, br.batch_size,
                    tuning.gradient_accumulate_steps, br.gradient_accumulate_steps,
                    tuning.batch_size * tuning.gradient_accumulate_steps, tuning.batch_size)
-    return dataclasses.replace(tuning, batch_size=br.batch_size, gradient_accumulate_steps=br.gradient_accumulate_steps)
+    adjusted = dataclasses.replace(tuning, batch_size=br.batch_size,
+                                   gradient_accumulate_steps=br.gradient_accumulate_steps)
+    return adjusted, roomy
+
+
+def room_for_large_block_reuse(breakdown: MemoryBreakdown, host_available: Optional[int]) -> bool:
+    """Whether the host can afford keeping freed blocks above 32 MiB in the heap (model/memory.py
+    `large_blocks_reused`): the holes they leave cost up to +14 % of the peak measured, all of it activation-sized,
+    so one more micro-batch of activations must fit on top of the predicted peak. True when the free memory is
+    unknown (nothing is checked then, as for the plan itself)."""
+    return host_available is None or breakdown.total + breakdown.activations <= host_available
 
 
 def format_bytes(n: Optional[int]) -> str:
