@@ -88,7 +88,9 @@ class AutoRound:
         off by default, switched on by the memory planner when the predicted peak does not fit otherwise.
     reuse_freed_memory: while quantize() runs, glibc's malloc keeps freed memory for the next step instead of
         unmapping it and page-faulting it in again (model/memory.py: ~10 % faster CPU tuning, the same peak RSS
-        and results; the heap is still trimmed after each block). Process-wide; no effect outside glibc.
+        and results; the heap is still trimmed after each block). Blocks above 32 MiB (wider models' activations)
+        are kept too while SignRound walks the blocks, when the memory plan has room for one more micro-batch of
+        activations (~20 % faster steps there, +14 % peak RSS). Process-wide; no effect outside glibc.
     The remaining arguments are SignRound's (reference defaults).
     """
 

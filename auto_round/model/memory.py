@@ -99,9 +99,9 @@ def large_blocks_reused(enabled: bool = True) -> Iterator[bool]:
     The mmap threshold cannot be raised above 32 MiB, and bigger models' activations are bigger than that
     (hidden 2048 / intermediate 8192 at 8 x 256 tokens: 64 MiB each; Llama-3-8B at 8 x 2048: 940 MiB), so each
     step page-faulted them in again. Measured (2026-12-07, a random 2-layer model of that width, W4A16
-    SignRound 50 iters, 32 x 256, two threads, same results): tuning 358.4 -> 282.1 s (-21 %), but peak RSS
-    3031 -> 3457 MiB (+14 %: freed blocks of one size leave holes that others cannot fill). So the walk opens
-    this only when the memory plan leaves room for it (compressor_walk.py); `release_memory` trims after each
+    SignRound 50 iters, 32 x 256, two threads, same results): tuning 358.4 -> 271.5-282.1 s (-21-24 %), but
+    peak RSS 3031 -> 3348-3457 MiB (+10-14 %: freed blocks of one size leave holes others cannot fill). So the
+    walk opens this only when the memory plan leaves room for it (compressor_walk.py); `release_memory` trims after each
     block as before. On exit big requests get their own mmap again (glibc's default count).
     """
     mallopt = _libc("mallopt") if enabled else None

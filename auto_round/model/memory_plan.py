@@ -338,7 +338,7 @@ def plan_signround_memory(model: nn.Module, layer_schemes: Mapping[str, Any], bl
 
 def room_for_large_block_reuse(breakdown: MemoryBreakdown, host_available: Optional[int]) -> bool:
     """Whether the host can afford keeping freed blocks above 32 MiB in the heap (model/memory.py
-    `large_blocks_reused`): the holes they leave cost up to +14 % of the peak measured, all of it activation-sized,
+    `large_blocks_reused`): the holes they leave cost +10-14 % of the peak measured, all of it activation-sized,
     so one more micro-batch of activations must fit on top of the predicted peak. True when the free memory is
     unknown (nothing is checked then, as for the plan itself)."""
     return host_available is None or breakdown.total + breakdown.activations <= host_available
