@@ -18,7 +18,7 @@ import gc
 import mmap
 from contextlib import contextmanager
 from functools import lru_cache
-from typing import Iterator, Optional
+from typing import ContextManager, Iterator, Optional
 
 import torch
 
@@ -58,8 +58,7 @@ _MMAP_MAX_DEFAULT = 65536
 _TRIM_THRESHOLD_WHILE_REUSING = 1 << 30
 
 
-@contextmanager
-def freed_memory_reused(enabled: bool = True) -> Iterator[bool]:
+def freed_memory_reused(enabled: bool = True) -> ContextManager[bool]:
     """While open, glibc's malloc keeps freed memory up to 32 MiB a block for reuse instead of returning it to
     the OS. Yields whether that took effect (False where disabled or the C library has no mallopt, e.g. not
     glibc). `large_blocks_reused` extends it to bigger blocks.
@@ -77,21 +76,11 @@ def freed_memory_reused(enabled: bool = True) -> Iterator[bool]:
     the heap is trimmed; the mmap threshold stays at 32 MiB, where glibc's dynamic one ends once a block of
     32 MiB or more has been freed (routine for torch).
     """
-    mallopt = _libc("mallopt") if enabled else None
-    if mallopt is None:
-        yield False
-        return
-    reused = bool(mallopt(_M_MMAP_THRESHOLD, _MMAP_THRESHOLD_MAX)) and bool(
-        mallopt(_M_TRIM_THRESHOLD, _TRIM_THRESHOLD_WHILE_REUSING))
-    try:
-        yield reused
-    finally:
-        mallopt(_M_TRIM_THRESHOLD, 2 * _MMAP_THRESHOLD_MAX)
-        _trim_heap()
+    while_open = {_M_MMAP_THRESHOLD: _MMAP_THRESHOLD_MAX, _M_TRIM_THRESHOLD: _TRIM_THRESHOLD_WHILE_REUSING}
+    return _malloc_options(enabled, while_open, on_exit={_M_TRIM_THRESHOLD: 2 * _MMAP_THRESHOLD_MAX})
 
 
-@contextmanager
-def large_blocks_reused(enabled: bool = True) -> Iterator[bool]:
+def large_blocks_reused(enabled: bool = True) -> ContextManager[bool]:
     """Inside `freed_memory_reused`: blocks above 32 MiB come from the heap too and are kept when freed (glibc
     gives no request its own mmap: M_MMAP_MAX 0; it still falls back to mmap where the heap cannot grow).
     Yields whether that took effect.
@@ -104,15 +93,23 @@ def large_blocks_reused(enabled: bool = True) -> Iterator[bool]:
     walk opens this only when the memory plan leaves room for it (compressor_walk.py); `release_memory` trims after each
     block as before. On exit big requests get their own mmap again (glibc's default count).
     """
+    return _malloc_options(enabled, {_M_MMAP_MAX: 0}, on_exit={_M_MMAP_MAX: _MMAP_MAX_DEFAULT})
+
+
+@contextmanager
+def _malloc_options(enabled: bool, while_open: dict[int, int], on_exit: dict[int, int]) -> Iterator[bool]:
+    """glibc mallopt `while_open` settings; on exit the `on_exit` ones, then the heap is trimmed. Yields whether
+    every setting took effect (False where disabled or the C library has no mallopt)."""
     mallopt = _libc("mallopt") if enabled else None
     if mallopt is None:
         yield False
         return
-    reused = bool(mallopt(_M_MMAP_MAX, 0))
+    took = all([bool(mallopt(option, value)) for option, value in while_open.items()])
     try:
-        yield reused
+        yield took
     finally:
-        mallopt(_M_MMAP_MAX, _MMAP_MAX_DEFAULT)
+        for option, value in on_exit.items():
+            mallopt(option, value)
         _trim_heap()
 
 
