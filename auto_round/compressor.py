@@ -28,7 +28,7 @@ from .algorithms.opt_rtn import uses_opt_rtn
 from .algorithms.signround import SignRoundConfig, rtn_block
 from .algorithms.tunable import LayerQuantResult
 from .compressor_export import SCALE_DTYPES, check_export, export_context
-from .compressor_walk import calibration_set, quantize_opt_rtn, quantize_rtn, quantize_signround
+from .compressor_walk import quantize_rtn, quantize_signround
 from .export import BlockPacker, block_packer, export
 from .model.blocks import has_tied_embeddings, iter_blocks
 from .model.layer_config import LayerConfig, resolve_layer_schemes
@@ -90,7 +90,7 @@ class AutoRound:
         unmapping it and page-faulting it in again (model/memory.py: ~10 % faster CPU tuning, the same peak RSS
         and results; the heap is still trimmed after each block). Blocks above 32 MiB (wider models' activations)
         are kept too while SignRound walks the blocks, when the memory plan has room for one more micro-batch of
-        activations (~20 % faster steps there, +14 % peak RSS). Process-wide; no effect outside glibc.
+        activations (~20 % faster steps there, +10-14 % peak RSS). Process-wide; no effect outside glibc.
     The remaining arguments are SignRound's (reference defaults).
     """
 
@@ -303,9 +303,9 @@ class AutoRound:
         setattr(self.model, QUANTIZED_IN_PLACE_ATTR, True)
         self._quantize_embedding()
         if self.tuning.iters == 0:
-            self._quantize_rtn()
+            quantize_rtn(self)
         else:
-            self._quantize_signround()
+            quantize_signround(self)
         self._quantize_outside_blocks()
         self._convert_pending()  # blocks outside the walk (other block groups) too
 
@@ -355,12 +355,6 @@ class AutoRound:
     def _needs_act_calibration(self) -> bool:
         return any(needs_act_calibration(s) for s in self.layer_schemes.values())
 
-    def _quantize_rtn(self) -> None:
-        quantize_rtn(self)
-
-    def _quantize_opt_rtn(self, search: bool = True) -> None:
-        quantize_opt_rtn(self, search)
-
     def _quantize_outside_blocks(self) -> None:
         """Layers outside the blocks (lm_head with quant_lm_head) are rounded to nearest."""
         outside = {
@@ -383,10 +377,6 @@ class AutoRound:
         self.results[name] = gguf_quantize_module(self.model.get_submodule(name), scheme, device=self.device)
         logger.info("%s (token embedding) quantized to %s", name, scheme.gguf)
 
-    def _calibration(self) -> Any:
-        """The calibration set (input_ids / attention_mask [n, T], description); sets calibration_info."""
-        return calibration_set(self)
-
     def _block_done(self, block_name: str) -> None:
         """Immediate packing: pack the finished block's quantized layers now and release their weights.
 
@@ -403,9 +393,6 @@ class AutoRound:
                 release_weight(module)
         # on disk until the export reads them (model/packed_spill.py), else in memory
         self.packed.update(self._spill.put(fresh) if self._spill is not None else fresh)
-
-    def _quantize_signround(self) -> None:
-        quantize_signround(self)
 
     def _compile_act_qdq(self) -> bool:
         """Whether the tuning forward's MX / NVFP4 activation qdq runs torch.compile'd (algorithms/compile.py)."""

@@ -29,6 +29,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "tests"))
 
 from auto_round import AutoRound  # noqa: E402
+from auto_round.compressor_walk import calibration_set  # noqa: E402
 from auto_round.algorithms.act_quant import act_max_hooks  # noqa: E402
 from auto_round.algorithms.signround import SignRoundConfig, loss_mask_from_attention, tune_block  # noqa: E402
 from auto_round.model.block_run import block_runner, run_batched  # noqa: E402
@@ -88,7 +89,7 @@ def main() -> None:
     calib_file = write_calibration(work, args.nsamples)
     ar = AutoRound(str(folder), scheme=args.scheme, iters=args.iters, lr=5e-3, nsamples=args.nsamples,
                    seqlen=args.seqlen, batch_size=args.batch_size, dataset=str(calib_file))
-    calib = ar._calibration()
+    calib = calibration_set(ar)
     blocks = list(iter_blocks(ar.model, ar.block_groups))
     captured = capture_block_inputs(ar.model, [b for _, b in blocks[: args.block + 1]], calib.input_ids,
                                     calib.attention_mask, device="cpu")

@@ -138,7 +138,7 @@ def build_parser(prog: str = "auto-round") -> argparse.ArgumentParser:
     r.add_argument("--disable_reuse_freed_memory", dest="reuse_freed_memory", action="store_false",
                    help="let glibc's malloc return freed memory to the OS during tuning as it does by default "
                         "(by default the tuning keeps it for the next step: ~10 %% faster on CPU, same peak RSS; "
-                        "blocks above 32 MiB only when the memory plan has room: ~20 %% faster, +14 %% peak RSS)")
+                        "blocks above 32 MiB only when the memory plan has room: ~20 %% faster, +10-14 %% peak RSS)")
     r.add_argument("--disable_auto_adjust_memory", action="store_true",
                    help="when the predicted peak exceeds the memory, fail instead of halving --batch_size and "
                         "doubling --gradient_accumulate_steps (same effective batch, slightly different numerics)")
