@@ -83,7 +83,7 @@ def test_groups_fused_experts_and_shared():
 # ------------------------------------------------------------------------------------------- scores
 def _full_model_scores(model, layers, ids):
     """Reference: whole-model forward/backward with every layer's RTN weight substituted at once."""
-    w_hat, own = {}, {}
+    w_hat = {}
     for n, (m, s) in layers.items():
         w_hat[n] = make_tunable(m, s, scale_dtype=torch.float16, enable_minmax_tuning=False,
                                 device="cpu").qdq_weight().detach().requires_grad_(True)

@@ -17,7 +17,6 @@ from pathlib import Path
 import pytest
 import torch
 
-from auto_round.algorithms.signround import SignRoundConfig
 from auto_round.model.memory_plan import (MemoryPlanError, MemoryShape, estimate_signround_memory, parse_memory,
                                           plan_batches)
 
