@@ -35,7 +35,7 @@ def export_context(ar: "AutoRound") -> ExportContext:
         "nsamples": ar.nsamples if t.iters else None, "seqlen": ar.seqlen if t.iters else None,
         "batch_size": t.batch_size, "gradient_accumulate_steps": t.gradient_accumulate_steps,
         "enable_minmax_tuning": t.enable_minmax_tuning,
-        # ours only: whether fp8 weight / static fp8 activation clips were tuned too (the reference always does)
+        # ours only: whether fp8 weight clips were tuned too (the reference always does)
         "fp8_clip_tuning": t.fp8_clip_tuning and t.enable_minmax_tuning if t.iters else None,
         "enable_alg_ext": t.enable_alg_ext and t.iters > 0,
         # ours only (the reference always tunes on the plain MSE): recorded so a checkpoint says how it was made

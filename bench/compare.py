@@ -68,6 +68,10 @@ for _base in ("mxfp4_sr50_fp32", "nvfp4_sr50_fp32", "mxfp4_sr50", "nvfp4_sr50"):
 # "<setting>_noreuse": ours with --disable_reuse_freed_memory (glibc's malloc defaults: the timing before 2026-12-07)
 for _base in ("w4_sr50", "w4_rtn", "mxfp4_sr50", "nvfp4_sr50", "w2g64_sr200"):
     SETTINGS[f"{_base}_noreuse"] = SETTINGS[_base]
+# "<setting>_fp8clip": ours with --enable_fp8_clip_tuning (fp8 weight clips tuned, as the reference always does;
+# ours leaves them at 1 since 2026-12-07)
+for _base in ("fp8static_sr50", "fp8static_sr50_fp32"):
+    SETTINGS[f"{_base}_fp8clip"] = SETTINGS[_base]
 # Ours keeps the model fp32 and autocasts the tuning matmuls to bf16 where bf16 is fast; "*_bf16" settings
 # load ours in bf16 instead (--model_dtype bf16), as the reference does with its whole model on CPU; "*_fp32"
 # pass --disable_amp to both (on a CPU without bf16 both tune in fp32 anyway). The reference's CLI ignores that
@@ -140,6 +144,8 @@ def cli_command(impl: str, model: Path, setting: str, calib: Path, out: Path, ar
     setting = setting.removesuffix("_noreuse")
     compiled = setting.endswith("_compiled")
     setting = setting.removesuffix("_compiled")
+    fp8clip = setting.endswith("_fp8clip")
+    setting = setting.removesuffix("_fp8clip")
     # the reference through bench/peer_cli.py: its own CLI, with --disable_amp honoured (0.16.1 ignores the flag)
     launcher = ([str(OURS_BIN / "auto-round")] if impl == "ours"
                 else [str(PEER_BIN / "python"), str(ROOT / "bench" / "peer_cli.py")])
@@ -162,6 +168,8 @@ def cli_command(impl: str, model: Path, setting: str, calib: Path, out: Path, ar
         cmd.append("--enable_torch_compile")
     if noreuse and impl == "ours":
         cmd.append("--disable_reuse_freed_memory")
+    if fp8clip and impl == "ours":
+        cmd.append("--enable_fp8_clip_tuning")
     return cmd + (["--lr", str(lr)] if lr is not None else [])
 
 
