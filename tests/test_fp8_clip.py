@@ -1,8 +1,9 @@
-"""fp8_clip_tuning: SignRound leaves the clip (max_scale) of fp8 weights at 1 unless asked.
+"""fp8_clip_tuning: SignRound leaves the clip (max_scale) of fp8 (FP8, MXFP8) weights at 1 unless asked.
 
 With the default, FP8 layers tune V (and a static activation clip) only: their weight scales stay RTN's
 (per-channel amax / 448). fp8_clip_tuning=True restores the reference's behaviour, where the weight clip moves
-too. Integer and other float layers keep their clip tuning either way.
+too. MXFP8 likewise keeps RTN's shared exponents. Integer and other float layers keep their clip tuning either
+way.
 """
 
 import json
@@ -21,7 +22,8 @@ pytestmark = pytest.mark.usefixtures("one_thread")  # conftest: one intra-op thr
 
 @pytest.mark.parametrize("name, default", [
     ("FP8_STATIC", False), ("FP8_BLOCK", False), ("FPW8A16", False),
-    ("W4A16", True), ("W2A16G64", True), ("MXFP4", True), ("NVFP4", True), ("MXFP8", True),
+    ("W4A16", True), ("W2A16G64", True), ("MXFP4", True), ("NVFP4", True), ("MXFP8", False),
+    ("MXFP8_RCEIL", False), ("MXFP6", True), ("MXINT4", True),
 ])
 def test_which_weight_clips_are_tuned(name, default):
     scheme = get_scheme(name)
@@ -63,6 +65,21 @@ def test_fp8_clip_tuning_moves_the_weight_clip_as_the_reference():
     moved = [n for n, r in tuned.results.items() if not torch.allclose(r.scale, _rtn_scale(n), rtol=1e-6, atol=0)]
     assert moved and all(bool((tuned.results[n].scale <= _rtn_scale(n) * (1 + 1e-6)).all()) for n in moved)
     assert tuned.tuning.fp8_clip_tuning and not _quantize(iters=1).tuning.fp8_clip_tuning
+
+
+def test_mxfp8_block_scales_stay_rtn_unless_asked():
+    # MXFP8: e4m3 elements under a power-of-two scale per 32. By default the shared exponents are plain RTN's
+    # (floor(log2 amax) - 8 per block) while the rounding (V) is tuned; with the flag the multiplier may drop a
+    # block to the next lower exponent, never raise it
+    rtn = _quantize("MXFP8", iters=0, lr=None, disable_opt_rtn=True).results
+    # a multiplier must fall below 2^e / amax to lower a block's exponent: 10 steps of 0.1 let it
+    default = _quantize("MXFP8", iters=10, lr=0.1).results
+    tuned = _quantize("MXFP8", iters=10, lr=0.1, fp8_clip_tuning=True).results
+    for name, res in default.items():
+        torch.testing.assert_close(res.scale, rtn[name].scale, rtol=0, atol=0)
+    assert any(not torch.equal(r.codes.view(torch.uint8), rtn[n].codes.view(torch.uint8)) for n, r in default.items())
+    assert any(not torch.equal(r.scale, rtn[n].scale) for n, r in tuned.items())
+    assert all(bool((r.scale <= rtn[n].scale).all()) for n, r in tuned.items())
 
 
 def test_other_types_keep_their_clip_tuning():

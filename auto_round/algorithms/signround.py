@@ -153,16 +153,24 @@ def nvfp4_global_scales(layers: dict[str, tuple[nn.Module, QuantScheme]]) -> dic
 def tunes_weight_clip(scheme: QuantScheme, config: SignRoundConfig) -> bool:
     """Whether SignRound tunes this layer's weight clip (int alpha / beta, MX / NVFP4 / FP8 max_scale).
 
-    Not for fp8 weights unless `config.fp8_clip_tuning`: e4m3 keeps the same relative precision (3 mantissa
-    bits) over its whole normal range, so shrinking a channel's scale makes no value finer, it only clips the
-    largest ones (and moves the subnormal edge, 2^-9 of the max, a little). The signed step of +-minmax_lr on a
-    multiplier clamped at 1 then walks it down on noise: SmolLM2 FP8_STATIC, SignRound 50 iters, fp32, seed 42,
-    weight scales 0.95x RTN's on average and held-out ppl (32 windows) 19.591 / 19.553 with the weight clip tuned
-    (activation clip tuned / fixed) against 19.479 / 19.511 with it fixed (RTN 19.604). The static activation
-    clip is tuned as before (tune_clip, ActQuantizer): it made no consistent difference there."""
+    Not for weights with fp8 (e4m3) elements, FP8 and MXFP8, unless `config.fp8_clip_tuning`: e4m3 keeps the
+    same relative precision (3 mantissa bits) over its whole normal range, so shrinking a channel's scale makes
+    no value finer, it only clips the largest ones (and moves the subnormal edge, 2^-9 of the max, a little; with
+    MXFP8's power-of-two scale a multiplier below the next power of two halves the whole block's scale). The
+    signed step of +-minmax_lr on a multiplier clamped at 1 then walks it down on noise. SmolLM2, SignRound 50
+    iters, fp32, held-out ppl on 32 windows: FP8_STATIC seed 42, weight scales 0.95x RTN's on average and
+    19.591 / 19.553 with the weight clip tuned (activation clip tuned / fixed) against 19.479 / 19.511 with it
+    fixed (RTN 19.604); MXFP8 seed 42 20.704 tuned against 20.107 fixed. The static activation clip is tuned as
+    before (tune_clip, ActQuantizer): it made no consistent difference there. Fewer-bit floats (MXFP4, MXFP6,
+    NVFP4) have few values per binade and a coarse subnormal range, so their clip is tuned."""
     if not config.enable_minmax_tuning:
         return False
-    return config.fp8_clip_tuning or scheme.data_type != "fp"
+    return config.fp8_clip_tuning or not has_fp8_elements(scheme)
+
+
+def has_fp8_elements(scheme: QuantScheme) -> bool:
+    """FP8 (per-tensor / channel / block scale) and MXFP8 weights: e4m3 values under a scale."""
+    return scheme.bits == 8 and scheme.data_type in ("fp", "mx_fp")
 
 
 def make_tunable(module: nn.Module, scheme: QuantScheme, *, scale_dtype: torch.dtype, enable_minmax_tuning: bool,
