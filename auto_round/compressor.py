@@ -69,11 +69,11 @@ class AutoRound:
         (algorithms/compile.py; needs a C++ compiler on CPU, triton on CUDA): 3-20 % faster MX / NVFP4 steps
         in a one-block benchmark on CPU, none measured on a whole SmolLM2 run. None / False: eager (the default;
         the compiled gradient equals eager's only up to fp32 rounding, so the result's bytes differ).
-    fp8_clip_tuning: also tune the clip (max_scale) of fp8 weights, as the reference does (with
-        enable_minmax_tuning). Off by default: an fp8 value's relative precision does not depend on the scale, so
-        a smaller one only clips, and the signed steps drift it down on noise (SmolLM2 FP8_STATIC SignRound:
-        held-out ppl 19.591 tuned, 19.479 not; algorithms/signround.py::tunes_weight_clip). Static activation
-        clips are tuned either way.
+    fp8_clip_tuning: also tune the clip (max_scale) of fp8 weights (FP8_STATIC / FP8_BLOCK / FPW8A16 and
+        MXFP8), as the reference does (with enable_minmax_tuning). Off by default: an fp8 value's relative
+        precision does not depend on the scale, so a smaller one only clips, and the signed steps drift it down on
+        noise (SmolLM2 SignRound, held-out ppl: FP8_STATIC 19.591 tuned, 19.479 not; MXFP8 20.704 / 20.107;
+        algorithms/signround.py::tunes_weight_clip). Static activation clips are tuned either way.
     enable_alg_ext: SignRoundV2 additions (algorithms/alg_ext.py): tuning starts from the opt-RTN scale search,
         max_scale in [0, 2], and below 4 bits / with 4-bit activations the top 0.1 % output errors are left out
         of the loss. Needs iters > 0 (ValueError) and a sym int, MXFP/MXINT or NVFP4 scheme (SchemeError for asym

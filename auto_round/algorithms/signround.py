@@ -67,8 +67,8 @@ class SignRoundConfig:
     # bench/recompute_qdq_peak.py). Integer and ggml weights keep ~1-2 bytes per weight in their own single-node
     # qdq (quant/int_qdq_fused.py, the ggml qdq) and ignore this.
     recompute_qdq: bool = False
-    # Also tune the clip (max_scale) of fp8 (e4m3) weights, as the reference does. Off by default (see
-    # `tunes_weight_clip`): with fp8 a smaller scale buys no resolution, it only clips.
+    # Also tune the clip (max_scale) of weights with e4m3 elements (FP8, MXFP8), as the reference does. Off by
+    # default (see `tunes_weight_clip`): with fp8 a smaller scale buys no resolution, it only clips.
     fp8_clip_tuning: bool = False
 
     @property

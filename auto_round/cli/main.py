@@ -71,8 +71,8 @@ def build_parser(prog: str = "auto-round") -> argparse.ArgumentParser:
     t.add_argument("--seed", type=int, default=42)
     t.add_argument("--disable_minmax_tuning", action="store_true", help="tune rounding only, not clip scales")
     t.add_argument("--enable_fp8_clip_tuning", action="store_true",
-                   help="also tune the clip scales of fp8 weights, as the reference does (off: with fp8 a smaller "
-                        "scale only clips; measured worse on held-out text)")
+                   help="also tune the clip scales of fp8 weights (FP8_*, MXFP8), as the reference does (off: with "
+                        "fp8 a smaller scale only clips; measured worse on held-out text)")
     t.add_argument("--disable_quanted_input", action="store_true", help="tune on fp-chain inputs")
     t.add_argument("--not_use_best_mse", action="store_true", help="keep the last iteration, not the best")
     opt = t.add_mutually_exclusive_group()
