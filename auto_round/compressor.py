@@ -3,15 +3,14 @@
     ar = AutoRound("path/or/hub-id", scheme="W4A16")   # or AutoRound(model, tokenizer, ...)
     ar.quantize_and_save("./out", format="auto_round")
 
-The block walks themselves (RTN / opt-RTN, SignRound) are in compressor_walk.py, the export checks in
-compressor_export.py, the AutoScheme step in compressor_autoscheme.py.
+The block walks themselves (RTN / opt-RTN, SignRound) are in compressor_walk.py, the argument checks in
+compressor_checks.py, the export checks in compressor_export.py, the AutoScheme step in compressor_autoscheme.py.
 """
 
 from __future__ import annotations
 
 import dataclasses
 import logging
-import math
 import time
 from pathlib import Path
 from typing import Any, Optional, Sequence
@@ -20,15 +19,15 @@ import torch
 from torch import nn
 
 from .algorithms.autoscheme import AutoScheme
-from .algorithms.gguf import gguf_quantize_module
 from .algorithms.act_quant import needs_act_calibration
-from .algorithms.alg_ext import supports_alg_ext
 from .algorithms.compile import act_qdq_kernels
 from .algorithms.opt_rtn import uses_opt_rtn
-from .algorithms.signround import SignRoundConfig, rtn_block
+from .algorithms.signround import SignRoundConfig
 from .algorithms.tunable import LayerQuantResult
+from .compressor_checks import (check_alg_ext_iters, check_cap, check_positive, keeps_alg_ext, local_source_dir,
+                                resolve_batch_size)
 from .compressor_export import SCALE_DTYPES, check_export, export_context
-from .compressor_walk import quantize_rtn, quantize_signround
+from .compressor_walk import quantize_embedding, quantize_outside_blocks, quantize_rtn, quantize_signround
 from .export import BlockPacker, block_packer, export
 from .model.blocks import has_tied_embeddings, iter_blocks
 from .model.layer_config import LayerConfig, resolve_layer_schemes
@@ -162,13 +161,9 @@ class AutoRound:
                 bits=bits, group_size=group_size, sym=sym, data_type=data_type, act_bits=act_bits))
             scheme = self.auto_scheme.schemes[0]
         self.scheme = resolve_scheme(scheme, bits=bits, group_size=group_size, sym=sym, data_type=data_type, act_bits=act_bits)
-        _check_positive(iters=iters, nsamples=nsamples, seqlen=seqlen, batch_size=8 if batch_size is None else batch_size,
-                        gradient_accumulate_steps=gradient_accumulate_steps, allow_zero=("iters",))
-        if batch_size is None:  # the reference default, 8, clamped to nsamples (an explicit larger one is an error)
-            batch_size = min(8, nsamples)
-        elif iters > 0 and batch_size > nsamples and not isinstance(dataset, torch.Tensor):
-            raise ValueError(f"batch_size={batch_size} is larger than nsamples={nsamples}: every step would use all "
-                             f"samples; pass batch_size <= {nsamples} (CLI: --batch_size) or more samples")
+        check_positive(iters=iters, nsamples=nsamples, seqlen=seqlen, batch_size=8 if batch_size is None else batch_size,
+                       gradient_accumulate_steps=gradient_accumulate_steps, allow_zero=("iters",))
+        batch_size = resolve_batch_size(batch_size, nsamples=nsamples, iters=iters, dataset=dataset)
         self.device = resolve_device(device, device_map)
         if lr is None and iters >= 1000 and self.scheme.bits <= 3:
             lr = 2.0 / iters  # reference: long low-bit runs take a larger step
@@ -180,13 +175,10 @@ class AutoRound:
             gradient_accumulate_steps=gradient_accumulate_steps, enable_minmax_tuning=enable_minmax_tuning,
             not_use_best_mse=not_use_best_mse, dynamic_max_gap=dynamic_max_gap, seed=seed,
             amp_dtype=resolve_amp_dtype(amp, amp_dtype, self.device), enable_alg_ext=enable_alg_ext,
-            massive_token_cap=_check_cap(massive_token_cap), recompute_qdq=recompute_qdq,
+            massive_token_cap=check_cap(massive_token_cap), recompute_qdq=recompute_qdq,
             fp8_clip_tuning=fp8_clip_tuning,
         )
-        if enable_alg_ext and iters == 0:
-            raise ValueError("enable_alg_ext changes SignRound's tuning and needs iters > 0 (iters=0 is RTN / opt-RTN, "
-                             "which already uses the imatrix scale search): pass iters > 0 or drop enable_alg_ext "
-                             "(CLI: --enable_alg_ext)")
+        check_alg_ext_iters(enable_alg_ext, iters)
         self.enable_quanted_input = enable_quanted_input
         self.amp_attention = amp_attention
         self.enable_torch_compile = enable_torch_compile
@@ -200,7 +192,7 @@ class AutoRound:
         self._packer: Optional[BlockPacker] = None  # set by quantize_and_save for immediate packing
         self._spill: Optional[PackedSpill] = None  # where the packed blocks wait for the export (same)
         self.packed: dict[str, dict[str, torch.Tensor]] = {}
-        self.source_dir = _local_source_dir(model)  # never written to (see check_output_dir)
+        self.source_dir = local_source_dir(model)  # never written to (see check_output_dir)
         self._pending: Optional[PendingConversion] = None
         if isinstance(model, nn.Module):
             if getattr(model, QUANTIZED_IN_PLACE_ATTR, False):
@@ -259,30 +251,8 @@ class AutoRound:
         n_quant = sum(s.is_quantized for s in self.layer_schemes.values())
         if n_quant == 0:
             raise SchemeError("no layer would be quantized with these settings (all fp or skipped by shape)")
-        if self.tuning.enable_alg_ext:
-            self._check_alg_ext()
-
-    def _check_alg_ext(self) -> None:
-        """enable_alg_ext needs a supported main scheme; other in-block layers get plain SignRound (warned).
-
-        GGUF: warned and turned off, not refused: our GGUF SignRound already is the reference's alg_ext GGUF
-        algorithm (llama.cpp's imatrix-weighted search up front, no min/max tuning, V tuned), so a reference
-        command line with --enable_alg_ext and a gguf scheme gets the same algorithm here."""
-        if self.scheme.gguf is not None:
-            logger.warning("enable_alg_ext: GGUF k-quants always search their scales with the imatrix and tune only V "
-                           "(the reference's alg_ext GGUF path); the flag changes nothing for %s", self.scheme.gguf)
+        if self.tuning.enable_alg_ext and not keeps_alg_ext(self.scheme, self.layer_schemes, self.block_groups):
             self.tuning = dataclasses.replace(self.tuning, enable_alg_ext=False)
-            return
-        if not supports_alg_ext(self.scheme):
-            kind = f"{'asym ' if not self.scheme.sym else ''}{self.scheme.data_type} {self.scheme.bits}-bit"
-            raise SchemeError(f"enable_alg_ext supports sym int, mx_fp / mx_int and nv_fp weights; the scheme is "
-                              f"{kind}: drop enable_alg_ext (CLI: --enable_alg_ext) or use e.g. W2A16G64, MXFP4, NVFP4")
-        prefixes = tuple(g + "." for g in self.block_groups)
-        other = sorted(n for n, s in self.layer_schemes.items()
-                       if s.is_quantized and n.startswith(prefixes) and not supports_alg_ext(s))
-        if other:
-            logger.warning("enable_alg_ext: %d layer(s) of another weight type are tuned without it: %s%s",
-                           len(other), ", ".join(other[:5]), " ..." if len(other) > 5 else "")
 
     # ------------------------------------------------------------------------------------------
     def quantize(self) -> tuple[nn.Module, dict[str, LayerQuantResult]]:
@@ -308,12 +278,12 @@ class AutoRound:
         # from here on the weights are quantized in place, block by block: a second quantize() of this object
         # (_refuse_partial_model) and another AutoRound given this model object refuse it
         setattr(self.model, QUANTIZED_IN_PLACE_ATTR, True)
-        self._quantize_embedding()
+        quantize_embedding(self)
         if self.tuning.iters == 0:
             quantize_rtn(self)
         else:
             quantize_signround(self)
-        self._quantize_outside_blocks()
+        quantize_outside_blocks(self)
         self._convert_pending()  # blocks outside the walk (other block groups) too
 
     def _refuse_partial_model(self) -> None:
@@ -361,28 +331,6 @@ class AutoRound:
 
     def _needs_act_calibration(self) -> bool:
         return any(needs_act_calibration(s) for s in self.layer_schemes.values())
-
-    def _quantize_outside_blocks(self) -> None:
-        """Layers outside the blocks (lm_head with quant_lm_head) are rounded to nearest."""
-        outside = {
-            n: (self.model.get_submodule(n), s)
-            for n, s in self.layer_schemes.items()
-            if s.is_quantized and n not in self.results and not any(n.startswith(g + ".") for g in self.block_groups)
-        }
-        if outside:
-            logger.info("rounding %d layer(s) outside the blocks to nearest: %s", len(outside), ", ".join(outside))
-            self.results.update(rtn_block(outside, scale_dtype=self.scale_dtype, device=self.device))
-
-    def _quantize_embedding(self) -> None:
-        """GGUF quantizes the token embedding (llama.cpp's search, no imatrix), before any block input is
-        captured, so the blocks are tuned on what the GGUF model will feed them."""
-        if self.gguf is None or self.gguf.embedding is None or not self.gguf.embedding[1].is_quantized:
-            return
-        name, scheme = self.gguf.embedding
-        if self._pending is not None:
-            self._pending.convert(name)  # quantized from the converted table, as without deferral
-        self.results[name] = gguf_quantize_module(self.model.get_submodule(name), scheme, device=self.device)
-        logger.info("%s (token embedding) quantized to %s", name, scheme.gguf)
 
     def _block_done(self, block_name: str) -> None:
         """Immediate packing: pack the finished block's quantized layers now and release their weights.
@@ -456,27 +404,3 @@ class AutoRound:
         if self._ckpt is not None:
             self._ckpt.remove()  # the artifact is complete: the work directory is not needed any more
         return self.model, paths
-
-
-# ---------------------------------------------------------------------------------------------
-def _check_cap(massive_token_cap: float) -> float:
-    if isinstance(massive_token_cap, bool) or not isinstance(massive_token_cap, (int, float)) \
-            or not math.isfinite(massive_token_cap) or massive_token_cap < 0:
-        raise ValueError(f"massive_token_cap must be a finite number >= 0 (0 = plain MSE loss), got {massive_token_cap!r}")
-    return float(massive_token_cap)
-
-
-def _check_positive(allow_zero: tuple = (), **values: int) -> None:
-    for key, value in values.items():
-        low = 0 if key in allow_zero else 1
-        if not isinstance(value, int) or value < low:
-            raise ValueError(f"{key} must be an integer >= {low}, got {value!r}")
-
-
-def _local_source_dir(model: Any) -> Optional[Path]:
-    """The local folder the model was loaded from, if any (a path, or an nn.Module's config._name_or_path)."""
-    name = model if isinstance(model, (str, Path)) else getattr(getattr(model, "config", None), "_name_or_path", None)
-    if not name:
-        return None
-    path = Path(str(name)).expanduser()
-    return path if path.is_dir() else None

@@ -25,6 +25,7 @@ from torch import nn
 
 from .algorithms.act_quant import act_max_hooks
 from .algorithms.alg_ext import supports_alg_ext
+from .algorithms.gguf import gguf_quantize_module
 from .algorithms.opt_rtn import imatrix_hooks, opt_rtn_block
 from .algorithms.signround import loss_mask_from_attention, rtn_block, tune_block
 from .model.block_inputs import BlockCall, capture_block_inputs
@@ -75,6 +76,30 @@ def quantize_opt_rtn(ar: "AutoRound", search: bool = True) -> None:
         logger.info("opt-RTN: %d layers quantized with imatrix-weighted scale search (iters=0)", len(ar.results))
     else:
         logger.info("RTN: %d layers rounded to nearest, static activation ranges calibrated", len(ar.results))
+
+
+def quantize_outside_blocks(ar: "AutoRound") -> None:
+    """Layers outside the blocks (lm_head with quant_lm_head) are rounded to nearest."""
+    outside = {
+        n: (ar.model.get_submodule(n), s)
+        for n, s in ar.layer_schemes.items()
+        if s.is_quantized and n not in ar.results and not any(n.startswith(g + ".") for g in ar.block_groups)
+    }
+    if outside:
+        logger.info("rounding %d layer(s) outside the blocks to nearest: %s", len(outside), ", ".join(outside))
+        ar.results.update(rtn_block(outside, scale_dtype=ar.scale_dtype, device=ar.device))
+
+
+def quantize_embedding(ar: "AutoRound") -> None:
+    """GGUF quantizes the token embedding (llama.cpp's search, no imatrix), before any block input is
+    captured, so the blocks are tuned on what the GGUF model will feed them."""
+    if ar.gguf is None or ar.gguf.embedding is None or not ar.gguf.embedding[1].is_quantized:
+        return
+    name, scheme = ar.gguf.embedding
+    if ar._pending is not None:
+        ar._pending.convert(name)  # quantized from the converted table, as without deferral
+    ar.results[name] = gguf_quantize_module(ar.model.get_submodule(name), scheme, device=ar.device)
+    logger.info("%s (token embedding) quantized to %s", name, scheme.gguf)
 
 
 def calibration_set(ar: "AutoRound") -> Any:
