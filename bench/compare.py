@@ -48,7 +48,7 @@ SETTINGS = {  # name: (scheme, iters, lr)
     "mxfp4_sr200_algext": ("MXFP4", 200, None),
 }
 for _name, _scheme in (("mxfp4", "MXFP4"), ("nvfp4", "NVFP4"), ("fp8static", "FP8_STATIC"), ("mxfp8", "MXFP8"),
-                       ("w2", "W2A16"), ("w3", "W3A16"), ("w2g64", "W2A16G64")):
+                       ("mxfp6", "MXFP6"), ("w2", "W2A16"), ("w3", "W3A16"), ("w2g64", "W2A16G64")):
     # the data-type grid (issue 6): RTN, opt-RTN (the iters=0 default of both) and SignRound at 50 iterations
     SETTINGS.setdefault(f"{_name}_rtn", (_scheme, 0, None))
     SETTINGS.setdefault(f"{_name}_rtn_bf16", (_scheme, 0, None))  # ours on the bf16 weights the reference rounds
@@ -69,9 +69,13 @@ for _base in ("mxfp4_sr50_fp32", "nvfp4_sr50_fp32", "mxfp4_sr50", "nvfp4_sr50"):
 for _base in ("w4_sr50", "w4_rtn", "mxfp4_sr50", "nvfp4_sr50", "w2g64_sr200"):
     SETTINGS[f"{_base}_noreuse"] = SETTINGS[_base]
 # "<setting>_fp8clip": ours with --enable_fp8_clip_tuning (fp8 weight clips tuned, as the reference always does;
-# ours leaves them at 1 since 2026-12-07)
-for _base in ("fp8static_sr50", "fp8static_sr50_fp32"):
+# ours leaves them at 1 since 2026-12-07, MXFP8's too since 2026-12-07 b)
+for _base in ("fp8static_sr50", "fp8static_sr50_fp32", "mxfp8_sr50_fp32"):
     SETTINGS[f"{_base}_fp8clip"] = SETTINGS[_base]
+# "<setting>_noclip": both sides tune the rounding only (ours --disable_minmax_tuning, the reference
+# --no-enable_minmax_tuning): no weight clip, no static activation clip
+for _base in ("mxfp6_sr50_fp32", "mxfp4_sr50_fp32", "mxfp8_sr50_fp32"):
+    SETTINGS[f"{_base}_noclip"] = SETTINGS[_base]
 # Ours keeps the model fp32 and autocasts the tuning matmuls to bf16 where bf16 is fast; "*_bf16" settings
 # load ours in bf16 instead (--model_dtype bf16), as the reference does with its whole model on CPU; "*_fp32"
 # pass --disable_amp to both (on a CPU without bf16 both tune in fp32 anyway). The reference's CLI ignores that
@@ -146,6 +150,8 @@ def cli_command(impl: str, model: Path, setting: str, calib: Path, out: Path, ar
     setting = setting.removesuffix("_compiled")
     fp8clip = setting.endswith("_fp8clip")
     setting = setting.removesuffix("_fp8clip")
+    noclip = setting.endswith("_noclip")
+    setting = setting.removesuffix("_noclip")
     # the reference through bench/peer_cli.py: its own CLI, with --disable_amp honoured (0.16.1 ignores the flag)
     launcher = ([str(OURS_BIN / "auto-round")] if impl == "ours"
                 else [str(PEER_BIN / "python"), str(ROOT / "bench" / "peer_cli.py")])
@@ -170,6 +176,8 @@ def cli_command(impl: str, model: Path, setting: str, calib: Path, out: Path, ar
         cmd.append("--disable_reuse_freed_memory")
     if fp8clip and impl == "ours":
         cmd.append("--enable_fp8_clip_tuning")
+    if noclip:
+        cmd.append("--disable_minmax_tuning" if impl == "ours" else "--no-enable_minmax_tuning")
     return cmd + (["--lr", str(lr)] if lr is not None else [])
 
 
