@@ -56,7 +56,8 @@ def quantize_rtn(ar: "AutoRound") -> None:
         if layers:
             ar.results.update(rtn_block(layers, scale_dtype=ar.scale_dtype, device=ar.device))
         ar._block_done(name)
-        release_memory(ar.device)  # the qdq temporaries fragment the heap between the packed tensors
+        # the qdq temporaries fragment the heap between the packed tensors; they are freed by refcount (no gc)
+        release_memory(ar.device, collect=False)
     logger.info("RTN: rounded %d layers to nearest (iters=0)", len(ar.results))
 
 

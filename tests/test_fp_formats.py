@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from auto_round.quant.fp_formats import (E2M1, E2M3, E3M2, E4M3, E5M2, FORMATS, ceil_log2, decode, encode,
-                                         floor_log2, get_format, representable_values, round_to_format,
+                                         encode_fields, floor_log2, get_format, representable_values, round_to_format,
                                          round_to_format_ste)
 
 from fp_reference import brute_round, table
@@ -85,6 +85,9 @@ def test_encode_decode_roundtrip_against_table(name):
     assert encode(-nz, fmt).tolist() == [c | sign_bit for v_, c in zip(vals, codes) if v_ > 0]
     assert torch.equal(decode(encode(v, fmt), fmt), v)
     assert torch.equal(decode(encode(-nz, fmt), fmt), -nz)
+    assert encode(torch.tensor([-0.0, 0.0]), fmt).tolist() == [0, 0]  # -0.0 encodes as +0
+    both = torch.cat([v, -nz, torch.tensor([-0.0])])
+    assert torch.equal(encode_fields(both, fmt), encode(both, fmt))  # e4m3 / e5m2: torch's cast against the fields
 
 
 def test_e2m1_codes_are_table_index_with_sign_bit3():

@@ -117,11 +117,25 @@ def round_to_format_ste(x: torch.Tensor, fmt: FloatFormat) -> torch.Tensor:
     return (round_to_format(x.detach(), fmt) - x).detach() + x
 
 
+# torch's own 8-bit float types with the same bit layout: their cast is exact on representable values
+_TORCH_FLOAT8 = {E4M3.name: torch.float8_e4m3fn, E5M2.name: torch.float8_e5m2}
+
+
 def encode(values: torch.Tensor, fmt: FloatFormat) -> torch.Tensor:
     """Bit codes (uint8, same shape) of values that are already representable in `fmt`.
 
     code = s << (E + M) | e << M | m, with s = 1 only for values < 0 (so -0.0 encodes as +0).
+    e4m3 / e5m2 take torch's float8 cast (one pass instead of ~10; a SmolLM2 MXFP8 export spent 30 % of
+    its RTN time here), the narrower formats the bit arithmetic of `encode_fields`.
     """
+    native = _TORCH_FLOAT8.get(fmt.name)
+    if native is not None:
+        return (values.float() + 0.0).to(native).view(torch.uint8)  # + 0.0: -0.0 becomes +0.0
+    return encode_fields(values, fmt)
+
+
+def encode_fields(values: torch.Tensor, fmt: FloatFormat) -> torch.Tensor:
+    """`encode` for any format, from the sign / exponent / mantissa fields."""
     a = values.float().abs()
     k = torch.clamp(floor_log2(a), min=fmt.min_normal_exp)
     normal = a >= 2.0**fmt.min_normal_exp
