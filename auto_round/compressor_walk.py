@@ -64,7 +64,9 @@ def quantize_rtn(ar: "AutoRound") -> None:
 def quantize_opt_rtn(ar: "AutoRound", search: bool = True) -> None:
     """imatrix (and static activation ranges) from each block's fp inputs, then a per-group scale search
     (algorithms/opt_rtn.py); search=False: plain RTN, data only for the static activation ranges."""
-    fp_in, steps = walk_blocks(ar, calibration_set(ar), "opt-RTN" if search else "activation calibration")
+    # no autograd here, so no reference cycles: refcount frees each block's temporaries (collect=False)
+    fp_in, steps = walk_blocks(ar, calibration_set(ar), "opt-RTN" if search else "activation calibration",
+                               collect=False)
     for name, block, call in steps:
         layers = ar._block_layers(name)
         with imatrix_hooks(layers if search else {}) as imatrix, act_max_hooks(layers) as act_max:
@@ -126,11 +128,13 @@ def calibration_set(ar: "AutoRound") -> Any:
     return calib
 
 
-def walk_blocks(ar: "AutoRound", calib: Any, what: str) -> tuple[torch.Tensor, Iterator[tuple[str, nn.Module, BlockCall]]]:
+def walk_blocks(ar: "AutoRound", calib: Any, what: str,
+                collect: bool = True) -> tuple[torch.Tensor, Iterator[tuple[str, nn.Module, BlockCall]]]:
     """Capture every block's inputs once; returns (first block's hidden states [n, T, H], steps).
 
     Each step yields (name, block, call) with the block on the tuning device; after the step the block
-    goes back to the CPU (one block at a time on an accelerator) and freed memory is released.
+    goes back to the CPU (one block at a time on an accelerator) and freed memory is released (with a full
+    gc.collect unless collect=False, see release_memory).
     """
     if len(ar.block_groups) != 1:
         raise NotImplementedError(
@@ -153,7 +157,7 @@ def walk_blocks(ar: "AutoRound", calib: Any, what: str) -> tuple[torch.Tensor, I
             if ar.device != "cpu":
                 block.to("cpu")
             ar._block_done(name)
-            release_memory(ar.device)
+            release_memory(ar.device, collect=collect)
 
     return captured.hidden_states, steps()
 

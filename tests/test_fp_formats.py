@@ -87,7 +87,7 @@ def test_encode_decode_roundtrip_against_table(name):
     assert torch.equal(decode(encode(-nz, fmt), fmt), -nz)
     assert encode(torch.tensor([-0.0, 0.0]), fmt).tolist() == [0, 0]  # -0.0 encodes as +0
     both = torch.cat([v, -nz, torch.tensor([-0.0])])
-    assert torch.equal(encode_fields(both, fmt), encode(both, fmt))  # e4m3 / e5m2: torch's cast against the fields
+    assert torch.equal(encode_fields(both, fmt), encode(both, fmt))  # torch's cast / the e4m3 table against the fields
 
 
 def test_e2m1_codes_are_table_index_with_sign_bit3():
@@ -126,3 +126,13 @@ def test_against_compressed_tensors_fp4_fp6_casts():
         x = probe_points(fmt, n_random=500, seed=2).clamp(-fmt.max_value, fmt.max_value)
         # CT's fp4 cast returns x * sign(x): +0.0 for -0.0 inputs; compare values, not zero signs
         assert torch.equal(round_to_format(x, fmt) + 0.0, cast(x.clone()) + 0.0), fmt.name
+
+
+@pytest.mark.parametrize("name", ["e2m1", "e2m3", "e3m2"])
+def test_encode_of_random_rounded_values_equals_the_field_arithmetic(name):
+    # the table path of `encode` on a realistic tensor (weights rounded to the format, ties, zeros, saturation)
+    fmt = FORMATS[name]
+    g = torch.Generator().manual_seed(3)
+    x = round_to_format(torch.randn(64, 96, generator=g) * fmt.max_value / 2, fmt)
+    assert torch.equal(encode(x, fmt), encode_fields(x, fmt))
+    assert torch.equal(decode(encode(x, fmt), fmt), x + 0.0)

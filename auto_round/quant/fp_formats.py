@@ -22,6 +22,8 @@ uint8; for e2m1 this is the index into {0, .5, 1, 1.5, 2, 3, 4, 6} with the sign
 
 from __future__ import annotations
 
+import functools
+
 import math
 from dataclasses import dataclass
 
@@ -125,13 +127,25 @@ def encode(values: torch.Tensor, fmt: FloatFormat) -> torch.Tensor:
     """Bit codes (uint8, same shape) of values that are already representable in `fmt`.
 
     code = s << (E + M) | e << M | m, with s = 1 only for values < 0 (so -0.0 encodes as +0).
-    e4m3 / e5m2 take torch's float8 cast (one pass instead of ~10; a SmolLM2 MXFP8 export spent 30 % of
-    its RTN time here), the narrower formats the bit arithmetic of `encode_fields`.
+    Computed without the bit arithmetic of `encode_fields` (~10 passes; a SmolLM2 MXFP8 export spent 30 % of
+    its RTN time there): e4m3 / e5m2 are torch's float8 cast; e2m1 / e2m3 / e3m2 values are all exact in
+    e4m3 (fewer exponent and mantissa bits), so their e4m3 code indexes a 256-entry table (6-7x faster).
     """
+    exact = values.float() + 0.0  # -0.0 becomes +0.0
     native = _TORCH_FLOAT8.get(fmt.name)
     if native is not None:
-        return (values.float() + 0.0).to(native).view(torch.uint8)  # + 0.0: -0.0 becomes +0.0
-    return encode_fields(values, fmt)
+        return exact.to(native).view(torch.uint8)
+    e4m3_codes = exact.to(torch.float8_e4m3fn).view(torch.uint8).int()
+    return _codes_from_e4m3(fmt.name, str(values.device))[e4m3_codes]
+
+
+@functools.lru_cache(maxsize=None)
+def _codes_from_e4m3(name: str, device: str) -> torch.Tensor:
+    """uint8 [256]: the `name` code of each e4m3 code's value (0 where that value is not in the format)."""
+    fmt = FORMATS[name]
+    values = decode(torch.arange(256, dtype=torch.int32), E4M3)
+    exact = (values.abs() <= fmt.max_value) & (round_to_format(values, fmt) == values)
+    return torch.where(exact, encode_fields(values, fmt), torch.zeros((), dtype=torch.uint8)).to(device)
 
 
 def encode_fields(values: torch.Tensor, fmt: FloatFormat) -> torch.Tensor:
