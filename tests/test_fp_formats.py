@@ -5,7 +5,7 @@ import numpy as np
 import pytest
 import torch
 
-from auto_round.quant.fp_formats import (E2M1, E2M3, E3M2, E4M3, E5M2, FORMATS, ceil_log2, decode, encode,
+from auto_round.quant.fp_formats import (E2M1, E2M3, E3M2, E4M3, E5M2, FORMATS, FloatFormat, ceil_log2, decode, encode,
                                          encode_fields, floor_log2, get_format, representable_values, round_to_format,
                                          round_to_format_ste)
 
@@ -136,3 +136,12 @@ def test_encode_of_random_rounded_values_equals_the_field_arithmetic(name):
     x = round_to_format(torch.randn(64, 96, generator=g) * fmt.max_value / 2, fmt)
     assert torch.equal(encode(x, fmt), encode_fields(x, fmt))
     assert torch.equal(decode(encode(x, fmt), fmt), x + 0.0)
+
+
+def test_a_format_outside_e4m3_is_encoded_from_its_fields():
+    # a 7-bit e5m1 reaches past e4m3's 448, so encode cannot go through e4m3 codes
+    wide = FloatFormat("e5m1", 5, 1, 15, 49152.0)
+    v = representable_values(wide)
+    v = torch.cat([v, -v[1:]])
+    assert torch.equal(encode(v, wide), encode_fields(v, wide))
+    assert torch.equal(decode(encode(v, wide), wide), v)

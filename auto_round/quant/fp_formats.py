@@ -120,7 +120,7 @@ def round_to_format_ste(x: torch.Tensor, fmt: FloatFormat) -> torch.Tensor:
 
 
 # torch's own 8-bit float types with the same bit layout: their cast is exact on representable values
-_TORCH_FLOAT8 = {E4M3.name: torch.float8_e4m3fn, E5M2.name: torch.float8_e5m2}
+_TORCH_FLOAT8 = {E4M3: torch.float8_e4m3fn, E5M2: torch.float8_e5m2}
 
 
 def encode(values: torch.Tensor, fmt: FloatFormat) -> torch.Tensor:
@@ -132,17 +132,23 @@ def encode(values: torch.Tensor, fmt: FloatFormat) -> torch.Tensor:
     e4m3 (fewer exponent and mantissa bits), so their e4m3 code indexes a 256-entry table (6-7x faster).
     """
     exact = values.float() + 0.0  # -0.0 becomes +0.0
-    native = _TORCH_FLOAT8.get(fmt.name)
+    native = _TORCH_FLOAT8.get(fmt)
     if native is not None:
         return exact.to(native).view(torch.uint8)
+    if not _fits_in_e4m3(fmt):
+        return encode_fields(values, fmt)
     e4m3_codes = exact.to(torch.float8_e4m3fn).view(torch.uint8).int()
-    return _codes_from_e4m3(fmt.name, str(values.device))[e4m3_codes]
+    return _codes_from_e4m3(fmt, str(values.device))[e4m3_codes]
+
+
+def _fits_in_e4m3(fmt: FloatFormat) -> bool:
+    """Every value of fmt is an e4m3 value: no more mantissa bits, range and finest step inside e4m3's."""
+    return fmt.mbits <= E4M3.mbits and fmt.max_value <= E4M3.max_value and fmt.min_subnormal >= E4M3.min_subnormal
 
 
 @functools.lru_cache(maxsize=None)
-def _codes_from_e4m3(name: str, device: str) -> torch.Tensor:
-    """uint8 [256]: the `name` code of each e4m3 code's value (0 where that value is not in the format)."""
-    fmt = FORMATS[name]
+def _codes_from_e4m3(fmt: FloatFormat, device: str) -> torch.Tensor:
+    """uint8 [256]: the `fmt` code of each e4m3 code's value (0 where that value is not in the format)."""
     values = decode(torch.arange(256, dtype=torch.int32), E4M3)
     exact = (values.abs() <= fmt.max_value) & (round_to_format(values, fmt) == values)
     return torch.where(exact, encode_fields(values, fmt), torch.zeros((), dtype=torch.uint8)).to(device)
