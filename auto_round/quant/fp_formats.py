@@ -23,7 +23,6 @@ uint8; for e2m1 this is the index into {0, .5, 1, 1.5, 2, 3, 4, 6} with the sign
 from __future__ import annotations
 
 import functools
-
 import math
 from dataclasses import dataclass
 
@@ -131,12 +130,12 @@ def encode(values: torch.Tensor, fmt: FloatFormat) -> torch.Tensor:
     its RTN time there): e4m3 / e5m2 are torch's float8 cast; e2m1 / e2m3 / e3m2 values are all exact in
     e4m3 (fewer exponent and mantissa bits), so their e4m3 code indexes a 256-entry table (6-7x faster).
     """
-    exact = values.float() + 0.0  # -0.0 becomes +0.0
     native = _TORCH_FLOAT8.get(fmt)
+    if native is None and not _fits_in_e4m3(fmt):
+        return encode_fields(values, fmt)
+    exact = values.float() + 0.0  # -0.0 becomes +0.0
     if native is not None:
         return exact.to(native).view(torch.uint8)
-    if not _fits_in_e4m3(fmt):
-        return encode_fields(values, fmt)
     e4m3_codes = exact.to(torch.float8_e4m3fn).view(torch.uint8).int()
     return _codes_from_e4m3(fmt, str(values.device))[e4m3_codes]
 
