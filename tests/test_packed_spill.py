@@ -54,6 +54,7 @@ def test_a_stale_work_directory_is_replaced_but_foreign_files_are_never_deleted(
     stale = tmp_path / ".out.packed"
     stale.mkdir()
     (stale / "00000.safetensors").write_bytes(b"half written")
+    (stale / ".tmp3QgAJY").write_bytes(b"killed inside save_file")  # safetensors' temporary name
     spill = PackedSpill.start(stale)
     assert list(spill.directory.iterdir()) == []
     (stale / "notes.txt").write_text("mine")

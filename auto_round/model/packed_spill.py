@@ -13,6 +13,7 @@ the export is done or failed, and a stale one from a killed run is replaced.
 from __future__ import annotations
 
 import json
+import re
 import shutil
 from pathlib import Path
 
@@ -34,6 +35,12 @@ def spill_dir_for(output_dir: "str | Path") -> Path:
     return out.parent / f".{out.name}.packed"
 
 
+def _left_by_a_killed_run(name: str) -> bool:
+    """A block file of ours, or the temporary file safetensors' save_file writes it through (Rust tempfile's
+    `.tmp` + 6 characters, renamed into place when complete): a run killed mid-write leaves one behind."""
+    return name.endswith(".safetensors") or re.fullmatch(r"\.tmp[A-Za-z0-9]{6}", name) is not None
+
+
 class PackedSpill:
     """One safetensors file per finished block in `directory`; `put` returns memory-mapped replacements."""
 
@@ -46,7 +53,7 @@ class PackedSpill:
         """A fresh, empty work directory (a stale one of a killed run is removed first)."""
         directory = Path(directory)
         if directory.exists():
-            foreign = [p.name for p in directory.iterdir() if not p.name.endswith(".safetensors")] \
+            foreign = [p.name for p in directory.iterdir() if not _left_by_a_killed_run(p.name)] \
                 if directory.is_dir() else [directory.name]
             if foreign:  # not what a killed run of ours leaves behind: never delete someone else's files
                 raise PackedSpillError(f"{directory} is in the way of the packed-layer work directory and holds "
