@@ -159,7 +159,9 @@ class AutoRound:
 
             check_auto_scheme_args(self.auto_scheme, dict(
                 bits=bits, group_size=group_size, sym=sym, data_type=data_type, act_bits=act_bits))
-            scheme = self.auto_scheme.schemes[0]
+            # GGUF options: the layers start as the first option's llama.cpp mix (embedding / output types)
+            auto = self.auto_scheme
+            scheme = f"gguf:{auto.mixes[0]}" if auto.is_gguf else auto.schemes[0]
         self.scheme = resolve_scheme(scheme, bits=bits, group_size=group_size, sym=sym, data_type=data_type, act_bits=act_bits)
         check_positive(iters=iters, nsamples=nsamples, seqlen=seqlen, batch_size=8 if batch_size is None else batch_size,
                        gradient_accumulate_steps=gradient_accumulate_steps, allow_zero=("iters",))

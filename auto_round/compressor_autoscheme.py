@@ -45,6 +45,8 @@ def plan_layers(ar: "AutoRound") -> list[AutoSchemePlan]:
     auto: AutoScheme = ar.auto_scheme
     choices = ar._layer_choices
     fixed = fixed_layer_names(list(ar.layer_schemes), choices["layer_config"], choices["fp_layers"])
+    if auto.is_gguf:  # output.weight keeps its mix's type (q6_k for the k-quant mixes), as llama.cpp gives it
+        fixed |= {n for n in ar.layer_schemes if not any(n.startswith(g + ".") for g in ar.block_groups)}
 
     def score(option_layers):
         if len(ar.block_groups) != 1:
@@ -64,11 +66,13 @@ def plan_layers(ar: "AutoRound") -> list[AutoSchemePlan]:
     for plan in plans:
         logger.info("AutoScheme plan (target %g bits):\n%s", plan.target, plan.table())
     split = split_fused_groups(plans[0])
-    if split:
+    if split and not auto.is_gguf:  # llama.cpp reads q/k/v, gate/up as separate tensors of any types
         logger.warning("AutoScheme (share_fused_layers=False): %d fused groups got mixed options (e.g. %s): "
                        "transformers and auto-round load this checkpoint, runtimes that fuse q/k/v or gate/up "
                        "(vLLM) do not", len(split), ", ".join(split[0]))
     ar.layer_schemes = plans[0].layer_schemes
+    if ar.gguf is not None:  # the GGUF writer and the embedding pass read the plan's types
+        ar.gguf.layer_schemes = ar.layer_schemes
     ar.scheme = most_common_scheme(ar.layer_schemes)
     return plans
 

@@ -78,15 +78,23 @@ def check_export(ar: "AutoRound", output_dir: "str | Path", format: str, overwri
     for d in targets.values():
         check_output_dir(d, overwrite, ar.source_dir)
     if ar.auto_scheme is not None and not ar.quantized:
-        check_options_exportable(ar, formats)
+        if ar.auto_scheme.is_gguf:  # before the scoring: the mix's ggml types go where the plan's will
+            _check_layers(ar, formats)
+        else:
+            check_options_exportable(ar, formats)
         ar._plan_auto_scheme()  # the formats are checked against the plan
+    return formats, targets, _check_layers(ar, formats)
+
+
+def _check_layers(ar: "AutoRound", formats: list[str]) -> dict[str, tuple[QuantScheme, int]]:
+    """check_format of every format against ar.layer_schemes; returns layer -> (scheme, in_features)."""
     layers = {n: (s, layer_shape(ar.model.get_submodule(n))[1]) for n, s in ar.layer_schemes.items()}
     outside = frozenset(n for n in layers if not any(n.startswith(g + ".") for g in ar.block_groups))
     conv1d = frozenset(n for n in layers if is_conv1d(ar.model.get_submodule(n)))
     out_features = {n: layer_shape(ar.model.get_submodule(n))[0] for n in layers}
     for fmt in formats:
         check_format(fmt, layers, outside, conv1d, out_features)
-    return formats, targets, layers
+    return layers
 
 def check_options_exportable(ar: "AutoRound", formats: list[str]) -> None:
     """Before the (slow) scoring: each option alone must be writable in every format."""
@@ -108,16 +116,20 @@ def adopt_gguf_format(ar: "AutoRound", formats: list[str]) -> None:
     mix = gguf_mix_of(formats[0])  # parse_formats lets a gguf format only come alone
     if mix is None:
         return  # a non-GGUF format of GGUF layers is refused by check_format
-    if ar.auto_scheme is not None:
-        raise ExportError(f"format {formats[0]!r} needs GGUF tensor types; AutoScheme plans int / float options "
-                          "for the auto_round, gptq, llm_compressor and fake formats")
+    if ar.auto_scheme is not None and not ar.auto_scheme.is_gguf:
+        raise ExportError(f"format {formats[0]!r} needs GGUF tensor types; these AutoScheme options are int / float "
+                          "schemes for the auto_round, gptq, llm_compressor and fake formats (give gguf:* options "
+                          "for a GGUF file)")
     check_gguf_arch(ar.model.config)
     current = ar.gguf.mix if ar.gguf is not None else None
     if mix == current:
         return
-    if ar.quantized:
-        raise ExportError(f"the model was quantized for {'gguf:' + current if current else 'a non-GGUF scheme'}; "
-                          f"format {formats[0]!r} needs scheme {formats[0]!r} at quantization time")
+    if ar.quantized or ar.auto_scheme_plans is not None:
+        raise ExportError(f"the model was {'quantized' if ar.quantized else 'planned'} for "
+                          f"{'gguf:' + current if current else 'a non-GGUF scheme'}; format {formats[0]!r} needs "
+                          f"scheme {formats[0]!r} at quantization time")
+    # AutoScheme with GGUF options: the format's mix gives the embedding / output types and the file type;
+    # the plan (made later) gives the block layers theirs
     logger.info("format %s: quantizing with llama.cpp's %s tensor types", formats[0], mix)
     ar.scheme = resolve_scheme(formats[0])
     ar._resolve_layers(mix)

@@ -46,16 +46,18 @@ def build_parser(prog: str = "auto-round") -> argparse.ArgumentParser:
     s.add_argument("--to_quant_block_names", help="comma list of block ModuleLists to quantize")
     a = p.add_argument_group("AutoScheme (mixed bits: one option per layer under an average-bits budget)")
     a.add_argument("--schemes", "--options", dest="schemes",
-                   help="candidate schemes, comma-separated, e.g. W2A16G64,W4A16G64 (not with --scheme)")
+                   help="candidate schemes, comma-separated, e.g. W2A16G64,W4A16G64, or gguf:q2_k_s,gguf:q4_k_m "
+                        "for a mixed GGUF file (not with --scheme)")
     a.add_argument("--avg_bits", "--target_bits", dest="avg_bits",
                    help="target average bits (or --bits); a comma list gives one plan per target, the first is used")
     a.add_argument("--ignore_scale_zp_bits", action="store_true", help="count b bits per weight, not scales/zero points")
     a.add_argument("--shared_layers", action="append",
                    help="comma list of patterns whose layers share one option in each block (repeatable); "
                         "MoE experts always share; q/k/v and gate/up do unless --no_share_fused_layers")
-    a.add_argument("--no_share_fused_layers", dest="share_fused_layers", action="store_false",
+    a.add_argument("--no_share_fused_layers", dest="share_fused_layers", action="store_false", default=None,
                    help="let q/k/v and gate/up take different options: a better plan at the same bits, but "
-                        "runtimes that fuse them (vLLM) cannot load the checkpoint; transformers can")
+                        "runtimes that fuse them (vLLM) cannot load the checkpoint; transformers can (gguf:* "
+                        "options never share: llama.cpp keeps them as separate tensors)")
     a.add_argument("--auto_scheme_nsamples", type=int, default=16, help="calibration samples of the scoring")
     a.add_argument("--auto_scheme_seqlen", type=int, default=256, help="tokens per sample of the scoring")
     a.add_argument("--auto_scheme_batch_size", type=int, help="samples per scoring pass (default min(8, nsamples))")
@@ -237,6 +239,8 @@ def main(argv: Optional[Sequence[str]] = None, recipe: str = "default", prog: st
     except ValueError as err:
         print(f"{prog}: error: {err}", file=sys.stderr)
         return 2
+    if auto_scheme is not None and auto_scheme.is_gguf and args.format is None:
+        args.format = f"gguf:{auto_scheme.mixes[0]}"  # GGUF options are written as a GGUF file
     _default_scheme_and_format(args)
     from ..compressor import AutoRound  # imported late so that -h stays fast
     from ..compressor_export import format_dirs

@@ -21,7 +21,8 @@ from torch import nn
 
 from ..algorithms.autoscheme import AutoScheme, AutoSchemeError, Item, build_groups, layer_bits, solve
 from ..layers import layer_shape
-from ..schemes import QuantScheme
+from ..schemes import QuantScheme, gguf_scheme
+from .gguf_mix import fallback
 from .layer_config import apply_shape_rule
 
 
@@ -54,11 +55,17 @@ class AutoSchemePlan:
             "target_avg_bits": self.target, "achieved_avg_bits": self.achieved_avg_bits,
             "budget_bits": self.budget_bits, "total_bits": self.total_bits, "total_numel": self.total_numel,
             "fixed_bits": self.fixed_bits, "options": list(self.labels),
-            "layers": {n: {"option": self.labels[k], "bits": self.layer_schemes[n].bits,
-                           "scores": self.scores.get(n)} for n, k in self.choice.items()},
+            "layers": {n: self._layer_json(n, k) for n, k in self.choice.items()},
             "groups": [g for g in self.groups if len(g) > 1], "share_fused_layers": self.share_fused_layers,
             "layer_config": self.layer_config(),
         }
+
+    def _layer_json(self, name: str, option: int) -> dict[str, Any]:
+        scheme = self.layer_schemes[name]
+        entry = {"option": self.labels[option], "bits": scheme.bits, "scores": self.scores.get(name)}
+        if scheme.gguf is not None:  # after llama.cpp's row fallback (q2_k on rows of 576 is q4_0)
+            entry["ggml_type"] = scheme.gguf
+        return entry
 
     def table(self) -> str:
         """Layer x option scores, '*' on the chosen option, then the achieved bits."""
@@ -81,13 +88,21 @@ def most_common_scheme(schemes: dict[str, QuantScheme]) -> QuantScheme:
     return counts.most_common(1)[0][0] if counts else next(iter(schemes.values()))
 
 
+def option_for_layer(name: str, module: nn.Module, scheme: QuantScheme) -> QuantScheme:
+    """What an option becomes on one layer: a ggml type after llama.cpp's row-length fallback (q2_k on rows
+    of 576 -> q4_0), any other scheme after the shape rule (fp where it cannot be packed)."""
+    if scheme.gguf is not None:
+        return gguf_scheme(fallback(scheme.gguf, layer_shape(module)[1]))
+    return apply_shape_rule(name, module, scheme)
+
+
 def _costs(model: nn.Module, names: Sequence[str], schemes: Sequence[QuantScheme], ignore: bool):
     """(per layer, per option scheme after the shape rule; per layer, per option bits; numel per layer)."""
     per_layer, costs, numel = {}, {}, {}
     for n in names:
         module = model.get_submodule(n)
         out_f, in_f = layer_shape(module)
-        per_layer[n] = [apply_shape_rule(n, module, s) for s in schemes]
+        per_layer[n] = [option_for_layer(n, module, s) for s in schemes]
         costs[n] = [layer_bits(s, out_f, in_f, ignore) for s in per_layer[n]]
         numel[n] = out_f * in_f
     return per_layer, costs, numel

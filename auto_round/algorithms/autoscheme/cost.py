@@ -5,6 +5,8 @@
     zp_bits    = b for integer weights (sym included: the reference counts a zero point for every int
                  group, and our asym exports do store one), 0 for the symmetric float types
     16-bit (unquantized) layers cost 16 * numel; ignore_scale_zp_bits counts b * numel only.
+ggml (GGUF) types cost exactly what the file stores: rows of in / block packed blocks of type_size bytes
+(the sub-block scales and mins, d and dmin included); the caller applies llama.cpp's row fallback first.
 NVFP4's one fp32 global scale per tensor is not counted (32 bits per tensor; the reference omits it too).
 """
 
@@ -12,6 +14,7 @@ from __future__ import annotations
 
 import math
 
+from ...quant.gguf.types import GGML_TYPES
 from ...schemes import QuantScheme
 
 
@@ -42,4 +45,15 @@ def layer_bits(scheme: QuantScheme, out_features: int, in_features: int, ignore_
         return 16 * numel
     if ignore_scale_zp_bits:
         return scheme.bits * numel
+    if scheme.gguf is not None:
+        return ggml_bits(scheme.gguf, out_features, in_features)
     return scheme.bits * numel + n_groups(scheme, out_features, in_features) * scale_zp_bits(scheme)
+
+
+def ggml_bits(ggml_type: str, out_features: int, in_features: int) -> int:
+    """Bits of an [out, in] weight packed as a ggml type: out * (in / block) * type_size * 8."""
+    t = GGML_TYPES[ggml_type]
+    if in_features % t.block:
+        raise ValueError(f"{ggml_type} needs rows of a multiple of {t.block} elements, got {in_features} "
+                         "(llama.cpp falls back to another type: model/gguf_mix.fallback)")
+    return out_features * (in_features // t.block) * t.type_size * 8

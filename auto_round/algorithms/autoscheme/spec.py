@@ -6,7 +6,7 @@ import math
 from dataclasses import dataclass
 from typing import Any, Optional, Sequence
 
-from ...schemes import QuantScheme, SchemeError, resolve_scheme
+from ...schemes import GGML_FLOAT_TYPES, GGUF_MIXES, QuantScheme, SchemeError, gguf_mix_of, resolve_scheme
 
 
 class AutoSchemeError(SchemeError):
@@ -25,30 +25,47 @@ def scheme_label(s: QuantScheme) -> str:
     return label + (f"_a{s.act_bits}" if s.quantizes_activations else "") if s.is_quantized else "fp16"
 
 
-def parse_options(options: "str | Sequence[str | QuantScheme | dict]") -> tuple[tuple[str, ...], tuple[QuantScheme, ...]]:
-    """Comma string or list of presets / QuantScheme / dicts -> (labels, schemes), duplicates removed.
+def parse_options(options: "str | Sequence[str | QuantScheme | dict]"
+                  ) -> tuple[tuple[str, ...], tuple[QuantScheme, ...], tuple[Optional[str], ...]]:
+    """Comma string or list of presets / QuantScheme / dicts -> (labels, schemes, GGUF mixes), duplicates removed.
 
-    Two options that resolve to the same QuantScheme (e.g. W4A16 given twice, or a preset and its dict)
-    are one option; the first spelling is kept."""
+    Two options that resolve to the same QuantScheme (e.g. W4A16 given twice, a preset and its dict, or
+    gguf:q4_k_s and gguf:q4_k_m, whose base type is the same q4_k) are one option; the first spelling is
+    kept. The mix of a GGUF option is its llama.cpp preset ('q2_k_s'; for a QuantScheme with a ggml type,
+    the first preset of that base type), None for the others. GGUF and other options cannot be mixed: one
+    file format must hold every layer."""
     items = [o for o in options.split(",")] if isinstance(options, str) else list(options or [])
     items = [o for o in items if not (isinstance(o, str) and not o.strip())]
     if not items:
         raise AutoSchemeError("AutoScheme needs at least one option, e.g. options='W2A16G64,W4A16G64'")
     labels: list[str] = []
     schemes: list[QuantScheme] = []
+    mixes: list[Optional[str]] = []
     for option in items:
         try:
             scheme = resolve_scheme(option.strip() if isinstance(option, str) else option)
         except SchemeError as err:
             raise AutoSchemeError(f"AutoScheme option {_option_label(option)!r} is not a valid scheme: {err}") from err
-        if scheme.gguf is not None:
-            raise AutoSchemeError(f"AutoScheme option {_option_label(option)!r} is a GGUF type; GGUF options are not "
-                                  "supported by AutoScheme yet (use a gguf:* scheme or layer_config)")
         if scheme in schemes:
             continue
         labels.append(_option_label(option) if isinstance(option, str) else scheme_label(scheme))
         schemes.append(scheme)
-    return tuple(labels), tuple(schemes)
+        mixes.append(_gguf_mix(option, scheme))
+    if len({m is None for m in mixes}) > 1:
+        raise AutoSchemeError(f"AutoScheme options {', '.join(labels)} mix GGUF types with other schemes; a GGUF file "
+                              "holds only ggml types and the other formats none: choose all gguf:* or none")
+    return tuple(labels), tuple(schemes), tuple(mixes)
+
+
+def _gguf_mix(option: Any, scheme: QuantScheme) -> Optional[str]:
+    """The llama.cpp preset of a GGUF option (None for the others); float presets are refused."""
+    if scheme.gguf is None:
+        return None
+    if scheme.gguf in GGML_FLOAT_TYPES:
+        raise AutoSchemeError(f"AutoScheme option {_option_label(option)!r} keeps the weights in {scheme.gguf}; "
+                              "GGUF options must be quantized ggml types (gguf:q2_k_s ... gguf:q8_0)")
+    mix = gguf_mix_of(option.strip()) if isinstance(option, str) else None
+    return mix or next(m for m, base in GGUF_MIXES.items() if base == scheme.gguf)
 
 
 def _parse_targets(avg_bits: Any) -> tuple[float, ...]:
@@ -79,10 +96,15 @@ class AutoScheme:
     shared_layers: extra groups that must share one option, per block: each entry is a pattern or a list
         of patterns (regex, re.search on the layer name); the layers of one block matched by one entry
         form one group. All experts of a block are always grouped.
-    share_fused_layers: True (default): q/k/v and gate/up of one parent take one option, because vLLM and
-        other runtimes that concatenate them into one weight cannot load fused members of different bits.
-        False lets each take its own (a better plan at the same bits; transformers and our loader read it,
-        fused-kernel runtimes do not); a warning says so.
+    share_fused_layers: True (the default for int / float options): q/k/v and gate/up of one parent take one
+        option, because vLLM and other runtimes that concatenate them into one weight cannot load fused
+        members of different bits. False lets each take its own (a better plan at the same bits;
+        transformers and our loader read it, fused-kernel runtimes do not); a warning says so. None (the
+        default) = True, except for GGUF options: llama.cpp keeps q/k/v and gate/up as separate tensors of
+        any types (its own q*_k_m mixes give attn_v more bits than attn_q), so they are not grouped.
+    GGUF options (gguf:q2_k_s, gguf:q4_k_m, ...): each layer gets the option's base ggml type, after
+        llama.cpp's row-length fallback; the file's mix (embedding and output types, file type) is the
+        format's, or the first option's when the format does not name one.
     ignore_scale_zp_bits: count only b bits per weight (not the per-group scales and zero points).
     nsamples / seqlen / batch_size / dataset: the calibration data of the scoring (reference defaults 16
         samples of 256 tokens; batch_size None = 8, at most nsamples; dataset None = AutoRound's).
@@ -92,7 +114,7 @@ class AutoScheme:
     options: Any
     shared_layers: Optional[Sequence[Any]] = None
     ignore_scale_zp_bits: bool = False
-    share_fused_layers: bool = True
+    share_fused_layers: Optional[bool] = None
     batch_size: Optional[int] = None
     nsamples: int = 16
     seqlen: int = 256
@@ -100,17 +122,26 @@ class AutoScheme:
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "targets", _parse_targets(self.avg_bits))
-        labels, schemes = parse_options(self.options)
+        labels, schemes, mixes = parse_options(self.options)
         object.__setattr__(self, "labels", labels)
         object.__setattr__(self, "schemes", schemes)
+        object.__setattr__(self, "mixes", mixes)
         for key in ("nsamples", "seqlen") + (("batch_size",) if self.batch_size is not None else ()):
             value = getattr(self, key)
             if isinstance(value, bool) or not isinstance(value, int) or value < 1:
                 raise AutoSchemeError(f"AutoScheme {key} must be a positive integer, got {value!r}")
         if self.shared_layers is not None:
             object.__setattr__(self, "shared_layers", normalize_shared_layers(self.shared_layers))
+        if self.share_fused_layers is None:
+            object.__setattr__(self, "share_fused_layers", not self.is_gguf)
         if not isinstance(self.share_fused_layers, bool):
-            raise AutoSchemeError(f"AutoScheme share_fused_layers must be True or False, got {self.share_fused_layers!r}")
+            raise AutoSchemeError(f"AutoScheme share_fused_layers must be True, False or None, got "
+                                  f"{self.share_fused_layers!r}")
+
+    @property
+    def is_gguf(self) -> bool:
+        """The options are ggml types: the plan is written as one GGUF file."""
+        return self.mixes[0] is not None
 
     @property
     def resolved_batch_size(self) -> int:

@@ -49,6 +49,15 @@ class GGMLType:
         return 1 << (self.bits - 1) if self.sym else 0
 
     @property
+    def type_size(self) -> int:
+        """Bytes of one packed block (ggml's type_size): the element codes, the fp16 d (and dmin / m of the
+        asym types) and, for k-quants, the sub-block scales (and mins) of `super_bits` each."""
+        size = self.block * self.bits // 8 + (2 if self.sym else 4)
+        if self.kquant:
+            size += self.subs_per_block * self.super_bits * (1 if self.sym else 2) // 8
+        return size
+
+    @property
     def subs_per_block(self) -> int:
         return self.block // self.sub
 
