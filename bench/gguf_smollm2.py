@@ -2,6 +2,7 @@
 
     .venv/bin/python bench/gguf_smollm2.py                       # the default grid below
     .venv/bin/python bench/gguf_smollm2.py --runs q4_k_m:tuned --iters 200
+    .venv/bin/python bench/gguf_smollm2.py --runs q5_0:opt-rtn auto=q4_0+q8_0@5.5:opt-rtn   # AutoScheme vs uniform
 
 For every (mix, mode): quantize (RTN = llama.cpp's search without imatrix, opt-RTN = the imatrix-weighted
 search, tuned = SignRound's rounding on top of the opt-RTN scales), then report held-out perplexity of
@@ -9,6 +10,8 @@ search, tuned = SignRound's rounding on top of the opt-RTN scales), then report 
   - the .gguf file loaded by transformers' GGUF loader (dequantized by gguf-py),
   - the .gguf file run by llama.cpp (llama-cpp-python, when installed): same token windows, its own kernels,
 plus the file size and a greedy generation by llama.cpp. Results: bench/results/<date>-gguf-smollm2.{json,md}.
+A mix written `auto=<mix>+<mix>...@<bits>` is AutoScheme over those GGUF options at that target (block layers'
+bits per weight, file bytes counted); its file type, embedding and output types are the first option's.
 """
 
 from __future__ import annotations
@@ -24,7 +27,7 @@ from pathlib import Path
 import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
-from auto_round import AutoRound
+from auto_round import AutoRound, AutoScheme
 from auto_round.eval import perplexity
 from auto_round.eval.llama_cpp import llama_cpp_generate, llama_cpp_perplexity, load_llama
 from auto_round.eval.perplexity import EvalError, token_windows
@@ -59,24 +62,36 @@ def llama_cpp_ppl(path: Path, windows: torch.Tensor) -> tuple[float | None, str 
     return llama_cpp_perplexity(llm, windows), llama_cpp_generate(llm, PROMPT)
 
 
+def scheme_and_format(mix: str):
+    """'q4_k_m' -> ('gguf:q4_k_m', 'gguf:q4_k_m'); 'auto=q4_0+q8_0@5.5' -> (AutoScheme(5.5, ...), 'gguf:q4_0')."""
+    if not mix.startswith("auto="):
+        return f"gguf:{mix}", f"gguf:{mix}"
+    options, _, bits = mix[len("auto="):].partition("@")
+    mixes = options.split("+")
+    return AutoScheme(float(bits), [f"gguf:{m}" for m in mixes]), f"gguf:{mixes[0]}"
+
+
 def run_one(mix: str, mode: str, args, model_dir: Path, tok, windows, work: Path) -> dict:
     kw = dict(iters=0, disable_opt_rtn=True) if mode == "rtn" else dict(iters=0) if mode == "opt-rtn" else \
         dict(iters=args.iters, lr=args.lr)
-    ar = AutoRound(str(model_dir), scheme=f"gguf:{mix}", dataset=calibration_texts()[: args.nsamples],
+    scheme, fmt = scheme_and_format(mix)
+    ar = AutoRound(str(model_dir), scheme=scheme, dataset=calibration_texts()[: args.nsamples],
                    nsamples=args.nsamples, seqlen=args.seqlen, batch_size=8, low_cpu_mem_usage=False, **kw)
     t0 = time.perf_counter()
     ar.quantize()
     quant_s = time.perf_counter() - t0
+    achieved = ar.auto_scheme_plans[0].achieved_avg_bits if ar.auto_scheme_plans else None
     fake_ppl = perplexity(ar.model, tok, heldout_texts(), seqlen=args.eval_seqlen, nsamples=args.eval_samples)
-    out = work / f"{mix}-{mode}"
-    ar.save_quantized(out, format=f"gguf:{mix}")
+    out = work / f"{mix.replace('+', '-').replace('@', '-')}-{mode}"
+    ar.save_quantized(out, format=fmt)
     path = next(out.glob("*.gguf"))
     del ar
     loaded = AutoModelForCausalLM.from_pretrained(out, gguf_file=path.name, dtype=torch.float32).eval()
     hf_ppl = perplexity(loaded, tok, heldout_texts(), seqlen=args.eval_seqlen, nsamples=args.eval_samples)
     del loaded
     cpp_ppl, text = llama_cpp_ppl(path, windows)
-    row = {"mix": mix, "mode": mode, "iters": kw["iters"], "quant_s": round(quant_s, 1), "file": path.name,
+    row = {"mix": mix if achieved is None else f"{mix} (achieved {achieved:.3f})", "mode": mode, "iters": kw["iters"],
+           "quant_s": round(quant_s, 1), "file": path.name,
            "file_mib": round(path.stat().st_size / 2**20, 1), "ppl_fake": fake_ppl, "ppl_transformers_gguf": hf_ppl,
            "ppl_llama_cpp": cpp_ppl, "llama_cpp_text": text}
     print(json.dumps(row), flush=True)
