@@ -16,6 +16,7 @@ from .algorithms.fused import fused_groups
 from .model.autoscheme_plan import AutoSchemePlan, allocate, calibration_ids, most_common_scheme, plans_json
 from .model.autoscheme_score import delta_loss_scores
 from .model.blocks import iter_blocks
+from .model.gguf_plan import split_embedding_choice
 from .model.layer_config import fixed_layer_names
 from .model.setup import clamp_seqlen
 
@@ -44,7 +45,10 @@ def plan_layers(ar: "AutoRound") -> list[AutoSchemePlan]:
     """Score, allocate, and set ar.layer_schemes / ar.scheme to the first target's plan."""
     auto: AutoScheme = ar.auto_scheme
     choices = ar._layer_choices
-    fixed = fixed_layer_names(list(ar.layer_schemes), choices["layer_config"], choices["fp_layers"])
+    layer_config, fp_layers = choices["layer_config"], choices["fp_layers"]
+    if ar.gguf is not None:  # the token embedding's entries are not block layers (model/gguf_plan.py)
+        layer_config, fp_layers, _ = split_embedding_choice(ar.model, layer_config, fp_layers)
+    fixed = fixed_layer_names(list(ar.layer_schemes), layer_config, fp_layers)
     if auto.is_gguf:  # output.weight keeps its mix's type (q6_k for the k-quant mixes), as llama.cpp gives it
         fixed |= {n for n in ar.layer_schemes if not any(n.startswith(g + ".") for g in ar.block_groups)}
 

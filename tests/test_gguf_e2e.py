@@ -150,3 +150,23 @@ def test_bad_gguf_requests_fail_before_quantizing(tmp_path):
     with pytest.raises(ExportError, match="needs scheme"):
         ar.save_quantized(tmp_path / "d", format="gguf:q8_0")
     assert not any((tmp_path / d).exists() for d in "abcd")
+
+
+@pytest.mark.parametrize("choice, embd", [
+    (dict(layer_config={"lm_head": {"gguf": "q8_0"}, "model.embed_tokens": {"bits": 6}}), "Q6_K"),
+    (dict(layer_config={"lm_head": "gguf:q8_0"}, fp_layers="embed_tokens"), "F16"),
+], ids=["bits", "fp_layers"])
+def test_embedding_and_output_types_from_layer_config(tmp_path, choice, embd):
+    """llama-quantize's --token-embedding-type / --output-tensor-type: the exact embedding name in layer_config
+    (a bit width = the ggml type of that width) or in fp_layers; lm_head as any layer."""
+    ar, path = quantize_to_gguf(tmp_path, wide_model("llama"), "gguf:q4_k_m", **choice)
+    types = tensor_types(path)
+    assert types["token_embd.weight"] == embd and types["output.weight"] == "Q8_0"
+    assert types["blk.0.attn_q.weight"] == "Q4_K"  # the rest keeps the mix's rules
+    if embd == "F16":  # stored as f16 (llama.cpp's float type), the model in memory keeps fp32
+        emb = ar.model.model.embed_tokens.weight
+        assert torch.equal(reload(path).model.embed_tokens.weight, emb.half().float())
+        emb.data = emb.data.half().float()
+    assert_same_model(ar, path)
+    with pytest.raises(Exception, match="matches no quantizable layer"):
+        AutoRound(wide_model("llama"), tiny_tokenizer(), scheme="gguf:q4_k_m", fp_layers="embed_tokens,nothing_here")

@@ -8,13 +8,14 @@ does. Layers the user fixed (layer_config, fp_layers) keep their choice, mapped 
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Optional
+from typing import Any, Mapping, Optional, Sequence, Union
 
 from torch import nn
 
-from ..schemes import GGML_FLOAT_TYPES, GGUF_MIXES, QuantScheme, gguf_scheme
+from ..schemes import GGML_FLOAT_TYPES, GGUF_MIXES, QuantScheme, gguf_scheme, scheme_for_bits
 from .blocks import has_tied_embeddings, layer_shape
-from .gguf_mix import ModelShape, assign_gguf_types, embedding_type
+from .gguf_mix import ModelShape, assign_gguf_types, embedding_type, fallback
+from .layer_config import as_override, matches_fp_key, parse_fp_layers
 
 
 @dataclass
@@ -48,9 +49,28 @@ def embedding_name(model: nn.Module) -> Optional[str]:
     return next((n for n, m in model.named_modules() if m is embedding), None)
 
 
+def split_embedding_choice(model: nn.Module, layer_config: Optional[Mapping[str, Any]],
+                           fp_layers: Union[str, Sequence[str], None]) -> tuple[dict, list[str], Optional[dict]]:
+    """(layer_config without the embedding's exact key, fp_layers without entries matching only the embedding,
+    the embedding's override dict or None). fp_layers naming the embedding give {'bits': 16} (f16)."""
+    name = embedding_name(model)
+    rest = dict(layer_config or {})
+    override = as_override(rest.pop(name)) if name is not None and name in rest else None
+    keys = parse_fp_layers(fp_layers)
+    if name is not None and any(matches_fp_key(name, k) for k in keys):
+        override = {"bits": 16}
+        keys = [k for k in keys if not matches_fp_key(name, k) or _matches_linear(model, k)]
+    return rest, keys, override
+
+
+def _matches_linear(model: nn.Module, key: str) -> bool:
+    return any(matches_fp_key(n, key) for n, m in model.named_modules() if isinstance(m, nn.Linear))
+
+
 def plan_gguf(model: nn.Module, block_groups: list[str], mix: str, base: dict[str, QuantScheme], *,
-              has_imatrix: bool) -> GGUFPlan:
-    """base: the schemes resolve_layer_schemes gave (global gguf base scheme plus the user's overrides)."""
+              has_imatrix: bool, embedding_override: Optional[Mapping[str, Any]] = None) -> GGUFPlan:
+    """base: the schemes resolve_layer_schemes gave (global gguf base scheme plus the user's overrides);
+    embedding_override: the user's layer_config entry for the token embedding (bits / gguf / scheme)."""
     base_type = GGUF_MIXES[mix]
     if base_type in GGML_FLOAT_TYPES:
         return GGUFPlan(mix, {n: gguf_scheme(base_type) for n in base}, None)
@@ -70,5 +90,8 @@ def plan_gguf(model: nn.Module, block_groups: list[str], mix: str, base: dict[st
     embedding = None
     if emb_name is not None:
         hidden = model.get_submodule(emb_name).weight.shape[1]
-        embedding = (emb_name, gguf_scheme(embedding_type(mix, has_tied_embeddings(model), hidden)))
+        chosen = embedding_type(mix, has_tied_embeddings(model), hidden)
+        if embedding_override is not None:
+            chosen = fallback(scheme_for_bits(default, embedding_override).gguf or "f16", hidden)
+        embedding = (emb_name, gguf_scheme(chosen))
     return GGUFPlan(mix, schemes, embedding)

@@ -30,20 +30,20 @@ PACK_ALIGN = 32  # out/in multiple needed by the int32 packing of every supporte
 LayerConfig = Mapping[str, Union[Mapping[str, Any], str, QuantScheme]]
 
 
-def _parse_fp_layers(fp_layers: Union[str, Sequence[str], None]) -> list[str]:
+def parse_fp_layers(fp_layers: Union[str, Sequence[str], None]) -> list[str]:
     if not fp_layers:
         return []
     items = fp_layers.split(",") if isinstance(fp_layers, str) else list(fp_layers)
     return [i.strip() for i in items if i.strip()]
 
 
-def _matches_fp_key(name: str, key: str) -> bool:
+def matches_fp_key(name: str, key: str) -> bool:
     if key[-1].isdigit():
         return (key + ".") in (name + ".")
     return key in name
 
 
-def _as_override(value: Union[Mapping[str, Any], str, QuantScheme]) -> dict[str, Any]:
+def as_override(value: Union[Mapping[str, Any], str, QuantScheme]) -> dict[str, Any]:
     if isinstance(value, QuantScheme):
         return value.to_dict()
     if isinstance(value, str):
@@ -57,7 +57,7 @@ def _match_layer_config(names: Sequence[str], layer_config: LayerConfig) -> dict
     """name -> override dict, exact keys first, then regex keys in the order given."""
     matched: dict[str, dict[str, Any]] = {}
     for key, value in layer_config.items():
-        override = _as_override(value)
+        override = as_override(value)
         if key in names:
             matched[key] = {**matched.get(key, {}), **override}
             continue
@@ -105,15 +105,15 @@ def resolve_layer_schemes(
 
     names = list(layers)
     overrides = _match_layer_config(names, layer_config)
-    fp_keys = _parse_fp_layers(fp_layers)
+    fp_keys = parse_fp_layers(fp_layers)
     for key in fp_keys:
-        if not any(_matches_fp_key(n, key) for n in names):
+        if not any(matches_fp_key(n, key) for n in names):
             raise SchemeError(f"fp_layers entry {key!r} matches no quantizable layer")
 
     schemes: dict[str, QuantScheme] = {}
     for name in names:
         s = scheme_for_bits(scheme, overrides[name]) if name in overrides else scheme
-        if any(_matches_fp_key(name, k) for k in fp_keys):
+        if any(matches_fp_key(name, k) for k in fp_keys):
             s = FP_SCHEME
         schemes[name] = _apply_shape_rule(name, layers[name], s)
     return schemes
@@ -123,8 +123,8 @@ def fixed_layer_names(names: Sequence[str], layer_config: Optional[LayerConfig] 
                       fp_layers: Union[str, Sequence[str], None] = None) -> set[str]:
     """The layers among `names` whose scheme the user fixed (a layer_config key or an fp_layers entry)."""
     fixed = set(_match_layer_config(list(names), dict(layer_config or {})))
-    keys = _parse_fp_layers(fp_layers)
-    return fixed | {n for n in names if any(_matches_fp_key(n, k) for k in keys)}
+    keys = parse_fp_layers(fp_layers)
+    return fixed | {n for n in names if any(matches_fp_key(n, k) for k in keys)}
 
 
 def apply_shape_rule(name: str, module: nn.Module, scheme: QuantScheme) -> QuantScheme:
