@@ -29,14 +29,14 @@ from .compressor_checks import (check_alg_ext_iters, check_cap, check_positive, 
 from .compressor_export import SCALE_DTYPES, check_export, export_context
 from .compressor_walk import quantize_embedding, quantize_outside_blocks, quantize_rtn, quantize_signround
 from .export import BlockPacker, block_packer, export
-from .model.blocks import has_tied_embeddings, iter_blocks
+from .model.blocks import iter_blocks
 from .model.layer_config import LayerConfig, resolve_layer_schemes
 from .model.dtype_convert import PendingConversion, lazy_embedding_name
 from .model.loading import check_finite, load_model_deferred, parse_dtype
 from .model.memory import freed_memory_reused, release_weight
 from .model.packed_spill import PackedSpill, spill_dir_for
 from .runtime import resolve_amp_dtype, resolve_device
-from .model.gguf_plan import GGUFPlan, plan_gguf, split_embedding_choice
+from .model.gguf_plan import GGUFPlan, resolve_gguf_layers
 from .model.setup import select_block_groups, shared_weight_ptrs
 from .schemes import QuantScheme, SchemeError, gguf_mix_of, resolve_scheme
 
@@ -240,17 +240,12 @@ class AutoRound:
 
     def _resolve_layers(self, gguf_mix: Optional[str]) -> None:
         """Every candidate layer's scheme; with a GGUF preset, llama.cpp's per-tensor types (model/gguf_plan.py)."""
-        choices = dict(self._layer_choices)
-        embedding = None
-        if gguf_mix is not None:  # GGUF files always quantize output.weight, the embedding as layer_config says
-            choices["quant_lm_head"] = choices["quant_lm_head"] or not has_tied_embeddings(self.model)
-            choices["layer_config"], choices["fp_layers"], embedding = split_embedding_choice(
-                self.model, choices["layer_config"], choices["fp_layers"])
-        self.layer_schemes = resolve_layer_schemes(self.model, self.block_groups, self.scheme, **choices)
-        if gguf_mix is not None:
+        if gguf_mix is None:
+            self.layer_schemes = resolve_layer_schemes(self.model, self.block_groups, self.scheme, **self._layer_choices)
+        else:
             has_imatrix = self.tuning.iters > 0 or not self.disable_opt_rtn
-            self.gguf = plan_gguf(self.model, self.block_groups, gguf_mix, self.layer_schemes, has_imatrix=has_imatrix,
-                                  embedding_override=embedding)
+            self.gguf = resolve_gguf_layers(self.model, self.block_groups, gguf_mix, self.scheme, self._layer_choices,
+                                            has_imatrix=has_imatrix)
             self.layer_schemes = self.gguf.layer_schemes
             if self.gguf.is_float:
                 return  # gguf:bf16 / f16 / f32: nothing to quantize, the writer converts

@@ -15,7 +15,7 @@ from torch import nn
 from ..schemes import GGML_FLOAT_TYPES, GGUF_MIXES, QuantScheme, gguf_scheme, scheme_for_bits
 from .blocks import has_tied_embeddings, layer_shape
 from .gguf_mix import ModelShape, assign_gguf_types, embedding_type, fallback
-from .layer_config import as_override, matches_fp_key, parse_fp_layers
+from .layer_config import as_override, matches_fp_key, parse_fp_layers, resolve_layer_schemes
 
 
 @dataclass
@@ -95,3 +95,16 @@ def plan_gguf(model: nn.Module, block_groups: list[str], mix: str, base: dict[st
             chosen = fallback(scheme_for_bits(default, embedding_override).gguf or "f16", hidden)
         embedding = (emb_name, gguf_scheme(chosen))
     return GGUFPlan(mix, schemes, embedding)
+
+
+def resolve_gguf_layers(model: nn.Module, block_groups: list[str], mix: str, scheme: QuantScheme,
+                        choices: Mapping[str, Any], *, has_imatrix: bool) -> GGUFPlan:
+    """The GGUFPlan of a gguf:<mix> run. choices: AutoRound's layer_config / fp_layers / quant_lm_head.
+
+    GGUF files always quantize output.weight (an untied lm_head joins the candidates), and the token
+    embedding takes the type the user's layer_config / fp_layers give it (split_embedding_choice)."""
+    layer_config, fp_layers, embedding = split_embedding_choice(model, choices["layer_config"], choices["fp_layers"])
+    quant_lm_head = choices["quant_lm_head"] or not has_tied_embeddings(model)
+    base = resolve_layer_schemes(model, block_groups, scheme, layer_config=layer_config, fp_layers=fp_layers,
+                                 quant_lm_head=quant_lm_head)
+    return plan_gguf(model, block_groups, mix, base, has_imatrix=has_imatrix, embedding_override=embedding)
