@@ -68,14 +68,18 @@ class AutoSchemePlan:
         return entry
 
     def table(self) -> str:
-        """Layer x option scores, '*' on the chosen option, then the achieved bits."""
+        """Layer x option scores, '*' on the chosen option (GGUF: then the ggml type it stores after the row
+        fallback), then the achieved bits."""
         width = max([len(n) for n in self.choice] + [5])
-        cols = [f"{lab:>14}" for lab in self.labels]
+        ggml = any(s.gguf is not None for s in self.layer_schemes.values())
+        cols = [f"{lab:>14}" for lab in self.labels] + ([f"{'ggml type':>10}"] if ggml else [])
         lines = [f"{'layer':<{width}} " + " ".join(cols)]
         for n, k in self.choice.items():
             cells = []
             for j, s in enumerate(self.scores.get(n) or [float("nan")] * len(self.labels)):
                 cells.append(f"{('*' if j == k else '') + format(s, '.4g'):>14}")
+            if ggml:
+                cells.append(f"{self.layer_schemes[n].gguf or '-':>10}")
             lines.append(f"{n:<{width}} " + " ".join(cells))
         lines.append(f"AutoScheme target {self.target:g} bits: achieved {self.achieved_avg_bits:.4f} "
                      f"({self.total_bits} of {self.budget_bits} budget bits over {self.total_numel} weights)")
