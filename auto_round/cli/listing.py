@@ -24,7 +24,8 @@ FORMATS = [  # (format, weights it holds, what loads it)
     ("fake", "any scheme, weights stored dequantized in float; with quantized activations an auto_round:fake "
      "config and the static ranges", "anything that loads the original model; with activations: transformers"),
     ("gguf:<mix>", "one .gguf file with llama.cpp's per-tensor ggml types for the mix (q2_k_s, q3_k_s/m/l, q4_k_s/m, "
-     "q5_k_s/m, q6_k, q4_0, q4_1, q5_0, q5_1, q8_0, bf16, f16, f32); llama / mistral / qwen2 / qwen3 / gemma3",
+     "q5_k_s/m, q6_k, q4_0, q4_1, q5_0, q5_1, q8_0, bf16, f16, f32), or per layer from an AutoScheme over gguf:* "
+     "options; llama / mistral / qwen2 / qwen3 / gemma3",
      "llama.cpp, llama-cpp-python, Ollama, LM Studio; transformers (gguf_file=)"),
 ]
 SCHEMES = [
