@@ -20,7 +20,7 @@ from auto_round.model.gguf_mix import LEAF_KIND
 from auto_round.quant.gguf.types import GGML_TYPES
 from auto_round.schemes import gguf_scheme
 from test_gguf_e2e import WIDE, assert_same_model
-from tiny_models import random_ids, tiny_model, tiny_tokenizer
+from tiny_models import random_ids, saved_tiny_model, tiny_model, tiny_tokenizer, word_text_file
 
 OPTIONS = "gguf:q2_k_s,gguf:q4_k_m"
 
@@ -121,11 +121,8 @@ def test_wrong_formats_are_refused_before_the_scoring(tmp_path):
 def test_cli_gguf_options_write_a_gguf_file(tmp_path):
     from auto_round.cli.main import main
 
-    src = tmp_path / "src"
-    tiny_model("llama").save_pretrained(src)
-    tiny_tokenizer().save_pretrained(src)
-    text = tmp_path / "calib.txt"
-    text.write_text(" ".join(f"word{i}" for i in range(3000)))
+    src = saved_tiny_model(tmp_path / "src")
+    text = word_text_file(tmp_path / "calib.txt")
     out = tmp_path / "cli"
     rc = main([str(src), "--schemes", "gguf:q4_0,gguf:q8_0", "--bits", "6", "--iters", "0", "--dataset", str(text),
                "--nsamples", "4", "--seqlen", "16", "--auto_scheme_nsamples", "2", "--auto_scheme_seqlen", "16",

@@ -15,7 +15,7 @@ from auto_round import AutoRound
 from auto_round.cli.main import main
 from auto_round.algorithms.signround import SignRoundConfig, token_loss_scale, tune_block
 from auto_round.schemes import resolve_scheme
-from tiny_models import random_ids, tiny_model, tiny_tokenizer
+from tiny_models import random_ids, saved_tiny_model, tiny_model, word_text_file
 
 
 def test_factor_is_cap_times_median_over_norm_for_capped_tokens_only():
@@ -89,11 +89,8 @@ def test_no_capped_token_gives_the_plain_result_bit_for_bit():
 
 def test_default_cap_is_4_and_the_cli_passes_it(tmp_path):
     assert AutoRound(tiny_model("llama"), iters=1, dataset=random_ids(2, 8)).tuning.massive_token_cap == 4.0
-    model_dir = tmp_path / "tiny"
-    tiny_model("llama").save_pretrained(model_dir)
-    tiny_tokenizer().save_pretrained(model_dir)
-    text = tmp_path / "calib.txt"
-    text.write_text(" ".join(f"word{i}" for i in range(2000)))
+    model_dir = saved_tiny_model(tmp_path / "tiny")
+    text = word_text_file(tmp_path / "calib.txt", 2000)
     out = tmp_path / "out"
     rc = main([str(model_dir), "--iters", "2", "--nsamples", "2", "--seqlen", "16", "--batch_size", "2",
                "--dataset", str(text), "--massive_token_cap", "0", "--output_dir", str(out)])

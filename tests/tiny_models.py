@@ -54,3 +54,16 @@ def tiny_tokenizer():
     tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
     tok.decoder = decoders.ByteLevel()
     return PreTrainedTokenizerFast(tokenizer_object=tok, eos_token="<eos>", pad_token="<pad>")
+
+
+def saved_tiny_model(folder, arch: str = "llama"):
+    """tiny_model(arch) and tiny_tokenizer() saved to `folder` (a model directory for the CLI); returns it."""
+    tiny_model(arch).save_pretrained(folder)
+    tiny_tokenizer().save_pretrained(folder)
+    return folder
+
+
+def word_text_file(path, n_words: int = 3000):
+    """A plain-text calibration file of `n_words` distinct words; returns its path."""
+    path.write_text(" ".join(f"word{i}" for i in range(n_words)))
+    return path
