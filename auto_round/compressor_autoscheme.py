@@ -64,7 +64,8 @@ def plan_layers(ar: "AutoRound") -> list[AutoSchemePlan]:
             p.requires_grad_(False)
         blocks = list(iter_blocks(ar.model, ar.block_groups))
         return delta_loss_scores(ar.model, blocks, option_layers, ids, mask, batch_size=auto.resolved_batch_size,
-                                 device=ar.device, scale_dtype=ar.scale_dtype)
+                                 device=ar.device, scale_dtype=ar.scale_dtype,
+                                 gguf_imatrix=ar.tuning.iters > 0 or not ar.disable_opt_rtn)
 
     plans = allocate(auto, ar.model, ar.block_groups, ar.layer_schemes, fixed, score)
     for plan in plans:

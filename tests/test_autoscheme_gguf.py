@@ -134,3 +134,31 @@ def test_cli_gguf_options_write_a_gguf_file(tmp_path):
     assert plan["achieved_avg_bits"] <= 6.0
     types = {t.name: t.tensor_type.name for t in gguf.GGUFReader(path).tensors}
     assert {types[gguf_name(n)] for n in plan["layers"]} == {"Q4_0", "Q8_0"}
+
+
+def test_gguf_options_are_scored_as_opt_rtn_quantizes_them(monkeypatch):
+    """With opt-RTN (the iters=0 default) the scoring searches the ggml types with the imatrix of the fp chain,
+    the one the opt-RTN walk uses, so each layer's scored weight is the weight the run writes (the embedding
+    kept in float so that both see the same block inputs)."""
+    from auto_round.model import autoscheme_score
+
+    ids = random_ids(4, 16)
+    seen: dict = {}
+    real_rtn = autoscheme_score._rtn_weights
+
+    def spy(layers, device, scale_dtype, imatrix):
+        out = real_rtn(layers, device, scale_dtype, imatrix)
+        for n, (_, s) in layers.items():
+            seen[(n, s.gguf)] = out[n]
+        return out
+
+    monkeypatch.setattr(autoscheme_score, "_rtn_weights", spy)
+    ar = AutoRound(mixed_rows_model(), tiny_tokenizer(), scheme=AutoScheme(3.6, OPTIONS, dataset=ids, nsamples=4,
+                   seqlen=16, batch_size=2), iters=0, dataset=ids, nsamples=4, seqlen=16, batch_size=2,
+                   fp_layers="embed_tokens", low_cpu_mem_usage=False)
+    ar.quantize()
+    plan = ar.auto_scheme_plans[0]
+    assert len(plan.choice) == 14
+    for name in plan.choice:
+        written = ar.model.get_submodule(name).weight
+        assert torch.equal(seen[(name, plan.layer_schemes[name].gguf)], written), name

@@ -15,6 +15,8 @@ padding ignored). Memory stays near one block plus the hidden states:
 3. walk the blocks in reverse: recompute block i on h_i with grad, backpropagate g_{i+1}: that gives
    dL/dW_hat of its layers (accumulated over batches) and g_i = dL/dh_i for the block before.
 The qdq weights are recomputed in step 3 rather than cached (RTN is cheap next to the forward pass).
+GGUF options are quantized as the run will quantize them: with `gguf_imatrix`, llama.cpp's searches are
+weighted by the imatrix (sum of squared fp inputs per channel) of one extra fp forward of the chain.
 """
 
 from __future__ import annotations
@@ -28,6 +30,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from ..algorithms.act_quant import needs_act_calibration
+from ..algorithms.opt_rtn import imatrix_hooks
 from ..algorithms.signround import make_tunable, nvfp4_global_scales
 from ..layers import layer_weight
 from ..quant.act_qdq import qdq_act
@@ -84,22 +87,35 @@ class _QdqLinear:
 
 
 @torch.no_grad()
-def _rtn_weights(layers: dict[str, tuple[nn.Module, QuantScheme]], device: str,
-                 scale_dtype: torch.dtype) -> dict[str, torch.Tensor]:
-    """RTN qdq weight [out, in] fp32 of each layer (NVFP4 fused siblings share a global scale, as in export)."""
+def _rtn_weights(layers: dict[str, tuple[nn.Module, QuantScheme]], device: str, scale_dtype: torch.dtype,
+                 imatrix: Optional[dict[str, torch.Tensor]] = None) -> dict[str, torch.Tensor]:
+    """RTN qdq weight [out, in] fp32 of each layer (NVFP4 fused siblings share a global scale, as in export;
+    ggml types search with the layer's imatrix where one is given)."""
     gscales = nvfp4_global_scales(layers)
+    imatrix = imatrix or {}
     out = {}
     for name, (module, scheme) in layers.items():
         t = make_tunable(module, scheme, scale_dtype=scale_dtype, enable_minmax_tuning=False, device=device,
-                         gscale=gscales.get(name))
+                         gscale=gscales.get(name), imatrix=imatrix.get(name) if scheme.gguf is not None else None)
         out[name] = t.qdq_weight().detach()
     return out
 
 
 def _install(layers: dict[str, tuple[nn.Module, QuantScheme]], device: str, scale_dtype: torch.dtype,
-             grad: bool) -> dict[str, _QdqLinear]:
-    w_hats = _rtn_weights(layers, device, scale_dtype)
+             grad: bool, imatrix: dict[str, torch.Tensor]) -> dict[str, _QdqLinear]:
+    w_hats = _rtn_weights(layers, device, scale_dtype, imatrix)
     return {n: _QdqLinear(m, s, w_hats[n], grad) for n, (m, s) in layers.items()}
+
+
+def _gguf_imatrix(blocks: Sequence[nn.Module], captured, option_layers, batch: int, device: str,
+                  scale_dtype: torch.dtype) -> dict[str, torch.Tensor]:
+    """name -> [in] sum of squared fp inputs of every block layer an option quantizes to a ggml type."""
+    modules = {n: (m, s) for layers in option_layers for n, (m, s) in layers.items() if s.gguf is not None}
+    if not modules:
+        return {}
+    with imatrix_hooks(modules) as imatrix:  # no patches: every layer computes with its fp weight
+        _forward_chain(blocks, captured, [{} for _ in blocks], batch, device, scale_dtype, {})
+    return dict(imatrix)
 
 
 def _remove(patches: dict[str, _QdqLinear]) -> None:
@@ -166,22 +182,25 @@ def delta_loss_scores(
     batch_size: int = 8,
     device: str = "cpu",
     scale_dtype: torch.dtype = torch.float16,
+    gguf_imatrix: bool = False,
 ) -> list[dict[str, float]]:
     """Per option k, {layer: score} for the layers of option_layers[k] (name -> (module, scheme)).
 
     Layers inside the blocks and outside them (lm_head with quant_lm_head) are both scored; a layer not
-    listed for an option (kept in fp under it) has no score there (the caller counts 0).
+    listed for an option (kept in fp under it) has no score there (the caller counts 0). gguf_imatrix: ggml
+    types are searched with the block layers' imatrix (as opt-RTN / tuning will quantize them).
     """
     names = [n for n, _ in blocks]
     mods = [b for _, b in blocks]
     captured = capture_block_inputs(model, mods, input_ids, attention_mask, device=device)
+    imatrix = _gguf_imatrix(mods, captured, option_layers, batch_size, device, scale_dtype) if gguf_imatrix else {}
     scores: list[dict[str, float]] = []
     for k, layers in enumerate(option_layers):
         start = time.perf_counter()
         per_block = [{n: v for n, v in layers.items() if n.startswith(b + ".")} for b in names]
         outside = {n: v for n, v in layers.items() if not any(n.startswith(b + ".") for b in names)}
-        hs, is_tuple = _forward_chain(mods, captured, per_block, batch_size, device, scale_dtype)
-        head = _install(outside, device, scale_dtype, grad=True)
+        hs, is_tuple = _forward_chain(mods, captured, per_block, batch_size, device, scale_dtype, imatrix)
+        head = _install(outside, device, scale_dtype, grad=True, imatrix=imatrix)
         try:
             # one sample at a time: the tail's logits (and their softmax and grad) are T x vocab x 4 bytes
             # each per sample (SmolLM2: 50 MB), the largest tensors of the whole scoring at any batch size
@@ -191,7 +210,7 @@ def delta_loss_scores(
         result = {n: p.weight_term() + p.act_term for n, p in head.items()}
         for i in reversed(range(len(mods))):
             g, block_scores = _backward_block(mods[i], hs[i], captured.calls[i], g, per_block[i], batch_size,
-                                              device, scale_dtype, need_input_grad=i > 0)
+                                              device, scale_dtype, imatrix, need_input_grad=i > 0)
             result.update(block_scores)
             hs[i + 1] = None  # type: ignore[call-overload]  (free as we go)
         scores.append(result)
@@ -202,13 +221,13 @@ def delta_loss_scores(
 
 @torch.no_grad()
 def _forward_chain(blocks: Sequence[nn.Module], captured, per_block, batch: int, device: str,
-                   scale_dtype: torch.dtype) -> tuple[list, bool]:
+                   scale_dtype: torch.dtype, imatrix: dict[str, torch.Tensor]) -> tuple[list, bool]:
     """Inputs of every block and the last block's output (CPU), with the option's qdq weights."""
     hs = [captured.hidden_states]
     is_tuple = False
     for block, call, layers in zip(blocks, captured.calls, per_block):
         block.to(device)
-        patches = _install(layers, device, scale_dtype, grad=False)
+        patches = _install(layers, device, scale_dtype, grad=False, imatrix=imatrix)
         try:
             outs = []
             for idx in _batches(hs[-1].shape[0], batch):
@@ -225,11 +244,11 @@ def _forward_chain(blocks: Sequence[nn.Module], captured, per_block, batch: int,
 
 
 def _backward_block(block: nn.Module, h_in: torch.Tensor, call: BlockCall, g_out: torch.Tensor, layers,
-                    batch: int, device: str, scale_dtype: torch.dtype,
+                    batch: int, device: str, scale_dtype: torch.dtype, imatrix: dict[str, torch.Tensor],
                     need_input_grad: bool) -> tuple[Optional[torch.Tensor], dict[str, float]]:
     """Recompute the block with grad, backpropagate g_out: (dL/dh_in or None, {layer: score})."""
     block.to(device)
-    patches = _install(layers, device, scale_dtype, grad=True)
+    patches = _install(layers, device, scale_dtype, grad=True, imatrix=imatrix)
     g_in = torch.zeros_like(h_in, dtype=torch.float32) if need_input_grad else None
     try:
         for idx in _batches(h_in.shape[0], batch):
