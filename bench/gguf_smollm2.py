@@ -50,16 +50,27 @@ def parse_args() -> argparse.Namespace:
     p.add_argument("--eval_samples", type=int, default=8)
     p.add_argument("--eval_seqlen", type=int, default=512)
     p.add_argument("--name", default="gguf-smollm2")
+    p.add_argument("--llama_cpp_no_repack", action="store_true",
+                   help="llama.cpp keeps the file's weight layout (its repacked q4_0 / q4_1 kernels give wrong "
+                        "results on some CPUs: eval/llama_cpp.load_llama)")
     return p.parse_args()
 
 
-def llama_cpp_ppl(path: Path, windows: torch.Tensor) -> tuple[float | None, str | None]:
+def llama_cpp_ppl(path: Path, windows: torch.Tensor, repack: bool) -> tuple[float | None, str | None]:
     """llama.cpp's perplexity over the same windows, and its greedy continuation; (None, None) if not installed."""
     try:
-        llm = load_llama(path, n_ctx=windows.shape[1])
+        llm = load_llama(path, n_ctx=windows.shape[1], repack=repack)
     except EvalError:
         return None, None
     return llama_cpp_perplexity(llm, windows), llama_cpp_generate(llm, PROMPT)
+
+
+def llama_cpp_version() -> str:
+    try:
+        import llama_cpp
+    except ImportError:
+        return "not installed"
+    return llama_cpp.__version__
 
 
 def scheme_and_format(mix: str):
@@ -89,7 +100,7 @@ def run_one(mix: str, mode: str, args, model_dir: Path, tok, windows, work: Path
     loaded = AutoModelForCausalLM.from_pretrained(out, gguf_file=path.name, dtype=torch.float32).eval()
     hf_ppl = perplexity(loaded, tok, heldout_texts(), seqlen=args.eval_seqlen, nsamples=args.eval_samples)
     del loaded
-    cpp_ppl, text = llama_cpp_ppl(path, windows)
+    cpp_ppl, text = llama_cpp_ppl(path, windows, repack=not args.llama_cpp_no_repack)
     row = {"mix": mix if achieved is None else f"{mix} (achieved {achieved:.3f})", "mode": mode, "iters": kw["iters"],
            "quant_s": round(quant_s, 1), "file": path.name,
            "file_mib": round(path.stat().st_size / 2**20, 1), "ppl_fake": fake_ppl, "ppl_transformers_gguf": hf_ppl,
@@ -99,7 +110,7 @@ def run_one(mix: str, mode: str, args, model_dir: Path, tok, windows, work: Path
 
 
 def markdown(report: dict) -> str:
-    lines = [f"GGUF export of SmolLM2-135M-Instruct, {report['machine']}; held-out ppl over "
+    lines = [f"GGUF export of SmolLM2-135M-Instruct, {report['machine']}, llama-cpp-python {report['llama_cpp']}; held-out ppl over "
              f"{report['eval_samples']} x {report['eval_seqlen']} tokens (fp32 model: {report['fp_ppl']:.3f})", "",
              "| mix | mode | quant s | file MiB | ppl fake-quant | ppl transformers(gguf) | ppl llama.cpp | llama.cpp greedy |",
              "|---|---|---|---|---|---|---|---|"]
@@ -127,6 +138,7 @@ def main() -> None:
     report = {"date": datetime.date.today().isoformat(), "fp_ppl": fp_ppl, "eval_samples": args.eval_samples,
               "eval_seqlen": args.eval_seqlen, "nsamples": args.nsamples, "seqlen": args.seqlen, "lr": args.lr,
               "machine": f"{platform.machine()}, {torch.get_num_threads()} threads, torch {torch.__version__}",
+              "llama_cpp": llama_cpp_version() + (", no repack" if args.llama_cpp_no_repack else ""),
               "runs": runs}
     stem = ROOT / "bench" / "results" / f"{report['date']}-{args.name}"
     stem.with_suffix(".json").write_text(json.dumps(report, indent=1))

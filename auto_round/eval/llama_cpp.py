@@ -15,14 +15,35 @@ import torch
 from .perplexity import EvalError
 
 
-def load_llama(path: "str | Path", n_ctx: int, n_threads: "int | None" = None):
-    """A llama_cpp.Llama for `path` that keeps the logits of every position."""
+def load_llama(path: "str | Path", n_ctx: int, n_threads: "int | None" = None, repack: bool = True):
+    """A llama_cpp.Llama for `path` that keeps the logits of every position.
+
+    repack=False: llama.cpp keeps the weights in their file layout instead of repacking q4_0 / q4_1 / iq4_nl
+    into its interleaved CPU kernels' layout (llama-cli's --no-repack). On the AVX-512 box of 2026-12-07 the
+    repacked path of llama-cpp-python 0.3.16 scores llama.cpp's own q4_0 file of SmolLM2 at ppl 225 (25.2
+    without repacking) and 0.3.36 crashes; Llama() has no keyword for it, so the model params default is
+    wrapped while the model loads."""
     try:
         import llama_cpp
+        import llama_cpp.llama_cpp as low_level
     except ImportError as err:
         raise EvalError("scoring a GGUF file with llama.cpp needs llama-cpp-python: pip install llama-cpp-python") from err
-    return llama_cpp.Llama(model_path=str(path), n_ctx=n_ctx, n_batch=n_ctx, logits_all=True, verbose=False,
-                           n_threads=n_threads or torch.get_num_threads())
+    default_params = low_level.llama_model_default_params
+    if not repack:
+        if "use_extra_bufts" not in [f[0] for f in default_params()._fields_]:
+            raise EvalError(f"llama-cpp-python {llama_cpp.__version__} has no repack switch (use_extra_bufts)")
+
+        def without_repack():
+            params = default_params()
+            params.use_extra_bufts = False
+            return params
+
+        low_level.llama_model_default_params = without_repack
+    try:
+        return llama_cpp.Llama(model_path=str(path), n_ctx=n_ctx, n_batch=n_ctx, logits_all=True, verbose=False,
+                               n_threads=n_threads or torch.get_num_threads())
+    finally:
+        low_level.llama_model_default_params = default_params
 
 
 def llama_cpp_perplexity(llm, windows: torch.Tensor) -> float:
