@@ -89,3 +89,11 @@ def test_scheme_overrides_and_validation():
     assert (w4a8.resolved_act_data_type, w4a8.resolved_act_group_size, w4a8.resolved_act_sym) == ("int", 128, True)
     with pytest.raises(SchemeError, match="act_bits=3"):
         resolve_scheme("W4A16", act_bits=3)
+
+
+def test_the_token_embedding_is_named_as_such_outside_gguf():
+    from auto_round import AutoRound
+
+    for kw in (dict(layer_config={"model.embed_tokens": {"bits": 8}}), dict(fp_layers="embed_tokens")):
+        with pytest.raises(SchemeError, match="token embedding: it is quantized only in GGUF files"):
+            AutoRound(tiny_model("llama"), scheme="W4A16", iters=0, **kw)

@@ -104,6 +104,7 @@ def resolve_layer_schemes(
             layers[head] = model.get_submodule(head)
 
     names = list(layers)
+    _refuse_embedding_keys(model, names, layer_config, fp_layers)
     overrides = _match_layer_config(names, layer_config)
     fp_keys = parse_fp_layers(fp_layers)
     for key in fp_keys:
@@ -117,6 +118,22 @@ def resolve_layer_schemes(
             s = FP_SCHEME
         schemes[name] = _apply_shape_rule(name, layers[name], s)
     return schemes
+
+
+def _refuse_embedding_keys(model: nn.Module, names: Sequence[str], layer_config: LayerConfig,
+                           fp_layers: Union[str, Sequence[str], None]) -> None:
+    """A layer_config key naming the token embedding exactly, or an fp_layers entry matching it and no layer:
+    only GGUF files quantize the embedding (model/gguf_plan.py takes such keys out first), so elsewhere it is
+    an error that says so, rather than "matches no quantizable layer"."""
+    embedding = model.get_input_embeddings() if hasattr(model, "get_input_embeddings") else None
+    name = next((n for n, m in model.named_modules() if m is embedding), None) if embedding is not None else None
+    if name is None:
+        return
+    fp_hits = [k for k in parse_fp_layers(fp_layers)
+               if matches_fp_key(name, k) and not any(matches_fp_key(n, k) for n in names)]
+    if name in layer_config or fp_hits:
+        raise SchemeError(f"{name!r} is the token embedding: it is quantized only in GGUF files (a gguf:* scheme, "
+                          "where layer_config / fp_layers set its ggml type); other formats keep it in float")
 
 
 def fixed_layer_names(names: Sequence[str], layer_config: Optional[LayerConfig] = None,
