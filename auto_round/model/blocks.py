@@ -73,6 +73,14 @@ def input_embedding(model: nn.Module) -> "nn.Module | None":
     return get() if callable(get) else None
 
 
+def input_embedding_name(model: nn.Module) -> "str | None":
+    """The token embedding's module name ('model.embed_tokens'), or None where the model has none."""
+    embedding = input_embedding(model)
+    if embedding is None:
+        return None
+    return next((name for name, module in model.named_modules() if module is embedding), None)
+
+
 def has_tied_embeddings(model: nn.Module) -> bool:
     head = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
     emb = model.get_input_embeddings() if hasattr(model, "get_input_embeddings") else None

@@ -22,7 +22,7 @@ from typing import Optional
 import torch
 from torch import nn
 
-from .blocks import input_embedding
+from .blocks import input_embedding, input_embedding_name
 from .memory import evict_clean_file_pages, slices_handed_back
 from .safetensors_header import checkpoint_tensors
 
@@ -121,8 +121,7 @@ def lazy_embedding_name(model: nn.Module) -> Optional[str]:
     """The token embedding's module name when it may wait in its stored dtype until the end of the walk: a
     plain nn.Embedding, whose lookups cast afterwards equal lookups in the converted table (Gemma's scaled
     embedding multiplies in the table's dtype, so it is converted at once)."""
-    embedding = input_embedding(model)
-    if type(embedding) is not nn.Embedding:
+    if type(input_embedding(model)) is not nn.Embedding:
         return None
-    return next((name for name, module in model.named_modules() if module is embedding), None)
+    return input_embedding_name(model)
 

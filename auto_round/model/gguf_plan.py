@@ -13,7 +13,7 @@ from typing import Any, Mapping, Optional, Sequence, Union
 from torch import nn
 
 from ..schemes import GGML_FLOAT_TYPES, GGUF_MIXES, QuantScheme, gguf_scheme, scheme_for_bits
-from .blocks import has_tied_embeddings, layer_shape
+from .blocks import has_tied_embeddings, input_embedding_name, layer_shape
 from .gguf_mix import ModelShape, assign_gguf_types, embedding_type, fallback
 from .layer_config import as_override, matches_fp_key, parse_fp_layers, resolve_layer_schemes
 
@@ -44,16 +44,11 @@ def model_shape(model: nn.Module, n_layers: int) -> ModelShape:
     return ModelShape(n_layers=n_layers, n_gqa=max(1, heads // kv_heads))
 
 
-def embedding_name(model: nn.Module) -> Optional[str]:
-    embedding = model.get_input_embeddings()
-    return next((n for n, m in model.named_modules() if m is embedding), None)
-
-
 def split_embedding_choice(model: nn.Module, layer_config: Optional[Mapping[str, Any]],
                            fp_layers: Union[str, Sequence[str], None]) -> tuple[dict, list[str], Optional[dict]]:
     """(layer_config without the embedding's exact key, fp_layers without entries matching only the embedding,
     the embedding's override dict or None). fp_layers naming the embedding give {'bits': 16} (f16)."""
-    name = embedding_name(model)
+    name = input_embedding_name(model)
     rest = dict(layer_config or {})
     override = as_override(rest.pop(name)) if name is not None and name in rest else None
     keys = parse_fp_layers(fp_layers)
@@ -86,7 +81,7 @@ def plan_gguf(model: nn.Module, block_groups: list[str], mix: str, base: dict[st
     outside = frozenset(n for n, (_, index) in layers.items() if index is None)
     schemes = assign_gguf_types(mix, layers, model_shape(model, n_layers), outside=outside, fixed=fixed,
                                 has_imatrix=has_imatrix)
-    emb_name = embedding_name(model)
+    emb_name = input_embedding_name(model)
     embedding = None
     if emb_name is not None:
         hidden = model.get_submodule(emb_name).weight.shape[1]

@@ -21,7 +21,7 @@ from typing import Any, Mapping, Optional, Sequence, Union
 from torch import nn
 
 from ..schemes import FP_SCHEME, QuantScheme, SchemeError, resolve_scheme, scheme_for_bits
-from .blocks import has_tied_embeddings, layer_shape, lm_head_name, quantizable_layers
+from .blocks import has_tied_embeddings, input_embedding_name, layer_shape, lm_head_name, quantizable_layers
 
 logger = logging.getLogger("auto_round")
 
@@ -125,8 +125,7 @@ def _refuse_embedding_keys(model: nn.Module, names: Sequence[str], layer_config:
     """A layer_config key naming the token embedding exactly, or an fp_layers entry matching it and no layer:
     only GGUF files quantize the embedding (model/gguf_plan.py takes such keys out first), so elsewhere it is
     an error that says so, rather than "matches no quantizable layer"."""
-    embedding = model.get_input_embeddings() if hasattr(model, "get_input_embeddings") else None
-    name = next((n for n, m in model.named_modules() if m is embedding), None) if embedding is not None else None
+    name = input_embedding_name(model)
     if name is None:
         return
     fp_hits = [k for k in parse_fp_layers(fp_layers)
