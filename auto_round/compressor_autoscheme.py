@@ -14,6 +14,7 @@ import torch
 from .algorithms.autoscheme import AutoScheme, AutoSchemeError
 from .algorithms.fused import fused_groups
 from .model.autoscheme_plan import AutoSchemePlan, allocate, calibration_ids, most_common_scheme, plans_json
+from .model.autoscheme_fisher import fisher_scores
 from .model.autoscheme_score import delta_loss_scores
 from .model.blocks import iter_blocks
 from .model.gguf_plan import split_embedding_choice
@@ -63,9 +64,9 @@ def plan_layers(ar: "AutoRound") -> list[AutoSchemePlan]:
         for p in ar.model.parameters():
             p.requires_grad_(False)
         blocks = list(iter_blocks(ar.model, ar.block_groups))
-        return delta_loss_scores(ar.model, blocks, option_layers, ids, mask, batch_size=auto.resolved_batch_size,
-                                 device=ar.device, scale_dtype=ar.scale_dtype,
-                                 gguf_imatrix=ar.tuning.iters > 0 or not ar.disable_opt_rtn)
+        scorer = fisher_scores if auto.score == "fisher" else delta_loss_scores
+        return scorer(ar.model, blocks, option_layers, ids, mask, batch_size=auto.resolved_batch_size,
+                      device=ar.device, scale_dtype=ar.scale_dtype, gguf_imatrix=ar.tuning.iters > 0 or not ar.disable_opt_rtn)
 
     plans = allocate(auto, ar.model, ar.block_groups, ar.layer_schemes, fixed, score)
     for plan in plans:

@@ -54,6 +54,7 @@ def parse_args() -> argparse.Namespace:
     p.add_argument("--keep", action="store_true")
     p.add_argument("--no_share_fused_layers", action="store_true",
                    help="ours: let q/k/v and gate/up take their own options (the reference never groups them)")
+    p.add_argument("--score", default=None, choices=["delta_loss", "fisher"], help="ours: --auto_scheme_score")
     p.add_argument("--auto_only", action="store_true", help="skip the uniform runs (measured before)")
     return p.parse_args()
 
@@ -70,6 +71,8 @@ def command(impl: str, model: Path, calib: Path, out: Path, args, auto: bool) ->
         cmd += ["--auto_scheme_nsamples", str(args.scoring_nsamples), "--auto_scheme_seqlen", str(args.scoring_seqlen)]
         if args.no_share_fused_layers:
             cmd.append("--no_share_fused_layers")
+        if args.score:
+            cmd += ["--auto_scheme_score", args.score]
     return cmd
 
 

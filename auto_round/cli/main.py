@@ -61,6 +61,10 @@ def build_parser(prog: str = "auto-round") -> argparse.ArgumentParser:
     a.add_argument("--auto_scheme_nsamples", type=int, default=16, help="calibration samples of the scoring")
     a.add_argument("--auto_scheme_seqlen", type=int, default=256, help="tokens per sample of the scoring")
     a.add_argument("--auto_scheme_batch_size", type=int, help="samples per scoring pass (default min(8, nsamples))")
+    a.add_argument("--auto_scheme_score", choices=("delta_loss", "fisher"), default="delta_loss",
+                   help="layer sensitivity: delta_loss (the reference's first-order score, gradient of the "
+                        "model with every layer quantized by the option) or fisher (fp gradient per sample, "
+                        "diagonal Fisher x squared error; one pass for all options)")
     t = p.add_argument_group("tuning")
     t.add_argument("--iters", "--iter", type=int, help="SignRound iterations per block; 0 = RTN")
     t.add_argument("--lr", type=float, help="rounding learning rate (default 1/iters)")
@@ -181,7 +185,7 @@ def _auto_scheme(args: argparse.Namespace):
     args.bits = None
     return AutoScheme(target, args.schemes, shared_layers=args.shared_layers,
                       share_fused_layers=args.share_fused_layers, ignore_scale_zp_bits=args.ignore_scale_zp_bits, batch_size=args.auto_scheme_batch_size,
-                      nsamples=args.auto_scheme_nsamples, seqlen=args.auto_scheme_seqlen)
+                      nsamples=args.auto_scheme_nsamples, seqlen=args.auto_scheme_seqlen, score=args.auto_scheme_score)
 
 
 def _default_scheme_and_format(args: argparse.Namespace) -> None:

@@ -41,6 +41,7 @@ class AutoSchemePlan:
     groups: list[list[str]]
     scores: dict[str, list[float]] = field(default_factory=dict)  # allocated layer -> score per option
     share_fused_layers: bool = True  # False: q/k/v, gate/up were allowed different options (not vLLM-loadable)
+    score: str = "delta_loss"  # the sensitivity the scores are (AutoScheme.score)
 
     @property
     def achieved_avg_bits(self) -> float:
@@ -57,6 +58,7 @@ class AutoSchemePlan:
             "fixed_bits": self.fixed_bits, "options": list(self.labels),
             "layers": {n: self._layer_json(n, k) for n, k in self.choice.items()},
             "groups": [g for g in self.groups if len(g) > 1], "share_fused_layers": self.share_fused_layers,
+            "score": self.score,
             "layer_config": self.layer_config(),
         }
 
@@ -154,7 +156,7 @@ def allocate(auto: AutoScheme, model: nn.Module, block_groups: Sequence[str], ba
         plans.append(AutoSchemePlan(
             target=t, budget_bits=budget, total_bits=fixed_bits + sol.total_bits, total_numel=total_numel,
             fixed_bits=fixed_bits, labels=auto.labels, layer_schemes=schemes, choice=choice, groups=groups,
-            scores=layer_scores, share_fused_layers=auto.share_fused_layers))
+            scores=layer_scores, share_fused_layers=auto.share_fused_layers, score=auto.score))
     return plans
 
 

@@ -23,7 +23,7 @@ from __future__ import annotations
 
 import logging
 import time
-from typing import Optional, Sequence
+from typing import Callable, Optional, Sequence
 
 import torch
 import torch.nn.functional as F
@@ -132,8 +132,10 @@ def _like(example_is_tuple: bool, h: torch.Tensor):
 
 
 def _tail_grad(model: nn.Module, blocks: Sequence[nn.Module], h_last: torch.Tensor, ids: torch.Tensor,
-               mask: torch.Tensor, batch: int, device: str, is_tuple: bool) -> tuple[torch.Tensor, float]:
-    """(dL/dh_L [n, T, H], L) with L the token-mean cross-entropy over all samples."""
+               mask: torch.Tensor, batch: int, device: str, is_tuple: bool,
+               after_backward: Optional[Callable[[], object]] = None) -> tuple[torch.Tensor, float]:
+    """(dL/dh_L [n, T, H], L) with L the token-mean cross-entropy over all samples; after_backward runs
+    after each batch's backward (the Fisher scoring reads the per-sample weight gradients there)."""
     labels = ids.masked_fill(mask == 0, -100)
     n_tokens = int((labels[:, 1:] != -100).sum())
     grad = torch.zeros_like(h_last, dtype=torch.float32)
@@ -161,6 +163,8 @@ def _tail_grad(model: nn.Module, blocks: Sequence[nn.Module], h_last: torch.Tens
                 weight = int((lab[:, 1:] != -100).sum()) / max(n_tokens, 1)  # batch mean -> dataset mean
                 loss = out.loss * weight
                 loss.backward()
+            if after_backward is not None:
+                after_backward()
             total += float(loss.detach())
             grad[idx] = h.grad.float().cpu()
     finally:

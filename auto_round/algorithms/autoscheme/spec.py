@@ -9,6 +9,9 @@ from typing import Any, Optional, Sequence
 from ...schemes import GGML_FLOAT_TYPES, GGUF_MIXES, QuantScheme, SchemeError, gguf_mix_of, resolve_scheme
 
 
+SCORES = ("delta_loss", "fisher")
+
+
 class AutoSchemeError(SchemeError):
     """AutoScheme settings that cannot be honoured (unknown option, empty options, target out of range)."""
 
@@ -108,6 +111,10 @@ class AutoScheme:
     ignore_scale_zp_bits: count only b bits per weight (not the per-group scales and zero points).
     nsamples / seqlen / batch_size / dataset: the calibration data of the scoring (reference defaults 16
         samples of 256 tokens; batch_size None = 8, at most nsamples; dataset None = AutoRound's).
+    score: the layer sensitivity. "delta_loss" (the reference's): sum |dL/dW_hat * (W - W_hat)| with the
+        gradient of the model that has every candidate layer quantized by the option, one forward/backward
+        per option. "fisher": 1/2 sum F * (W - W_hat)^2 with F the per-sample squared gradient at the fp
+        weights (diagonal empirical Fisher), one forward/backward for all options.
     """
 
     avg_bits: Any
@@ -119,6 +126,7 @@ class AutoScheme:
     nsamples: int = 16
     seqlen: int = 256
     dataset: Any = None
+    score: str = "delta_loss"
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "targets", _parse_targets(self.avg_bits))
@@ -130,6 +138,8 @@ class AutoScheme:
             value = getattr(self, key)
             if isinstance(value, bool) or not isinstance(value, int) or value < 1:
                 raise AutoSchemeError(f"AutoScheme {key} must be a positive integer, got {value!r}")
+        if self.score not in SCORES:
+            raise AutoSchemeError(f"AutoScheme score must be one of {', '.join(SCORES)}, got {self.score!r}")
         if self.shared_layers is not None:
             object.__setattr__(self, "shared_layers", normalize_shared_layers(self.shared_layers))
         if self.share_fused_layers is None:
