@@ -32,7 +32,7 @@ from pathlib import Path
 from compare import RESULTS, evaluate, model_folder, write_calibration
 from harness import OURS_BIN, PEER_BIN, run_quantization
 
-SCORED = re.compile(r"AutoScheme: option \d+/\d+ scored in ([0-9.]+) s")
+SCORED = re.compile(r"AutoScheme: (?:option \d+/\d+|\d+ options) scored (?:\(Fisher\) )?in ([0-9.]+) s")
 
 
 def parse_args() -> argparse.Namespace:
@@ -95,8 +95,9 @@ def achieved_bits(folder: str) -> float | None:
         for name, module in quantizable_layers(model.get_submodule(group), prefix=group).items():
             fields = {**{k: qc[k] for k in ("bits", "group_size", "sym", "data_type") if k in qc}, **extra.get(name, {})}
             bits = int(fields.get("bits", 16))
-            scheme = QuantScheme(bits=bits, group_size=int(fields.get("group_size", 128)), sym=bool(fields.get("sym", True))) \
-                if bits < 16 else QuantScheme(bits=16, data_type="fp")
+            # the data type decides the scale / zero-point bits (MX: 8-bit E8M0 scale, no zero point)
+            scheme = QuantScheme(bits=bits, group_size=int(fields.get("group_size", 128)), sym=bool(fields.get("sym", True)),
+                                 data_type=fields.get("data_type", "int")) if bits < 16 else QuantScheme(bits=16, data_type="fp")
             out_f, in_f = module.weight.shape
             total += layer_bits(scheme, out_f, in_f)
             numel += out_f * in_f

@@ -50,6 +50,8 @@ def parse_args() -> argparse.Namespace:
     p.add_argument("--eval_samples", type=int, default=8)
     p.add_argument("--eval_seqlen", type=int, default=512)
     p.add_argument("--name", default="gguf-smollm2")
+    p.add_argument("--auto_scheme_score", default="delta_loss", choices=["delta_loss", "fisher"],
+                   help="the sensitivity of the auto=... runs (AutoScheme.score)")
     p.add_argument("--llama_cpp_no_repack", action="store_true",
                    help="llama.cpp keeps the file's weight layout (its repacked q4_0 / q4_1 kernels give wrong "
                         "results on some CPUs: eval/llama_cpp.load_llama)")
@@ -73,19 +75,19 @@ def llama_cpp_version() -> str:
     return llama_cpp.__version__
 
 
-def scheme_and_format(mix: str):
+def scheme_and_format(mix: str, score: str = "delta_loss"):
     """'q4_k_m' -> ('gguf:q4_k_m', 'gguf:q4_k_m'); 'auto=q4_0+q8_0@5.5' -> (AutoScheme(5.5, ...), 'gguf:q4_0')."""
     if not mix.startswith("auto="):
         return f"gguf:{mix}", f"gguf:{mix}"
     options, _, bits = mix[len("auto="):].partition("@")
     mixes = options.split("+")
-    return AutoScheme(float(bits), [f"gguf:{m}" for m in mixes]), f"gguf:{mixes[0]}"
+    return AutoScheme(float(bits), [f"gguf:{m}" for m in mixes], score=score), f"gguf:{mixes[0]}"
 
 
 def run_one(mix: str, mode: str, args, model_dir: Path, tok, windows, work: Path) -> dict:
     kw = dict(iters=0, disable_opt_rtn=True) if mode == "rtn" else dict(iters=0) if mode == "opt-rtn" else \
         dict(iters=args.iters, lr=args.lr)
-    scheme, fmt = scheme_and_format(mix)
+    scheme, fmt = scheme_and_format(mix, args.auto_scheme_score)
     ar = AutoRound(str(model_dir), scheme=scheme, dataset=calibration_texts()[: args.nsamples],
                    nsamples=args.nsamples, seqlen=args.seqlen, batch_size=8, low_cpu_mem_usage=False, **kw)
     t0 = time.perf_counter()
@@ -137,6 +139,7 @@ def main() -> None:
             runs.append(run_one(mix, mode or "opt-rtn", args, model_dir, tok, windows, Path(work)))
     report = {"date": datetime.date.today().isoformat(), "fp_ppl": fp_ppl, "eval_samples": args.eval_samples,
               "eval_seqlen": args.eval_seqlen, "nsamples": args.nsamples, "seqlen": args.seqlen, "lr": args.lr,
+              "auto_scheme_score": args.auto_scheme_score,
               "machine": f"{platform.machine()}, {torch.get_num_threads()} threads, torch {torch.__version__}",
               "llama_cpp": llama_cpp_version() + (", no repack" if args.llama_cpp_no_repack else ""),
               "runs": runs}

@@ -209,10 +209,12 @@ def test_cli_schemes_and_float_bits(tmp_path):
     text = tmp_path / "calib.txt"
     text.write_text(" ".join(f"word{i}" for i in range(3000)))
     rc = main([str(src), "--schemes", "W2A16G64,W4A16G64", "--bits", "3.0", "--iters", "0", "--dataset", str(text),
-               "--auto_scheme_nsamples", "2", "--auto_scheme_seqlen", "16", "--output_dir", str(out)])
+               "--auto_scheme_nsamples", "2", "--auto_scheme_seqlen", "16", "--auto_scheme_score", "delta_loss",
+               "--output_dir", str(out)])
     assert rc == 0
     plan = json.loads((out / "autoscheme_plan.json").read_text())["plans"][0]
     assert plan["achieved_avg_bits"] <= 3.0
+    assert plan["score"] == "delta_loss"  # the flag reaches AutoScheme (the default is fisher)
     assert main([str(src), "--bits", "3.5", "--output_dir", str(tmp_path / "bad")]) == 2
     assert main([str(src), "--scheme", "W4A16", "--schemes", "W2A16,W4A16", "--bits", "3",
                  "--output_dir", str(tmp_path / "bad2")]) == 2

@@ -91,5 +91,5 @@ def test_fisher_plan_end_to_end(tmp_path):
 
 
 def test_unknown_score_is_refused():
-    with pytest.raises(AutoSchemeError, match="score must be one of delta_loss, fisher"):
+    with pytest.raises(AutoSchemeError, match="score must be one of fisher, delta_loss"):
         AutoScheme(3.0, "W2A16G64,W4A16G64", score="hessian")

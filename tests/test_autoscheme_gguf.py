@@ -136,11 +136,12 @@ def test_cli_gguf_options_write_a_gguf_file(tmp_path):
     assert {types[gguf_name(n)] for n in plan["layers"]} == {"Q4_0", "Q8_0"}
 
 
-def test_gguf_options_are_scored_as_opt_rtn_quantizes_them(monkeypatch):
+@pytest.mark.parametrize("score", ["delta_loss", "fisher"])
+def test_gguf_options_are_scored_as_opt_rtn_quantizes_them(monkeypatch, score):
     """With opt-RTN (the iters=0 default) the scoring searches the ggml types with the imatrix of the fp chain,
     the one the opt-RTN walk uses, so each layer's scored weight is the weight the run writes (the embedding
     kept in float so that both see the same block inputs)."""
-    from auto_round.model import autoscheme_score
+    from auto_round.model import autoscheme_fisher, autoscheme_score
 
     ids = random_ids(4, 16)
     seen: dict = {}
@@ -153,8 +154,9 @@ def test_gguf_options_are_scored_as_opt_rtn_quantizes_them(monkeypatch):
         return out
 
     monkeypatch.setattr(autoscheme_score, "_rtn_weights", spy)
+    monkeypatch.setattr(autoscheme_fisher, "_rtn_weights", spy)
     ar = AutoRound(mixed_rows_model(), tiny_tokenizer(), scheme=AutoScheme(3.6, OPTIONS, dataset=ids, nsamples=4,
-                   seqlen=16, batch_size=2), iters=0, dataset=ids, nsamples=4, seqlen=16, batch_size=2,
+                   seqlen=16, batch_size=2, score=score), iters=0, dataset=ids, nsamples=4, seqlen=16, batch_size=2,
                    fp_layers="embed_tokens", low_cpu_mem_usage=False)
     ar.quantize()
     plan = ar.auto_scheme_plans[0]

@@ -61,10 +61,10 @@ def build_parser(prog: str = "auto-round") -> argparse.ArgumentParser:
     a.add_argument("--auto_scheme_nsamples", type=int, default=16, help="calibration samples of the scoring")
     a.add_argument("--auto_scheme_seqlen", type=int, default=256, help="tokens per sample of the scoring")
     a.add_argument("--auto_scheme_batch_size", type=int, help="samples per scoring pass (default min(8, nsamples))")
-    a.add_argument("--auto_scheme_score", choices=("delta_loss", "fisher"), default="delta_loss",
-                   help="layer sensitivity: delta_loss (the reference's first-order score, gradient of the "
-                        "model with every layer quantized by the option) or fisher (fp gradient per sample, "
-                        "diagonal Fisher x squared error; one pass for all options)")
+    a.add_argument("--auto_scheme_score", choices=("fisher", "delta_loss"), default="fisher",
+                   help="layer sensitivity: fisher (default; squared error weighted by the per-sample squared "
+                        "gradient at the fp weights, one pass for all options) or delta_loss (the reference's "
+                        "first-order score, gradient of the model with every layer quantized by the option)")
     t = p.add_argument_group("tuning")
     t.add_argument("--iters", "--iter", type=int, help="SignRound iterations per block; 0 = RTN")
     t.add_argument("--lr", type=float, help="rounding learning rate (default 1/iters)")

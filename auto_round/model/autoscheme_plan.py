@@ -41,7 +41,7 @@ class AutoSchemePlan:
     groups: list[list[str]]
     scores: dict[str, list[float]] = field(default_factory=dict)  # allocated layer -> score per option
     share_fused_layers: bool = True  # False: q/k/v, gate/up were allowed different options (not vLLM-loadable)
-    score: str = "delta_loss"  # the sensitivity the scores are (AutoScheme.score)
+    score: str = "fisher"  # the sensitivity the scores are (AutoScheme.score)
 
     @property
     def achieved_avg_bits(self) -> float:

@@ -1,4 +1,4 @@
-"""AutoScheme: mixed-precision allocation under a bit budget (delta-loss scores + exact knapsack).
+"""AutoScheme: mixed-precision allocation under a bit budget (layer sensitivity scores + exact knapsack).
 
     spec.py    the user-facing AutoScheme settings and option parsing
     cost.py    bits a layer costs under a scheme (weights + scales + zero points)

@@ -9,7 +9,7 @@ from typing import Any, Optional, Sequence
 from ...schemes import GGML_FLOAT_TYPES, GGUF_MIXES, QuantScheme, SchemeError, gguf_mix_of, resolve_scheme
 
 
-SCORES = ("delta_loss", "fisher")
+SCORES = ("fisher", "delta_loss")
 
 
 class AutoSchemeError(SchemeError):
@@ -111,10 +111,12 @@ class AutoScheme:
     ignore_scale_zp_bits: count only b bits per weight (not the per-group scales and zero points).
     nsamples / seqlen / batch_size / dataset: the calibration data of the scoring (reference defaults 16
         samples of 256 tokens; batch_size None = 8, at most nsamples; dataset None = AutoRound's).
-    score: the layer sensitivity. "delta_loss" (the reference's): sum |dL/dW_hat * (W - W_hat)| with the
-        gradient of the model that has every candidate layer quantized by the option, one forward/backward
-        per option. "fisher": 1/2 sum F * (W - W_hat)^2 with F the per-sample squared gradient at the fp
-        weights (diagonal empirical Fisher), one forward/backward for all options.
+    score: the layer sensitivity. "fisher" (the default): 1/2 sum F * (W - W_hat)^2 with F the per-sample
+        squared gradient of the LM loss at the fp weights (diagonal empirical Fisher), plus the same form for
+        quantized activations; one forward/backward for all options. "delta_loss" (the reference's):
+        sum |dL/dW_hat * (W - W_hat)| with the gradient of the model that has every candidate layer quantized
+        by the option at once, one forward/backward per option. On SmolLM2 the Fisher plans had lower
+        perplexity in every setting measured (int, GGUF, MX mixes; README) at about half the scoring time.
     """
 
     avg_bits: Any
@@ -126,7 +128,7 @@ class AutoScheme:
     nsamples: int = 16
     seqlen: int = 256
     dataset: Any = None
-    score: str = "delta_loss"
+    score: str = "fisher"
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "targets", _parse_targets(self.avg_bits))
