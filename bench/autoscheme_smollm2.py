@@ -56,6 +56,7 @@ def parse_args() -> argparse.Namespace:
                    help="ours: let q/k/v and gate/up take their own options (the reference never groups them)")
     p.add_argument("--score", default=None, choices=["delta_loss", "fisher"], help="ours: --auto_scheme_score")
     p.add_argument("--auto_only", action="store_true", help="skip the uniform runs (measured before)")
+    p.add_argument("--uniform_only", action="store_true", help="only the uniform runs (the baseline of a later --auto_only)")
     return p.parse_args()
 
 
@@ -115,7 +116,7 @@ def main() -> None:
     fp = evaluate(str(model), model, args)
     runs = []
     for impl in args.impls:
-        for auto in (True,) if args.auto_only else (False, True):
+        for auto in (True,) if args.auto_only else (False,) if args.uniform_only else (False, True):
             tag = f"{impl}-{'auto-' + args.target if auto else 'uniform-' + args.uniform}"
             out, log = work / tag, work / f"{tag}.log"
             record = run_quantization(impl, command(impl, model, calib, out, args, auto), out, log, cwd=work,

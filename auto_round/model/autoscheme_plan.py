@@ -117,7 +117,8 @@ def _costs(model: nn.Module, names: Sequence[str], schemes: Sequence[QuantScheme
 def allocate(auto: AutoScheme, model: nn.Module, block_groups: Sequence[str], base: dict[str, QuantScheme],
              fixed: set[str], score_fn) -> list[AutoSchemePlan]:
     """One plan per target of `auto`. base: every candidate layer's scheme before allocation (fixed layers
-    keep theirs); score_fn(option_layers) -> per option {layer: score} (model/autoscheme_score.py)."""
+    keep theirs); score_fn(option_layers) -> per option {layer: score} (model/autoscheme_fisher.py or
+    model/autoscheme_score.py)."""
     names = [n for n in base if n not in fixed]
     if not names:
         raise AutoSchemeError("every candidate layer is fixed by layer_config / fp_layers: nothing to allocate")
