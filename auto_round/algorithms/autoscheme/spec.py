@@ -110,7 +110,8 @@ class AutoScheme:
         format's, or the first option's when the format does not name one.
     ignore_scale_zp_bits: count only b bits per weight (not the per-group scales and zero points).
     nsamples / seqlen / batch_size / dataset: the calibration data of the scoring (reference defaults 16
-        samples of 256 tokens; batch_size None = 8, at most nsamples; dataset None = AutoRound's).
+        samples of 256 tokens; batch_size None = 8, at most nsamples (the Fisher score backpropagates one
+        sample at a time whatever it is: it needs per-sample gradients); dataset None = AutoRound's).
     score: the layer sensitivity. "fisher" (the default): 1/2 sum F * (W - W_hat)^2 with F the per-sample
         squared gradient of the LM loss at the fp weights (diagonal empirical Fisher), plus the same form for
         quantized activations; one forward/backward for all options. "delta_loss" (the reference's):
