@@ -30,7 +30,7 @@ from ..algorithms.opt_rtn import imatrix_hooks
 from ..layers import layer_weight
 from ..quant.act_qdq import qdq_act
 from ..schemes import QuantScheme
-from .autoscheme_score import _forward_chain, _rtn_weights, _tail_grad
+from .autoscheme_score import _forward_chain, _remove, _rtn_weights, _tail_grad
 from .block_inputs import BlockCall, block_output, capture_block_inputs
 
 logger = logging.getLogger("auto_round")
@@ -96,11 +96,6 @@ def _scores(patches: dict[str, _FisherLinear], option_layers, device: str, scale
         w_hats = _rtn_weights(mine, device, scale_dtype, imatrix)
         for n in mine:
             result[k][n] = patches[n].weight_term(w_hats[n]) + patches[n].act_terms.get(k, 0.0)
-
-
-def _remove(patches: dict[str, _FisherLinear]) -> None:
-    for p in patches.values():
-        p.remove()
 
 
 def fisher_scores(

@@ -118,7 +118,8 @@ def _gguf_imatrix(blocks: Sequence[nn.Module], captured, option_layers, batch: i
     return dict(imatrix)
 
 
-def _remove(patches: dict[str, _QdqLinear]) -> None:
+def _remove(patches: dict) -> None:
+    """Undo the forward patches (_QdqLinear here, _FisherLinear in autoscheme_fisher.py)."""
     for p in patches.values():
         p.remove()
 
