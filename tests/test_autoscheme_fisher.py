@@ -9,6 +9,7 @@ import torch
 import torch.nn.functional as F
 
 from auto_round import AutoRound, AutoScheme
+from auto_round.algorithms.act_quant import needs_act_calibration
 from auto_round.algorithms.autoscheme import AutoSchemeError
 from auto_round.algorithms.signround import make_tunable
 from auto_round.layers import layer_weight
@@ -29,10 +30,11 @@ def _frozen_model():
 def _full_model_fisher(model, layers, ids):
     """Reference, written out: for each sample a whole-model backward of its share of the token-mean
     cross-entropy at the fp weights (weights and layer inputs as leaves of one graph); F = sum of squared
-    weight grads; score = 1/2 F (W - W_hat)^2 + 1/2 sum g_x^2 (x - x_hat)^2 for act-quantized options."""
+    weight grads; score = 1/2 F (W - W_hat)^2 + 1/2 sum g_x^2 (x - x_hat)^2 for act-quantized options,
+    a static option's x_hat with the max |x| over all samples."""
     n_tokens = ids.shape[0] * (ids.shape[1] - 1)
     fisher = {n: torch.zeros_like(layer_weight(m)) for n, (m, _) in layers.items()}
-    act = {n: 0.0 for n in layers}
+    seen = {n: [] for n in layers}  # (x, dL_s/dx) per sample
     for s in range(ids.shape[0]):
         leaves, inputs = {}, {}
         for n, (m, _) in layers.items():
@@ -50,20 +52,22 @@ def _full_model_fisher(model, layers, ids):
         for n, (m, sch) in layers.items():
             del m.forward
             fisher[n] += leaves[n].grad.pow(2)
-            if sch.quantizes_activations:
-                x, g = inputs[n].detach(), inputs[n].grad
-                xq = qdq_act(x, sch.resolved_act_data_type, sch.act_bits, sch.resolved_act_group_size,
-                             sym=sch.resolved_act_sym)
-                act[n] += 0.5 * float((g.pow(2) * (x - xq).pow(2)).sum())
+            seen[n].append((inputs[n].detach(), inputs[n].grad))
     scores = {}
-    for n, (m, scheme) in layers.items():
-        w_hat = make_tunable(m, scheme, scale_dtype=torch.float16, enable_minmax_tuning=False,
+    for n, (m, sch) in layers.items():
+        w_hat = make_tunable(m, sch, scale_dtype=torch.float16, enable_minmax_tuning=False,
                              device="cpu").qdq_weight().detach()
-        scores[n] = 0.5 * float((fisher[n] * (layer_weight(m) - w_hat).pow(2)).sum()) + act[n]
+        scores[n] = 0.5 * float((fisher[n] * (layer_weight(m) - w_hat).pow(2)).sum())
+        if sch.quantizes_activations:
+            act_max = max(float(x.abs().max()) for x, _ in seen[n]) if needs_act_calibration(sch) else None
+            for x, g in seen[n]:
+                xq = qdq_act(x, sch.resolved_act_data_type, sch.act_bits, sch.resolved_act_group_size,
+                             sym=sch.resolved_act_sym, act_max=None if act_max is None else torch.tensor(act_max))
+                scores[n] += 0.5 * float((g.pow(2) * (x - xq).pow(2)).sum())
     return scores
 
 
-@pytest.mark.parametrize("options", [["W2A16G64", "W4A16G64"], ["MXFP4"]])
+@pytest.mark.parametrize("options", [["W2A16G64", "W4A16G64"], ["MXFP4"], ["FP8_STATIC"]])
 def test_blockwise_fisher_equals_full_model_per_sample(options):
     model = _frozen_model()
     ids = random_ids(3, 16)

@@ -9,7 +9,9 @@ the diagonal empirical Fisher (HAWQ / SqueezeLLM style):
     score_l(option) = 1/2 * sum_ij F_ij (W - W_hat)_ij^2,    F = sum_s (dL_s/dW)^2       (weight term)
                     + 1/2 * sum_{s,t,j} (dL_s/dx_tj)^2 (x - x_hat)_tj^2                   (activation term)
 
-L_s is sample s's share of the token-mean cross-entropy (labels = ids). The forward, tail and backward
+L_s is sample s's share of the token-mean cross-entropy (labels = ids). A static activation option's
+x_hat uses the run's kind of scale: the max |x| over the whole calibration set (of the fp chain; lm_head,
+whose inputs the chain does not see, the sample's own). The forward, tail and backward
 run once for all options (the delta-loss scoring runs them once per option); the backward goes one
 sample at a time, because F needs the per-sample gradients. Memory: as the delta-loss scoring, plus F
 (fp32, one block's layers) while a block is walked.
@@ -26,6 +28,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from ..algorithms.act_quant import needs_act_calibration
+from ..algorithms.input_stats import input_stat_hooks
 from ..algorithms.opt_rtn import imatrix_hooks
 from ..layers import layer_weight
 from ..quant.act_qdq import qdq_act
@@ -41,8 +44,9 @@ class _FisherLinear:
     `accumulate` adds the squared weight gradient to F, and the activation term of every option that
     quantizes this layer's input is added from the input gradient."""
 
-    def __init__(self, module: nn.Module, act_options: dict[int, QuantScheme], device: str):
-        self.module, self.act_options = module, act_options
+    def __init__(self, module: nn.Module, act_options: dict[int, QuantScheme], device: str,
+                 act_max: Optional[torch.Tensor] = None):
+        self.module, self.act_options, self.act_max = module, act_options, act_max
         self.w = layer_weight(module).detach().to(device, torch.float32).requires_grad_(True)
         self.fisher = torch.zeros_like(self.w)
         self.act_terms = {k: 0.0 for k in act_options}
@@ -61,7 +65,9 @@ class _FisherLinear:
         def hook(g: torch.Tensor) -> None:
             g2 = g.float().pow(2)
             for k, s in self.act_options.items():
-                act_max = x.abs().amax().float() if needs_act_calibration(s) else None
+                act_max = None
+                if needs_act_calibration(s):  # the calibration set's max, else (lm_head) this sample's
+                    act_max = self.act_max if self.act_max is not None else x.abs().amax().float()
                 xq = qdq_act(x, s.resolved_act_data_type, s.act_bits, s.resolved_act_group_size,
                              sym=s.resolved_act_sym, act_max=act_max)
                 self.act_terms[k] += 0.5 * float((g2 * (x - xq).float().pow(2)).sum())
@@ -82,10 +88,11 @@ class _FisherLinear:
             self.module.forward = self._own
 
 
-def _patch(layers: dict[str, nn.Module], option_layers, device: str) -> dict[str, _FisherLinear]:
+def _patch(layers: dict[str, nn.Module], option_layers, device: str,
+           act_max: dict[str, torch.Tensor]) -> dict[str, _FisherLinear]:
     acts = {n: {k: ol[n][1] for k, ol in enumerate(option_layers) if n in ol and ol[n][1].quantizes_activations}
             for n in layers}
-    return {n: _FisherLinear(m, acts[n], device) for n, m in layers.items()}
+    return {n: _FisherLinear(m, acts[n], device, act_max.get(n)) for n, m in layers.items()}
 
 
 def _scores(patches: dict[str, _FisherLinear], option_layers, device: str, scale_dtype: torch.dtype,
@@ -121,11 +128,16 @@ def fisher_scores(
     captured = capture_block_inputs(model, mods, input_ids, attention_mask, device=device)
     ggml = {n: (m, s) for layers in option_layers for n, (m, s) in layers.items()
             if gguf_imatrix and s.gguf is not None and n not in outside}
-    with imatrix_hooks(ggml) as imatrix:  # the fp chain: every layer computes with its fp weight
+    static = {n: m for layers in option_layers for n, (m, s) in layers.items()
+              if needs_act_calibration(s) and n not in outside}
+    maxima = input_stat_hooks(static, lambda x: x.abs().amax().float(), torch.maximum)
+    # the fp chain (every layer computes with its fp weight) also gives the imatrix of the ggml options and
+    # the calibration-set input maxima of static activation options (the run's static scales)
+    with imatrix_hooks(ggml) as imatrix, maxima as act_max:
         hs, is_tuple = _forward_chain(mods, captured, [{} for _ in mods], batch_size, device, scale_dtype, {})
-    imatrix = dict(imatrix)
+    imatrix, act_max = dict(imatrix), dict(act_max)
     result: list[dict[str, float]] = [{} for _ in option_layers]
-    head = _patch(outside, option_layers, device)
+    head = _patch(outside, option_layers, device, act_max)
     try:
         g, loss = _tail_grad(model, mods, hs[-1], input_ids, attention_mask, 1, device, is_tuple,
                              after_backward=lambda: [p.accumulate() for p in head.values()])
@@ -134,7 +146,7 @@ def fisher_scores(
         _remove(head)
     for i in reversed(range(len(mods))):
         g = _backward_block(mods[i], hs[i], captured.calls[i], g, per_block[i], option_layers, device,
-                            scale_dtype, imatrix, result, need_input_grad=i > 0)
+                            scale_dtype, imatrix, act_max, result, need_input_grad=i > 0)
         hs[i + 1] = None  # type: ignore[call-overload]  (free as we go)
     logger.info("AutoScheme: %d options scored (Fisher) in %.1f s (fp loss %.4f)", len(option_layers),
                 time.perf_counter() - start, loss)
@@ -143,11 +155,11 @@ def fisher_scores(
 
 def _backward_block(block: nn.Module, h_in: torch.Tensor, call: BlockCall, g_out: torch.Tensor,
                     layers: dict[str, nn.Module], option_layers, device: str, scale_dtype: torch.dtype,
-                    imatrix: dict[str, torch.Tensor], result: list[dict[str, float]],
-                    need_input_grad: bool) -> Optional[torch.Tensor]:
+                    imatrix: dict[str, torch.Tensor], act_max: dict[str, torch.Tensor],
+                    result: list[dict[str, float]], need_input_grad: bool) -> Optional[torch.Tensor]:
     """Recompute the block one sample at a time with grad, accumulate F, score its layers; dL/dh_in."""
     block.to(device)
-    patches = _patch(layers, option_layers, device)
+    patches = _patch(layers, option_layers, device, act_max)
     g_in = torch.zeros_like(h_in, dtype=torch.float32) if need_input_grad else None
     try:
         for s in range(h_in.shape[0]):
