@@ -97,18 +97,35 @@ def _check_layers(ar: "AutoRound", formats: list[str]) -> dict[str, tuple[QuantS
     return layers
 
 def check_options_exportable(ar: "AutoRound", formats: list[str]) -> None:
-    """Before the (slow) scoring: each option alone must be writable in every format."""
-    for option in ar.auto_scheme.schemes:
-        layers = {n: (option if s.is_quantized else s, layer_shape(ar.model.get_submodule(n))[1])
-                  for n, s in ar.layer_schemes.items()}
-        outside = frozenset(n for n in layers if not any(n.startswith(g + ".") for g in ar.block_groups))
-        conv1d = frozenset(n for n in layers if is_conv1d(ar.model.get_submodule(n)))
-        out_features = {n: layer_shape(ar.model.get_submodule(n))[0] for n in layers}
-        for fmt in formats:
+    """Before the (slow) scoring: each option alone must be writable in every format, and so must a mix of
+    them (an auto_round checkpoint holds one packing: NVFP4 and FP8 options cannot share one)."""
+    names = list(ar.layer_schemes)
+    outside = frozenset(n for n in names if not any(n.startswith(g + ".") for g in ar.block_groups))
+    conv1d = frozenset(n for n in names if is_conv1d(ar.model.get_submodule(n)))
+    shapes = {n: layer_shape(ar.model.get_submodule(n)) for n in names}
+    out_features = {n: shape[0] for n, shape in shapes.items()}
+    options = ar.auto_scheme.schemes
+
+    def block_index(name: str) -> int:
+        group = next((g for g in ar.block_groups if name.startswith(g + ".")), None)
+        return 0 if group is None else int(name[len(group) + 1:].split(".")[0])
+
+    def layers_with(pick) -> dict[str, tuple[QuantScheme, int]]:
+        return {n: (pick(block_index(n)) if s.is_quantized else s, shapes[n][1]) for n, s in ar.layer_schemes.items()}
+
+    for fmt in formats:
+        for option in options:
             try:
-                check_format(fmt, layers, outside, conv1d, out_features)
+                check_format(fmt, layers_with(lambda i: option), outside, conv1d, out_features)
             except ExportError as err:
                 raise ExportError(f"AutoScheme option {option} cannot be written as {fmt!r}: {err}") from err
+        if len(options) > 1:  # every option fits every layer (above), so a failure now is the mix itself;
+            # whole blocks take one option, as fused groups (q/k/v, gate/up) always do in a shared plan
+            try:
+                check_format(fmt, layers_with(lambda i: options[i % len(options)]), outside, conv1d, out_features)
+            except ExportError as err:
+                raise ExportError(f"AutoScheme options {', '.join(ar.auto_scheme.labels)} cannot be mixed in one "
+                                  f"{fmt!r} checkpoint: {err}") from err
 
 def adopt_gguf_format(ar: "AutoRound", formats: list[str]) -> None:
     """format='gguf:<mix>' decides the scheme when none was given for it (reference behaviour): before

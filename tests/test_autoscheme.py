@@ -14,6 +14,7 @@ from transformers import AutoModelForCausalLM
 from auto_round import AutoRound, AutoScheme
 from auto_round.algorithms.autoscheme import AutoSchemeError, Item, build_groups, layer_bits, solve
 from auto_round.algorithms.autoscheme.solver import InfeasibleBudget
+from auto_round.export import ExportError
 from auto_round.algorithms.signround import make_tunable
 from auto_round.layers import layer_weight
 from auto_round.model.autoscheme_score import delta_loss_scores
@@ -270,3 +271,23 @@ def test_plan_in_gptq_dynamic_and_compressed_tensors_groups(tmp_path):
         for target in g["targets"]:
             names = [n for n in bits if n == target or target.startswith("re:") and __import__("re").match(target[3:], n)]
             assert all(bits[n] == g["weights"]["num_bits"] for n in names)
+
+
+def test_options_that_cannot_share_a_checkpoint_are_refused_before_the_scoring(tmp_path, monkeypatch):
+    """NVFP4 and FP8_STATIC each fit auto_round, but one auto_round checkpoint holds one packing: the mix is
+    refused before the scoring runs, with no output left; llm_compressor (a group per scheme) takes it."""
+    from auto_round import compressor_autoscheme
+
+    def no_scoring(*args, **kwargs):
+        raise AssertionError("the scoring ran")
+
+    monkeypatch.setattr(compressor_autoscheme, "fisher_scores", no_scoring)
+    ar = AutoRound(tiny_model("llama"), scheme=AutoScheme(6.5, "NVFP4,FP8_STATIC", nsamples=4, seqlen=16), iters=0,
+                   dataset=random_ids(8, 16))
+    with pytest.raises(ExportError, match="NVFP4, FP8_STATIC cannot be mixed in one 'auto_round' checkpoint"):
+        ar.quantize_and_save(tmp_path / "out", format="auto_round")
+    assert not (tmp_path / "out").exists()
+    monkeypatch.undo()
+    ar.quantize_and_save(tmp_path / "ct", format="llm_compressor")
+    groups = json.loads((tmp_path / "ct" / "config.json").read_text())["quantization_config"]["config_groups"]
+    assert len(groups) == 2
