@@ -14,10 +14,10 @@ from auto_round.algorithms.autoscheme import AutoSchemeError
 from auto_round.algorithms.signround import make_tunable
 from auto_round.layers import layer_weight
 from auto_round.model.autoscheme_fisher import fisher_scores
-from auto_round.model.blocks import iter_blocks
+from auto_round.model.blocks import find_block_groups, iter_blocks, quantizable_layers
 from auto_round.quant.act_qdq import qdq_act
 from auto_round.schemes import get_scheme
-from tiny_models import random_ids, tiny_model
+from tiny_models import CONFIGS, random_ids, tiny_model
 
 
 def _frozen_model():
@@ -97,3 +97,21 @@ def test_fisher_plan_end_to_end(tmp_path):
 def test_unknown_score_is_refused():
     with pytest.raises(AutoSchemeError, match="score must be one of fisher, delta_loss"):
         AutoScheme(3.0, "W2A16G64,W4A16G64", score="hessian")
+
+
+@pytest.mark.parametrize("arch", sorted(CONFIGS))
+def test_fisher_scores_on_every_architecture(arch):
+    """Every tiny architecture (Conv1D GPT-2, OPT, NeoX, Gemma3 ...) scores each block layer, 4 bits below
+    2 bits, with the whole-model reference agreeing on one of its layers."""
+    model = tiny_model(arch)
+    for p in model.parameters():
+        p.requires_grad_(False)
+    group = find_block_groups(model)[0]
+    layers = quantizable_layers(model.get_submodule(group), prefix=group)
+    opts = [{n: (m, get_scheme(o)) for n, m in layers.items()} for o in ("W2A16G32", "W4A16G32")]
+    ids = random_ids(2, 16)
+    got = fisher_scores(model, list(iter_blocks(model, [group])), opts, ids, torch.ones_like(ids), batch_size=2)
+    assert all(0 < got[1][n] < got[0][n] for n in layers)
+    first = next(iter(layers))
+    want = _full_model_fisher(model, {first: opts[0][first]}, ids)
+    assert got[0][first] == pytest.approx(want[first], rel=2e-3)
