@@ -27,13 +27,12 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ..algorithms.act_quant import needs_act_calibration
-from ..algorithms.input_stats import input_stat_hooks
+from ..algorithms.act_quant import act_max_hooks, needs_act_calibration
 from ..algorithms.opt_rtn import imatrix_hooks
 from ..layers import layer_weight
 from ..quant.act_qdq import qdq_act
 from ..schemes import QuantScheme
-from .autoscheme_score import _forward_chain, _remove, _rtn_weights, _tail_grad
+from .autoscheme_score import _forward_chain, _remove, _rtn_weights, _split_by_block, _tail_grad
 from .block_inputs import BlockCall, block_output, capture_block_inputs
 
 logger = logging.getLogger("auto_round")
@@ -123,14 +122,13 @@ def fisher_scores(
     names = [n for n, _ in blocks]
     mods = [b for _, b in blocks]
     candidates = {n: m for layers in option_layers for n, (m, _) in layers.items()}
-    per_block = [{n: m for n, m in candidates.items() if n.startswith(b + ".")} for b in names]
-    outside = {n: m for n, m in candidates.items() if not any(n.startswith(b + ".") for b in names)}
+    per_block, outside = _split_by_block(candidates, names)
     captured = capture_block_inputs(model, mods, input_ids, attention_mask, device=device)
     ggml = {n: (m, s) for layers in option_layers for n, (m, s) in layers.items()
             if gguf_imatrix and s.gguf is not None and n not in outside}
-    static = {n: m for layers in option_layers for n, (m, s) in layers.items()
+    static = {n: (m, s) for layers in option_layers for n, (m, s) in layers.items()
               if needs_act_calibration(s) and n not in outside}
-    maxima = input_stat_hooks(static, lambda x: x.abs().amax().float(), torch.maximum)
+    maxima = act_max_hooks(static)
     # the fp chain (every layer computes with its fp weight) also gives the imatrix of the ggml options and
     # the calibration-set input maxima of static activation options (the run's static scales)
     with imatrix_hooks(ggml) as imatrix, maxima as act_max:

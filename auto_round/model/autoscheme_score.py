@@ -124,6 +124,13 @@ def _remove(patches: dict) -> None:
         p.remove()
 
 
+def _split_by_block(layers: dict, block_names: Sequence[str]) -> tuple[list[dict], dict]:
+    """({name: v} of each block's layers in block order, {name: v} of the layers outside every block)."""
+    per_block = [{n: v for n, v in layers.items() if n.startswith(b + ".")} for b in block_names]
+    outside = {n: v for n, v in layers.items() if not any(n.startswith(b + ".") for b in block_names)}
+    return per_block, outside
+
+
 def _batches(n: int, batch: int) -> list[torch.Tensor]:
     return [torch.arange(s, min(s + batch, n)) for s in range(0, n, batch)]
 
@@ -202,8 +209,7 @@ def delta_loss_scores(
     scores: list[dict[str, float]] = []
     for k, layers in enumerate(option_layers):
         start = time.perf_counter()
-        per_block = [{n: v for n, v in layers.items() if n.startswith(b + ".")} for b in names]
-        outside = {n: v for n, v in layers.items() if not any(n.startswith(b + ".") for b in names)}
+        per_block, outside = _split_by_block(layers, names)
         hs, is_tuple = _forward_chain(mods, captured, per_block, batch_size, device, scale_dtype, imatrix)
         head = _install(outside, device, scale_dtype, grad=True, imatrix=imatrix)
         try:
