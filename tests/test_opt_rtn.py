@@ -44,6 +44,26 @@ def test_search_matches_a_brute_force_loop(bits):
             assert half / factor[r, g].item() == pytest.approx(d, rel=1e-6)
 
 
+@pytest.mark.parametrize("slice_elements", [1, 40, 100])
+def test_search_in_row_slices_matches_the_brute_force_loop(monkeypatch, slice_elements):
+    """Rows are searched in slices (one row, 1-2 rows, 3 rows with a short last slice of 7): every group
+    still gets the brute-force divisor, and the result equals the one-slice search exactly."""
+    import auto_round.quant.opt_rtn as opt_rtn
+
+    torch.manual_seed(5)
+    grouped = torch.randn(7, 2, 16) * torch.rand(7, 1, 1)
+    importance = torch.rand(7, 2, 16) * 4
+    wmin, wmax = group_range(grouped)
+    whole = search_sym_clip_factor(grouped, 3, importance, wmin, wmax)
+    monkeypatch.setattr(opt_rtn, "SEARCH_SLICE_ELEMENTS", slice_elements)
+    sliced = search_sym_clip_factor(grouped, 3, importance, wmin, wmax)
+    assert torch.equal(sliced, whole)
+    for r in range(7):
+        for g in range(2):
+            d = brute_force_divisor(grouped[r, g].tolist(), importance[r, g].tolist(), 3)
+            assert 4 / sliced[r, g].item() == pytest.approx(d, rel=1e-6)
+
+
 @pytest.mark.parametrize("bits,group_size", [(2, 32), (3, 64), (4, 128), (4, -1)])
 def test_search_never_worse_than_rtn_on_the_weighted_error(bits, group_size):
     torch.manual_seed(0)

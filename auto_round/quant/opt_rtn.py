@@ -50,23 +50,47 @@ def fill_importance(imp: torch.Tensor, grouped_weight: torch.Tensor, bits: int) 
     return torch.where(too_sparse.expand_as(imp), from_weight, filled)
 
 
+# Elements per slice of the search: the slice's weight, importance and one work buffer stay in the L2 / L3
+# cache across the ~200 candidates (measured on a 2-core EPYC: 128K elements 1.6-2.2x faster than whole
+# layers, 32K slower again from per-op overhead), and the search's memory no longer grows with the layer.
+SEARCH_SLICE_ELEMENTS = 1 << 17
+
+
 @torch.no_grad()
 def search_sym_clip_factor(grouped: torch.Tensor, bits: int, importance: torch.Tensor, wmin: torch.Tensor,
                            wmax: torch.Tensor, scale_dtype: torch.dtype = torch.float16) -> torch.Tensor:
     """Per-group factor f = 2^(b-1) / d* [rows, n_groups] minimizing the weighted error (module docstring).
 
     grouped [rows, n_groups, G] fp32 (zero-padded tail: zero weight, any importance); importance same
-    shape (see `fill_importance`); wmin / wmax [rows, n_groups] as from `group_range`.
+    shape (see `fill_importance`); wmin / wmax [rows, n_groups] as from `group_range`. Rows are searched in
+    slices of about SEARCH_SLICE_ELEMENTS weights; every group's result is independent of the slicing.
     """
     half = 2 ** (bits - 1)
     extreme = signed_extreme(wmin, wmax)  # [rows, n_groups]
-    best_err = torch.full_like(extreme, float("inf"))
     best_d = torch.full_like(extreme, float(half))
-    for d in divisor_grid(bits).tolist():
+    grid = divisor_grid(bits).tolist()
+    rows_per_slice = max(1, SEARCH_SLICE_ELEMENTS // max(1, grouped[0].numel()))
+    for start in range(0, grouped.shape[0], rows_per_slice):
+        rows = slice(start, start + rows_per_slice)
+        _search_rows(grouped[rows], importance[rows], extreme[rows], best_d[rows], grid, half, scale_dtype)
+    return half / best_d
+
+
+def _search_rows(grouped: torch.Tensor, importance: torch.Tensor, extreme: torch.Tensor, best_d: torch.Tensor,
+                 grid: list[float], half: int, scale_dtype: torch.dtype) -> None:
+    """The grid search on a slice of rows; writes the best divisor into best_d (a view) in place.
+
+    err = sum_G importance * (s * clamp(round(w / s), -half, half - 1) - w)^2, evaluated in one reused
+    buffer (in-place ops in the same order as the formula, so the values are those of the plain expression).
+    """
+    best_err = torch.full_like(extreme, float("inf"))
+    work = torch.empty_like(grouped)
+    err = torch.empty_like(extreme)
+    for d in grid:
         s3 = sym_scale(extreme, d, scale_dtype).float().unsqueeze(-1)
-        q = torch.clamp(torch.round(grouped / s3), -half, half - 1)
-        err = (importance * (s3 * q - grouped).pow(2)).sum(-1)
+        torch.div(grouped, s3, out=work)
+        work.round_().clamp_(-half, half - 1).mul_(s3).sub_(grouped).square_().mul_(importance)
+        torch.sum(work, dim=-1, out=err)
         better = err < best_err
         best_err = torch.where(better, err, best_err)
-        best_d = torch.where(better, d, best_d)
-    return half / best_d
+        best_d.masked_fill_(better, d)
