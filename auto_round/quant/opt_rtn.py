@@ -50,10 +50,11 @@ def fill_importance(imp: torch.Tensor, grouped_weight: torch.Tensor, bits: int) 
     return torch.where(too_sparse.expand_as(imp), from_weight, filled)
 
 
-# Elements per slice of the search: the slice's weight, importance and one work buffer stay in the L2 / L3
-# cache across the ~200 candidates (measured on a 2-core EPYC: 128K elements 1.6-2.2x faster than whole
-# layers, 32K slower again from per-op overhead), and the search's memory no longer grows with the layer.
-SEARCH_SLICE_ELEMENTS = 1 << 17
+# Elements per slice of the search: the slice's weight, importance and one reused work buffer, ~200 candidates
+# each. Measured on a 2-core EPYC (a SmolLM2 block's seven layers / one 4096 x 4096 layer, W4A16): 32K elements
+# 1.93 / 7.8 s (per-op overhead), 128K 0.69 / 2.6 s, 256K 0.64 / 2.2-2.4 s, 1M 0.65 / 3.1 s, whole layers
+# slower still (and their temporaries grow with the layer).
+SEARCH_SLICE_ELEMENTS = 1 << 18
 
 
 @torch.no_grad()
