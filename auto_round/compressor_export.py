@@ -16,6 +16,7 @@ import torch
 from .export import ExportContext, check_format, parse_formats
 from .export.gguf import check_gguf_arch
 from .export.writer import ExportError, check_output_dir
+from .algorithms.autoscheme.spec import scheme_label
 from .layers import is_conv1d, layer_shape
 from .schemes import QuantScheme, gguf_mix_of, resolve_scheme
 
@@ -147,6 +148,10 @@ def adopt_gguf_format(ar: "AutoRound", formats: list[str]) -> None:
                           f"scheme {formats[0]!r} at quantization time")
     # AutoScheme with GGUF options: the format's mix gives the embedding / output types and the file type;
     # the plan (made later) gives the block layers theirs
+    if ar.auto_scheme is None and ar.scheme != resolve_scheme("W4A16"):  # W4A16 is the default: nothing asked
+        logger.warning("format %s quantizes with llama.cpp's %s tensor types, not the scheme %s given; pass "
+                       "scheme %r (or the gguf:* format wanted) to silence this", formats[0], mix,
+                       scheme_label(ar.scheme), formats[0])
     logger.info("format %s: quantizing with llama.cpp's %s tensor types", formats[0], mix)
     ar.scheme = resolve_scheme(formats[0])
     ar._resolve_layers(mix)

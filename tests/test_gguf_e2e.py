@@ -5,6 +5,8 @@ reloaded fp32 weights must equal our fake-quantized weights bit for bit, and the
 rounding (|diff| <= 1e-4 * (1 + max|logit|)).
 """
 
+import logging
+
 import gguf
 import pytest
 import torch
@@ -125,6 +127,22 @@ def test_format_alone_picks_the_gguf_scheme(tmp_path):
     ar.quantize_and_save(out, format="gguf:q8_0")
     assert ar.layer_schemes["model.layers.0.self_attn.q_proj"].gguf == "q8_0"
     assert_same_model(ar, next(out.glob("*.gguf")))
+
+
+def test_format_over_an_explicit_scheme_warns(tmp_path, caplog):
+    """A gguf:* format decides the tensor types; a scheme the user chose (not the default W4A16) that it
+    replaces is named in a warning, the default is replaced silently."""
+    for scheme, warned in (("W2A16", True), ("W4A16", False)):
+        ar = AutoRound(wide_model("llama"), tiny_tokenizer(), scheme=scheme, iters=0, disable_opt_rtn=True,
+                       low_cpu_mem_usage=False)
+        caplog.clear()
+        with caplog.at_level(logging.WARNING, logger="auto_round"):
+            ar.quantize_and_save(tmp_path / scheme, format="gguf:q8_0")
+        replaced = [r.getMessage() for r in caplog.records if "not the scheme" in r.getMessage()]
+        assert len(replaced) == warned
+        if warned:
+            assert "int2_g128" in replaced[0] and "q8_0" in replaced[0]
+        assert ar.layer_schemes["model.layers.0.self_attn.q_proj"].gguf == "q8_0"
 
 
 def test_immediate_packing_gives_the_same_file(tmp_path):
