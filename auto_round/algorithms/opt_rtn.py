@@ -19,6 +19,7 @@ from ..quant.int_qdq import GroupLayout, group_range, qdq_int
 from ..schemes import QuantScheme
 from .init_scales import float_init_scale, int_clip_factor  # noqa: F401 (float_init_scale: public here too)
 from .input_stats import input_stat_hooks
+from .rtn_slices import rtn_in_slices
 from .tunable import LayerQuantResult, result_from_qdq
 from .gguf import gguf_rtn_block
 from .signround import install_act_quantizers, nvfp4_global_scales, rtn_block, with_act_max
@@ -43,15 +44,21 @@ def imatrix_hooks(layers: dict[str, tuple[nn.Module, QuantScheme]]):
 @torch.no_grad()
 def opt_rtn_layer(module: nn.Module, scheme: QuantScheme, imatrix: torch.Tensor, *,
                   scale_dtype: torch.dtype = torch.float16, device: str = "cpu") -> LayerQuantResult:
-    """Quantize one layer with searched scales; writes the fake-quantized weight in place."""
+    """Quantize one layer with searched scales; writes the fake-quantized weight in place (in row slices:
+    rtn_slices.py)."""
     factor = int_clip_factor(module, scheme, imatrix, scale_dtype=scale_dtype, device=device)
-    weight = layer_weight(module).detach().to(device=device, dtype=torch.float32)
-    layout = GroupLayout(weight.shape[0], weight.shape[1], scheme.group_size)
-    grouped = layout.to_groups(weight)
-    wmin, wmax = group_range(grouped)
-    res = qdq_int(grouped, scheme.bits, True, alpha=factor, beta=factor, wmin=wmin, wmax=wmax, scale_dtype=scale_dtype)
-    set_layer_weight(module, layout.from_groups(res.weight))
-    return result_from_qdq(res, scheme, layout)
+
+    def quantize(rows: nn.Module, factor_rows: torch.Tensor, _gscale) -> LayerQuantResult:
+        weight = layer_weight(rows).detach().to(device=device, dtype=torch.float32)
+        layout = GroupLayout(weight.shape[0], weight.shape[1], scheme.group_size)
+        grouped = layout.to_groups(weight)
+        wmin, wmax = group_range(grouped)
+        res = qdq_int(grouped, scheme.bits, True, alpha=factor_rows, beta=factor_rows, wmin=wmin, wmax=wmax,
+                      scale_dtype=scale_dtype)
+        set_layer_weight(rows, layout.from_groups(res.weight))
+        return result_from_qdq(res, scheme, layout)
+
+    return rtn_in_slices(module, scheme, quantize, init_scale=factor)
 
 
 def opt_rtn_block(layers: dict[str, tuple[nn.Module, QuantScheme]], imatrix: dict[str, torch.Tensor], *,

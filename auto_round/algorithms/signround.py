@@ -21,9 +21,8 @@ from typing import Callable, Optional, Sequence
 import torch
 from torch import nn
 
-from ..layers import layer_weight
 from ..quant.act_fused import GroupQdqKernels
-from ..quant.nvfp_qdq import shared_global_scale
+from ..quant.nvfp_qdq import global_scale_from_amax
 from ..schemes import QuantScheme
 from .act_quant import ActQuantizer, SharedInputQdq
 from .compile import COMPILED_KERNELS
@@ -32,6 +31,7 @@ from .alg_ext import (ALG_EXT_SCALE_BOUND, InitScaleTunableLayer, alg_ext_init_s
 from .float_tunable import FloatTunableLayer
 from .fused import fused_groups
 from .gguf import GGUFTunableLayer, gguf_rtn_block
+from .rtn_slices import rtn_in_slices, weight_absmax
 from .tunable import LayerQuantResult, TunableLayer
 
 logger = logging.getLogger("auto_round")
@@ -143,9 +143,9 @@ def nvfp4_global_scales(layers: dict[str, tuple[nn.Module, QuantScheme]]) -> dic
     """NVFP4 layers' global scales: each its own 448*6/amax, but fused siblings (q/k/v, gate/up) share the
     smallest, so a runtime that concatenates them keeps one scale (reference default)."""
     nv = {n: m for n, (m, s) in layers.items() if s.is_quantized and s.data_type == "nv_fp"}
-    scales = {n: shared_global_scale([layer_weight(m).float()]) for n, m in nv.items()}
+    scales = {n: global_scale_from_amax(weight_absmax(m)) for n, m in nv.items()}  # no weight-sized copy
     for group in fused_groups(nv):
-        shared = shared_global_scale([layer_weight(nv[n]).float() for n in group])
+        shared = torch.stack([scales[n] for n in group]).amin(dim=0)  # = shared_global_scale of the weights
         scales.update({n: shared for n in group})
     return scales
 
@@ -373,8 +373,11 @@ def rtn_block(
     for name, (module, scheme) in layers.items():
         if name in ggml_layers:
             continue
-        init = (init_scales or {}).get(name)
-        tunable = make_tunable(module, scheme, scale_dtype=scale_dtype, enable_minmax_tuning=False, device=device,
-                               gscale=gscales.get(name), init_scale=init)
-        results[name] = with_act_max(tunable.finalize(), quantizers.get(name))
+        def quantize(rows: nn.Module, init: Optional[torch.Tensor], gscale: Optional[torch.Tensor], scheme=scheme):
+            return make_tunable(rows, scheme, scale_dtype=scale_dtype, enable_minmax_tuning=False, device=device,
+                                gscale=gscale, init_scale=init).finalize()
+
+        result = rtn_in_slices(module, scheme, quantize, init_scale=(init_scales or {}).get(name),
+                               gscale=gscales.get(name))
+        results[name] = with_act_max(result, quantizers.get(name))
     return results
