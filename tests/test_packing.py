@@ -67,3 +67,20 @@ def test_out_of_range_values_are_rejected():
         pack_last_dim(torch.tensor([[16] + [0] * 7]), 4)
     with pytest.raises(ValueError, match="whole int32 words"):
         pack_last_dim(torch.zeros(1, 10, dtype=torch.int64), 3)
+
+
+@pytest.mark.parametrize("bits", range(1, 9))
+def test_packing_in_row_chunks_equals_one_chunk(monkeypatch, bits):
+    """Rows are packed / unpacked in chunks of ~_CHUNK_VALUES values (bounded int64 temporaries): any chunking,
+    one row or several with a short last chunk, gives the words of a single chunk."""
+    import auto_round.packing.bitstream as bitstream
+
+    torch.manual_seed(bits)
+    values = torch.randint(0, 2**bits, (3, 7, 64), dtype=torch.uint8)
+    monkeypatch.setattr(bitstream, "_CHUNK_VALUES", 1 << 30)
+    whole = pack_last_dim(values, bits)
+    for chunk in (1, 150):  # one row a chunk; two rows (the last chunk of 21 rows has one)
+        monkeypatch.setattr(bitstream, "_CHUNK_VALUES", chunk)
+        words = pack_last_dim(values, bits)
+        assert words.dtype == torch.int32 and torch.equal(words, whole)
+        assert torch.equal(unpack_last_dim(words, bits, 64), values.to(torch.int32))
