@@ -231,6 +231,8 @@ class AutoRound:
         self.results: dict[str, LayerQuantResult] = {}
         self.block_stats: dict[str, Any] = {}
         self.calibration_info: Optional[dict] = None  # hash of the calibration tokens, once built
+        # the block walk's end for static-activation layers after the blocks (compressor_walk.TailChain)
+        self._tail_chain: Optional[Any] = None
         self.quantized = False
         # per-block checkpoints of quantize_and_save's SignRound walk (model/checkpoint_resume.py)
         self.resume, self.checkpoint = resume, checkpoint

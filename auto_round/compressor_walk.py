@@ -23,7 +23,7 @@ from typing import TYPE_CHECKING, Any, Iterator
 import torch
 from torch import nn
 
-from .algorithms.act_quant import act_max_hooks
+from .algorithms.act_quant import act_max_hooks, needs_act_calibration
 from .algorithms.alg_ext import supports_alg_ext
 from .algorithms.gguf import gguf_quantize_module
 from .algorithms.opt_rtn import imatrix_hooks, opt_rtn_block
@@ -35,6 +35,7 @@ from .model.memory import large_blocks_reused, release_memory
 from .model.memory_plan import plan_signround_memory
 from .model.run_log import RunLog, relative_errors, weight_snapshot
 from .model.setup import clamp_seqlen
+from .model.tail_inputs import outside_input_max
 from .model.tuning_attention import tuning_attention
 
 if TYPE_CHECKING:
@@ -65,8 +66,9 @@ def quantize_opt_rtn(ar: "AutoRound", search: bool = True) -> None:
     """imatrix (and static activation ranges) from each block's fp inputs, then a per-group scale search
     (algorithms/opt_rtn.py); search=False: plain RTN, data only for the static activation ranges."""
     # no autograd here, so no reference cycles: refcount frees each block's temporaries (collect=False)
-    fp_in, steps = walk_blocks(ar, calibration_set(ar), "opt-RTN" if search else "activation calibration",
-                               collect=False)
+    calib = calibration_set(ar)
+    fp_in, steps = walk_blocks(ar, calib, "opt-RTN" if search else "activation calibration", collect=False)
+    call = None
     for name, block, call in steps:
         layers = ar._block_layers(name)
         with imatrix_hooks(layers if search else {}) as imatrix, act_max_hooks(layers) as act_max:
@@ -75,22 +77,53 @@ def quantize_opt_rtn(ar: "AutoRound", search: bool = True) -> None:
             ar.results.update(opt_rtn_block(layers, imatrix, scale_dtype=ar.scale_dtype, device=ar.device,
                                             act_max=act_max))
         fp_in = fp_out
+    keep_tail_chain(ar, calib, fp_in, call)
     if search:
         logger.info("opt-RTN: %d layers quantized with imatrix-weighted scale search (iters=0)", len(ar.results))
     else:
         logger.info("RTN: %d layers rounded to nearest, static activation ranges calibrated", len(ar.results))
 
 
-def quantize_outside_blocks(ar: "AutoRound") -> None:
-    """Layers outside the blocks (lm_head with quant_lm_head) are rounded to nearest."""
-    outside = {
+def outside_layers(ar: "AutoRound") -> dict[str, tuple[nn.Module, Any]]:
+    """Quantized layers outside the blocks not quantized yet (lm_head with quant_lm_head)."""
+    return {
         n: (ar.model.get_submodule(n), s)
         for n, s in ar.layer_schemes.items()
         if s.is_quantized and n not in ar.results and not any(n.startswith(g + ".") for g in ar.block_groups)
     }
-    if outside:
-        logger.info("rounding %d layer(s) outside the blocks to nearest: %s", len(outside), ", ".join(outside))
-        ar.results.update(rtn_block(outside, scale_dtype=ar.scale_dtype, device=ar.device))
+
+
+@dataclasses.dataclass
+class TailChain:
+    """The end of a block walk, kept for static activation ranges of the layers after the blocks: the last
+    block's fp outputs h_last [n, T, H], the calibration ids / mask [n, T] and the last block's call."""
+
+    h_last: torch.Tensor
+    input_ids: torch.Tensor
+    attention_mask: torch.Tensor
+    call: BlockCall
+
+
+def keep_tail_chain(ar: "AutoRound", calib: Any, h_last: torch.Tensor, call: "BlockCall | None") -> None:
+    """Keep the walk's end (TailChain) when a layer outside the blocks needs static activation ranges."""
+    if call is not None and any(needs_act_calibration(s) for _, s in outside_layers(ar).values()):
+        ar._tail_chain = TailChain(h_last, calib.input_ids, calib.attention_mask, call)
+
+
+def quantize_outside_blocks(ar: "AutoRound") -> None:
+    """Layers outside the blocks (lm_head with quant_lm_head) are rounded to nearest; static activation
+    ranges come from the model's tail run on the walk's last fp outputs (model/tail_inputs.py)."""
+    outside = outside_layers(ar)
+    tail, ar._tail_chain = ar._tail_chain, None
+    if not outside:
+        return
+    act_max = {}
+    if tail is not None:
+        blocks = [b for _, b in iter_blocks(ar.model, ar.block_groups)]
+        act_max = outside_input_max(ar.model, blocks, tail.call, tail.h_last, tail.input_ids, tail.attention_mask,
+                                    outside, batch=ar.tuning.batch_size, device=ar.device)
+    logger.info("rounding %d layer(s) outside the blocks to nearest: %s", len(outside), ", ".join(outside))
+    ar.results.update(rtn_block(outside, scale_dtype=ar.scale_dtype, device=ar.device, act_max=act_max))
 
 
 def quantize_embedding(ar: "AutoRound") -> None:
@@ -174,7 +207,7 @@ def quantize_signround(ar: "AutoRound") -> None:
     fp_in, steps = walk_blocks(ar, calib, "SignRound")
     loss_mask = loss_mask_from_attention(calib.attention_mask)
     batch_order = random.Random(ar.tuning.seed)  # one stream through all blocks (see IndexSampler)
-    q_in = None
+    q_in, last_call = None, None
     ckpt = ar._ckpt.bind(ar.calibration_info) if ar._ckpt is not None else None
     done = ckpt.restore(ar, batch_order) if ckpt is not None else None
     if done is not None:
@@ -216,6 +249,7 @@ def quantize_signround(ar: "AutoRound") -> None:
             q_in = (run_batched(block, tune_in, call, ar.tuning.batch_size, ar.device)
                     if ar.enable_quanted_input else None)
             fp_in = targets
+            last_call = call
             st = ar.block_stats.get(name)
             steps_run = (st.iters_run if st else 0) * ar.tuning.gradient_accumulate_steps
             tokens = steps_run * ar.tuning.batch_size * fp_in.shape[1]
@@ -224,6 +258,7 @@ def quantize_signround(ar: "AutoRound") -> None:
                 ckpt.save(ar, name, layers, fp_in, q_in, batch_order, extra={"events": log.events})
     log.end()
     ar.run_events = log.events
+    keep_tail_chain(ar, calib, fp_in, last_call)
 
 
 def calibration_fingerprint(input_ids: torch.Tensor, attention_mask: torch.Tensor, description: str) -> dict:

@@ -52,10 +52,15 @@ def _map_tensors(obj: Any, fn: Callable[[Any], Any]) -> Any:
 
 @dataclass
 class BlockCall:
-    """Arguments of one block, other than the hidden states: PerSample-wrapped or shared tensors."""
+    """Arguments of one block, other than the hidden states: PerSample-wrapped or shared tensors.
+
+    output_is_tuple: whether the block returned a tuple when it last ran (`block_run.block_runner` records
+    it); the tail pass (model/tail_inputs.py) stands in for blocks whose weights are gone and must answer
+    the model's forward in the same form."""
 
     args: tuple
     kwargs: dict
+    output_is_tuple: Optional[bool] = None
 
     def select(self, index: torch.Tensor, device: torch.device | str | None = None) -> tuple[tuple, dict]:
         """(args, kwargs) for the samples in `index` (a 1-D LongTensor), moved to `device`."""

@@ -14,7 +14,9 @@ def block_runner(block: nn.Module, inputs: torch.Tensor, call: BlockCall, device
     def run(indices: list[int]) -> torch.Tensor:
         idx = torch.tensor(indices, dtype=torch.long)
         args, kwargs = call.select(idx, device)
-        return block_output(block(inputs[idx].to(device), *args, **kwargs))
+        raw = block(inputs[idx].to(device), *args, **kwargs)
+        call.output_is_tuple = isinstance(raw, tuple)
+        return block_output(raw)
 
     return run
 
