@@ -36,6 +36,7 @@ from ..layers import layer_weight
 from ..quant.act_qdq import qdq_act
 from ..schemes import QuantScheme
 from .block_inputs import BlockCall, block_output, capture_block_inputs
+from .tail_inputs import blocks_stood_in
 
 logger = logging.getLogger("auto_round")
 
@@ -135,10 +136,6 @@ def _batches(n: int, batch: int) -> list[torch.Tensor]:
     return [torch.arange(s, min(s + batch, n)) for s in range(0, n, batch)]
 
 
-def _like(example_is_tuple: bool, h: torch.Tensor):
-    return (h,) if example_is_tuple else h
-
-
 def _tail_grad(model: nn.Module, blocks: Sequence[nn.Module], h_last: torch.Tensor, ids: torch.Tensor,
                mask: torch.Tensor, batch: int, device: str, is_tuple: bool,
                after_backward: Optional[Callable[[], object]] = None) -> tuple[torch.Tensor, float]:
@@ -147,20 +144,8 @@ def _tail_grad(model: nn.Module, blocks: Sequence[nn.Module], h_last: torch.Tens
     labels = ids.masked_fill(mask == 0, -100)
     n_tokens = int((labels[:, 1:] != -100).sum())
     grad = torch.zeros_like(h_last, dtype=torch.float32)
-    own = [b.__dict__.get("forward") for b in blocks]
-    current: dict[str, torch.Tensor] = {}
-
-    def passthrough(*args, **kwargs):
-        return _like(is_tuple, args[0] if args else kwargs["hidden_states"])
-
-    def last(*args, **kwargs):
-        return _like(is_tuple, current["h"])
-
-    for b in blocks[:-1]:
-        b.forward = passthrough
-    blocks[-1].forward = last
     total = 0.0
-    try:
+    with blocks_stood_in(blocks, is_tuple) as current:
         for idx in _batches(ids.shape[0], batch):
             h = h_last[idx].to(device).requires_grad_(True)
             current["h"] = h
@@ -175,12 +160,6 @@ def _tail_grad(model: nn.Module, blocks: Sequence[nn.Module], h_last: torch.Tens
                 after_backward()
             total += float(loss.detach())
             grad[idx] = h.grad.float().cpu()
-    finally:
-        for b, f in zip(blocks, own):
-            if f is None:
-                b.__dict__.pop("forward", None)
-            else:
-                b.forward = f
     return grad, total
 
 

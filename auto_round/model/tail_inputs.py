@@ -12,7 +12,8 @@ them have seen their input, so the logits (a [n, T, vocab] matmul) are not compu
 
 from __future__ import annotations
 
-from typing import Sequence
+from contextlib import contextmanager
+from typing import Iterator, Sequence
 
 import torch
 from torch import nn
@@ -20,6 +21,34 @@ from torch import nn
 from ..algorithms.act_quant import act_max_hooks, needs_act_calibration
 from ..schemes import QuantScheme
 from .block_inputs import BlockCall
+
+
+@contextmanager
+def blocks_stood_in(blocks: Sequence[nn.Module], output_is_tuple: bool) -> Iterator[dict[str, torch.Tensor]]:
+    """While active, the model's forward skips its blocks: all but the last pass their input through, the last
+    returns `current["h"]` (the caller sets it before each forward), answering as the real blocks did (a
+    tensor, or a 1-tuple). Yields `current`; the blocks' own forwards are restored on exit."""
+    as_output = (lambda h: (h,)) if output_is_tuple else (lambda h: h)
+    current: dict[str, torch.Tensor] = {}
+
+    def passthrough(*args, **kwargs):
+        return as_output(args[0] if args else kwargs["hidden_states"])
+
+    def last(*_args, **_kwargs):
+        return as_output(current["h"])
+
+    own = [b.__dict__.get("forward") for b in blocks]
+    for b in blocks[:-1]:
+        b.forward = passthrough
+    blocks[-1].forward = last
+    try:
+        yield current
+    finally:
+        for b, f in zip(blocks, own):
+            if f is None:
+                b.__dict__.pop("forward", None)
+            else:
+                b.forward = f
 
 
 class _TailSeen(Exception):
@@ -39,15 +68,7 @@ def outside_input_max(model: nn.Module, blocks: Sequence[nn.Module], last_call: 
         return {}
     if last_call.output_is_tuple is None:
         raise RuntimeError("the blocks' output form was never seen: outside_input_max runs after a block walk")
-    as_output = (lambda h: (h,)) if last_call.output_is_tuple else (lambda h: h)
-    current: dict[str, torch.Tensor] = {}
     seen: set[str] = set()
-
-    def passthrough(*args, **kwargs):
-        return as_output(args[0] if args else kwargs["hidden_states"])
-
-    def last(*_args, **_kwargs):
-        return as_output(current["h"])
 
     def stop_when_all_seen(name: str):
         def hook(_module, _args):
@@ -56,32 +77,22 @@ def outside_input_max(model: nn.Module, blocks: Sequence[nn.Module], last_call: 
                 raise _TailSeen
         return hook
 
-    own = [b.__dict__.get("forward") for b in blocks]
-    for b in blocks[:-1]:
-        b.forward = passthrough
-    blocks[-1].forward = last
-    try:
-        with act_max_hooks(wanted) as act_max:  # registered first, so it records before the stop hook raises
-            handles = [m.register_forward_pre_hook(stop_when_all_seen(n)) for n, (m, _) in wanted.items()]
-            try:
-                for start in range(0, h_last.shape[0], batch):
-                    rows = slice(start, start + batch)
-                    current["h"] = h_last[rows].to(device)
-                    seen.clear()
-                    try:
-                        model(input_ids=input_ids[rows].to(device), attention_mask=attention_mask[rows].to(device),
-                              use_cache=False)
-                    except _TailSeen:
-                        pass
-            finally:
-                for h in handles:
-                    h.remove()
-    finally:
-        for b, f in zip(blocks, own):
-            if f is None:
-                b.__dict__.pop("forward", None)
-            else:
-                b.forward = f
+    # act_max_hooks registered first, so it records before the stop hook raises
+    with blocks_stood_in(blocks, last_call.output_is_tuple) as current, act_max_hooks(wanted) as act_max:
+        handles = [m.register_forward_pre_hook(stop_when_all_seen(n)) for n, (m, _) in wanted.items()]
+        try:
+            for start in range(0, h_last.shape[0], batch):
+                rows = slice(start, start + batch)
+                current["h"] = h_last[rows].to(device)
+                seen.clear()
+                try:
+                    model(input_ids=input_ids[rows].to(device), attention_mask=attention_mask[rows].to(device),
+                          use_cache=False)
+                except _TailSeen:
+                    pass
+        finally:
+            for h in handles:
+                h.remove()
     missing = sorted(set(wanted) - set(act_max))
     if missing:
         raise RuntimeError(f"the model's forward never reached {', '.join(missing)} after its blocks; their static "
