@@ -10,7 +10,7 @@ quant/fp_opt_rtn.py):
 
 from __future__ import annotations
 
-from typing import Iterator, Optional
+from typing import Optional
 
 import torch
 from torch import nn
@@ -23,6 +23,7 @@ from ..quant.nvfp_qdq import global_scale_from_amax
 from ..quant.opt_rtn import SEARCH_SLICE_ELEMENTS, fill_importance, search_sym_clip_factor
 from ..schemes import QuantScheme
 from .float_tunable import float_layout
+from .rtn_slices import row_slices, weight_absmax
 
 
 # Rows per slice of a layer's search hold about this many weights: the weight copy, its importance (the imatrix
@@ -33,15 +34,6 @@ INT_SLICE_ELEMENTS = SEARCH_SLICE_ELEMENTS
 FLOAT_SLICE_ELEMENTS = 1 << 20
 
 
-def _row_slices(layout: GroupLayout, elements: int) -> Iterator[slice]:
-    """Slices of whole rows holding about `elements` grouped (padded) weights each; one slice for a per-tensor
-    layout (group_size 0: the whole weight is one group)."""
-    if layout.rows == 1:
-        return iter([slice(0, layout.out_features)])
-    step = max(1, elements // layout.padded_in)
-    return (slice(start, start + step) for start in range(0, layout.out_features, step))
-
-
 @torch.no_grad()
 def int_clip_factor(module: nn.Module, scheme: QuantScheme, imatrix: torch.Tensor, *,
                     scale_dtype: torch.dtype = torch.float16, device: str = "cpu") -> torch.Tensor:
@@ -49,7 +41,7 @@ def int_clip_factor(module: nn.Module, scheme: QuantScheme, imatrix: torch.Tenso
     weight = layer_weight(module).detach()
     imatrix = imatrix.to(device=device, dtype=torch.float32)
     parts = []
-    for rows in _row_slices(GroupLayout(*weight.shape, scheme.group_size), INT_SLICE_ELEMENTS):
+    for rows in row_slices(GroupLayout(*weight.shape, scheme.group_size), INT_SLICE_ELEMENTS):
         part = weight[rows].to(device=device, dtype=torch.float32)
         layout = GroupLayout(part.shape[0], part.shape[1], scheme.group_size)
         grouped = layout.to_groups(part)
@@ -68,11 +60,9 @@ def float_init_scale(module: nn.Module, scheme: QuantScheme, imatrix: torch.Tens
     weight = layer_weight(module).detach()
     imatrix = imatrix.to(device)
     if scheme.data_type == "nv_fp" and gscale is None:  # the layer's own: 448 * 6 / amax of the whole weight
-        amax = max(weight[rows].abs().amax().float().item()
-                   for rows in _row_slices(float_layout(scheme, *weight.shape), FLOAT_SLICE_ELEMENTS))
-        gscale = global_scale_from_amax(torch.tensor(amax, device=device))
+        gscale = global_scale_from_amax(weight_absmax(module, FLOAT_SLICE_ELEMENTS).to(device))
     parts = []
-    for rows in _row_slices(float_layout(scheme, *weight.shape), FLOAT_SLICE_ELEMENTS):
+    for rows in row_slices(float_layout(scheme, *weight.shape), FLOAT_SLICE_ELEMENTS):
         part = weight[rows].to(device=device, dtype=torch.float32)
         layout = float_layout(scheme, *part.shape)
         grouped = layout.to_groups(part)

@@ -58,6 +58,15 @@ def sliceable(scheme: QuantScheme) -> bool:
     return isinstance(scheme.group_size, int) and scheme.group_size != 0
 
 
+def row_slices(layout: GroupLayout, elements: int) -> list[slice]:
+    """Slices of whole rows holding about `elements` grouped (padded) weights each; one slice when a group spans
+    rows (per tensor: group_size 0)."""
+    if layout.rows != layout.out_features:
+        return [slice(0, layout.out_features)]
+    step = max(1, elements // max(1, layout.padded_in))
+    return [slice(start, start + step) for start in range(0, layout.out_features, step)]
+
+
 def weight_absmax(module: nn.Module, slice_elements: Optional[int] = None) -> torch.Tensor:
     """max |W| of a layer ([] fp32), read in row slices (no weight-sized temporary)."""
     slice_elements = slice_elements or RTN_SLICE_ELEMENTS
@@ -86,11 +95,10 @@ def rtn_in_slices(module: nn.Module, scheme: QuantScheme,
     if not sliceable(scheme):
         return quantize(module, init_scale, gscale)
     layout = _layout(scheme, out_features, in_features)
-    step = max(1, slice_elements // max(1, layout.padded_in))
-    if layout.rows != out_features or step >= out_features:
+    slices = row_slices(layout, slice_elements)
+    if len(slices) == 1:
         return quantize(module, init_scale, gscale)
-    parts = [quantize(_Rows(weight[i:i + step]), None if init_scale is None else init_scale[i:i + step], gscale)
-             for i in range(0, out_features, step)]
+    parts = [quantize(_Rows(weight[rows]), None if init_scale is None else init_scale[rows], gscale) for rows in slices]
     return _joined(parts, layout)
 
 
