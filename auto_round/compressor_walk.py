@@ -120,7 +120,7 @@ def quantize_outside_blocks(ar: "AutoRound") -> None:
     act_max = {}
     if tail is not None:
         blocks = [b for _, b in iter_blocks(ar.model, ar.block_groups)]
-        act_max = outside_input_max(ar.model, blocks, tail.call, tail.h_last, tail.input_ids, tail.attention_mask,
+        act_max = outside_input_max(ar.model, blocks, tail.call.output_is_tuple, tail.h_last, tail.input_ids, tail.attention_mask,
                                     outside, batch=ar.tuning.batch_size, device=ar.device)
     logger.info("rounding %d layer(s) outside the blocks to nearest: %s", len(outside), ", ".join(outside))
     ar.results.update(rtn_block(outside, scale_dtype=ar.scale_dtype, device=ar.device, act_max=act_max))

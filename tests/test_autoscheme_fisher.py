@@ -83,6 +83,21 @@ def test_blockwise_fisher_equals_full_model_per_sample(options):
         assert all(got[1][n] < got[0][n] for n in names)  # 4 bits disturb the loss less than 2 bits
 
 
+def test_lm_head_static_option_uses_the_calibration_max():
+    """lm_head's FP8_STATIC option is scored with the max |input| over all samples, as the run calibrates it
+    (model/tail_inputs.py), not each sample's own: it equals the whole-model reference."""
+    model = _frozen_model()
+    assert not model.config.tie_word_embeddings
+    ids = random_ids(4, 16, seed=5)
+    blocks = list(iter_blocks(model, ["model.layers"]))
+    names = ["model.layers.1.mlp.down_proj", "lm_head"]
+    opts = [{n: (model.get_submodule(n), get_scheme("FP8_STATIC")) for n in names}]
+    got = fisher_scores(model, blocks, opts, ids, torch.ones_like(ids), batch_size=3)
+    want = _full_model_fisher(model, opts[0], ids)
+    for n in names:
+        assert got[0][n] == pytest.approx(want[n], rel=2e-3, abs=1e-12)
+
+
 def test_fisher_plan_end_to_end(tmp_path):
     ar = AutoRound(tiny_model("llama"), scheme=AutoScheme(3.0, ["W2A16G64", "W4A16G64"], nsamples=4, seqlen=16,
                                                           score="fisher"),

@@ -10,9 +10,9 @@ the diagonal empirical Fisher (HAWQ / SqueezeLLM style):
                     + 1/2 * sum_{s,t,j} (dL_s/dx_tj)^2 (x - x_hat)_tj^2                   (activation term)
 
 L_s is sample s's share of the token-mean cross-entropy (labels = ids). A static activation option's
-x_hat uses the run's kind of scale: the max |x| over the whole calibration set (of the fp chain; lm_head,
-whose inputs the chain does not see, the sample's own). The forward, tail and backward
-run once for all options (the delta-loss scoring runs them once per option); the backward goes one
+x_hat uses the run's kind of scale: the max |x| over the whole calibration set (of the fp chain; for lm_head
+from the model's tail on the chain's end, model/tail_inputs.py, as the run calibrates it). The forward, tail
+and backward run once for all options (the delta-loss scoring runs them once per option); the backward goes one
 sample at a time, because F needs the per-sample gradients. Memory: as the delta-loss scoring, plus F
 (fp32, one block's layers) while a block is walked.
 """
@@ -34,6 +34,7 @@ from ..quant.act_qdq import qdq_act
 from ..schemes import QuantScheme
 from .autoscheme_score import _forward_chain, _remove, _rtn_weights, _split_by_block, _tail_grad
 from .block_inputs import BlockCall, block_output, capture_block_inputs
+from .tail_inputs import outside_input_max
 
 logger = logging.getLogger("auto_round")
 
@@ -65,7 +66,7 @@ class _FisherLinear:
             g2 = g.float().pow(2)
             for k, s in self.act_options.items():
                 act_max = None
-                if needs_act_calibration(s):  # the calibration set's max, else (lm_head) this sample's
+                if needs_act_calibration(s):  # the calibration set's max (this sample's if none was given)
                     act_max = self.act_max if self.act_max is not None else x.abs().amax().float()
                 xq = qdq_act(x, s.resolved_act_data_type, s.act_bits, s.resolved_act_group_size,
                              sym=s.resolved_act_sym, act_max=act_max)
@@ -134,6 +135,11 @@ def fisher_scores(
     with imatrix_hooks(ggml) as imatrix, maxima as act_max:
         hs, is_tuple = _forward_chain(mods, captured, [{} for _ in mods], batch_size, device, scale_dtype, {})
     imatrix, act_max = dict(imatrix), dict(act_max)
+    # lm_head's static options: the calibration-set max of its input too, from the model's tail on the chain's end
+    head_static = {n: (m, s) for layers in option_layers for n, (m, s) in layers.items()
+                   if needs_act_calibration(s) and n in outside}
+    act_max.update(outside_input_max(model, mods, is_tuple, hs[-1], input_ids, attention_mask, head_static,
+                                     batch=batch_size, device=device))
     result: list[dict[str, float]] = [{} for _ in option_layers]
     head = _patch(outside, option_layers, device, act_max)
     try:

@@ -13,14 +13,13 @@ them have seen their input, so the logits (a [n, T, vocab] matmul) are not compu
 from __future__ import annotations
 
 from contextlib import contextmanager
-from typing import Iterator, Sequence
+from typing import Iterator, Optional, Sequence
 
 import torch
 from torch import nn
 
 from ..algorithms.act_quant import act_max_hooks, needs_act_calibration
 from ..schemes import QuantScheme
-from .block_inputs import BlockCall
 
 
 @contextmanager
@@ -56,17 +55,19 @@ class _TailSeen(Exception):
 
 
 @torch.no_grad()
-def outside_input_max(model: nn.Module, blocks: Sequence[nn.Module], last_call: BlockCall, h_last: torch.Tensor,
+def outside_input_max(model: nn.Module, blocks: Sequence[nn.Module], output_is_tuple: Optional[bool],
+                      h_last: torch.Tensor,
                       input_ids: torch.Tensor, attention_mask: torch.Tensor,
                       layers: dict[str, tuple[nn.Module, QuantScheme]], *, batch: int,
                       device: str = "cpu") -> dict[str, torch.Tensor]:
     """{layer name: max |input| ([] fp32)} over the calibration set for the static-activation layers among
     `layers` (modules outside the blocks), from the last block's fp outputs h_last [n, T, H] (module docstring).
-    input_ids / attention_mask [n, T]: the calibration samples h_last was computed from."""
+    input_ids / attention_mask [n, T]: the calibration samples h_last was computed from. output_is_tuple: the
+    form the blocks' outputs took (`BlockCall.output_is_tuple` of a block that ran)."""
     wanted = {n: lm for n, lm in layers.items() if needs_act_calibration(lm[1])}
     if not wanted:
         return {}
-    if last_call.output_is_tuple is None:
+    if output_is_tuple is None:
         raise RuntimeError("the blocks' output form was never seen: outside_input_max runs after a block walk")
     seen: set[str] = set()
 
@@ -78,7 +79,7 @@ def outside_input_max(model: nn.Module, blocks: Sequence[nn.Module], last_call: 
         return hook
 
     # act_max_hooks registered first, so it records before the stop hook raises
-    with blocks_stood_in(blocks, last_call.output_is_tuple) as current, act_max_hooks(wanted) as act_max:
+    with blocks_stood_in(blocks, output_is_tuple) as current, act_max_hooks(wanted) as act_max:
         handles = [m.register_forward_pre_hook(stop_when_all_seen(n)) for n, (m, _) in wanted.items()]
         try:
             for start in range(0, h_last.shape[0], batch):
