@@ -24,6 +24,7 @@ from typing import Any, Optional, Sequence
 
 import torch
 
+from .load_dtype import eval_dtype, quantization_config
 from .perplexity import EvalError
 
 logger = logging.getLogger("auto_round")
@@ -163,11 +164,7 @@ def _gguf_tokenizer(gguf: Path):
 
 
 def _quant_method(folder: Path) -> Optional[str]:
-    try:
-        config = json.loads((folder / "config.json").read_text())
-    except (OSError, json.JSONDecodeError):
-        return None
-    return str((config.get("quantization_config") or {}).get("quant_method", "")).lower() or None
+    return str(quantization_config(folder).get("quant_method", "")).lower() or None
 
 
 def _refuse_incomplete_load(path: Path, info: dict) -> None:
@@ -196,13 +193,13 @@ def load_for_eval(model: "str | os.PathLike", *, device: str = "cpu", dtype: "st
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     from ..inference.checkpoint_check import validate_checkpoint
-    from ..model.loading import ModelLoadError, load_model_and_tokenizer, parse_dtype
+    from ..model.loading import ModelLoadError, load_model_and_tokenizer
 
     path = Path(model).expanduser()
     if not path.exists():
         return load_model_and_tokenizer(str(model), dtype=dtype, trust_remote_code=trust_remote_code, device=device,
                                         allow_pickle=allow_pickle)
-    torch_dtype = parse_dtype(dtype) or (torch.float32 if device == "cpu" else "auto")
+    torch_dtype = eval_dtype(path, dtype, device)
     gguf = _gguf_file(path)
     if gguf is not None:
         tok = _gguf_tokenizer(gguf)

@@ -1,0 +1,54 @@
+"""Which dtype a saved model is evaluated in, and the quantization_config it declares."""
+
+from __future__ import annotations
+
+import json
+import logging
+from pathlib import Path
+from typing import Optional
+
+import torch
+
+logger = logging.getLogger("auto_round")
+
+
+def quantization_config(folder: Path) -> dict:
+    """config.json's quantization_config ({} when absent or unreadable)."""
+    try:
+        config = json.loads((folder / "config.json").read_text())
+    except (OSError, json.JSONDecodeError):
+        return {}
+    return config.get("quantization_config") or {}
+
+
+# compressed-tensors formats whose decompressor hands back bf16 weights whatever the model's dtype (0.20): an
+# fp32 model then fails at its first matmul ("expected m1 and m2 to have the same dtype")
+_BF16_DECOMPRESSED = ("mxfp4-pack-quantized", "nvfp4-pack-quantized", "mxfp8-quantized")
+
+
+def _bf16_decompressed_format(folder: Path) -> Optional[str]:
+    """The compressed-tensors format of `folder` that only runs in bf16 (_BF16_DECOMPRESSED), else None."""
+    qc = quantization_config(folder)
+    if str(qc.get("quant_method", "")).lower() != "compressed-tensors":
+        return None
+    groups = qc.get("config_groups") or {}
+    formats = [qc.get("format")] + [g.get("format") for g in groups.values() if isinstance(g, dict)]
+    return next((f for f in formats if f in _BF16_DECOMPRESSED), None)
+
+
+def eval_dtype(path: Path, dtype, device: str):
+    """The dtype to load `path` in: the caller's, else fp32 on CPU / the checkpoint's own elsewhere; bf16 for
+    a compressed-tensors format that only runs in bf16 (an explicit other dtype is refused, naming it)."""
+    from ..model.loading import ModelLoadError, parse_dtype
+
+    wanted = parse_dtype(dtype)
+    bf16_only = _bf16_decompressed_format(path) if path.is_dir() else None
+    if bf16_only is None:
+        return wanted or (torch.float32 if device == "cpu" else "auto")
+    if wanted not in (None, torch.bfloat16):
+        raise ModelLoadError(f"{path} holds compressed-tensors {bf16_only!r} weights, which compressed-tensors "
+                             f"decompresses to bf16 only; evaluate it in bf16 (dtype='bf16', CLI "
+                             f"--eval_model_dtype bf16), not {wanted}")
+    if wanted is None:
+        logger.info("%s: compressed-tensors %s weights decompress to bf16: evaluating in bf16", path, bf16_only)
+    return torch.bfloat16
