@@ -1,4 +1,4 @@
-"""The dtype a saved model is evaluated in (eval/load_dtype.py): compressed-tensors MXFP4 / NVFP4 / MXFP8 weights
+"""The dtype a saved model is evaluated in (eval/load_dtype.py): compressed-tensors MXFP4 / MXFP6 / NVFP4 / MXFP8 weights
 decompress to bf16 only (compressed-tensors 0.20), so they are evaluated in bf16 by default and an explicit
 fp32 is refused with a clear error; every other checkpoint keeps fp32 on CPU."""
 
@@ -20,8 +20,8 @@ def export(tmp_path, scheme: str):
     return ar.model, out
 
 
-@pytest.mark.parametrize("scheme,fmt", [("MXFP4", "mxfp4-pack-quantized"), ("NVFP4", "nvfp4-pack-quantized"),
-                                        ("MXFP8", "mxfp8-quantized")])
+@pytest.mark.parametrize("scheme,fmt", [("MXFP4", "mxfp4-pack-quantized"), ("MXFP6", "mxfp6-pack-quantized"),
+                                        ("NVFP4", "nvfp4-pack-quantized"), ("MXFP8", "mxfp8-quantized")])
 def test_bf16_only_formats_evaluate_in_bf16(tmp_path, scheme, fmt):
     fake, out = export(tmp_path, scheme)
     model, _ = load_for_eval(out, device="cpu")

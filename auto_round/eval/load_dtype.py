@@ -23,7 +23,7 @@ def quantization_config(folder: Path) -> dict:
 
 # compressed-tensors formats whose decompressor hands back bf16 weights whatever the model's dtype (0.20): an
 # fp32 model then fails at its first matmul ("expected m1 and m2 to have the same dtype")
-_BF16_DECOMPRESSED = ("mxfp4-pack-quantized", "nvfp4-pack-quantized", "mxfp8-quantized")
+_BF16_DECOMPRESSED = ("mxfp4-pack-quantized", "mxfp6-pack-quantized", "nvfp4-pack-quantized", "mxfp8-quantized")
 
 
 def _bf16_decompressed_format(folder: Path) -> Optional[str]:
