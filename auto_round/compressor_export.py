@@ -115,11 +115,11 @@ def check_options_exportable(ar: "AutoRound", formats: list[str]) -> None:
         return {n: (pick(block_index(n)) if s.is_quantized else s, shapes[n][1]) for n, s in ar.layer_schemes.items()}
 
     for fmt in formats:
-        for option in options:
+        for label, option in zip(ar.auto_scheme.labels, options):
             try:
                 check_format(fmt, layers_with(lambda i: option), outside, conv1d, out_features)
             except ExportError as err:
-                raise ExportError(f"AutoScheme option {option} cannot be written as {fmt!r}: {err}") from err
+                raise ExportError(f"AutoScheme option {label} cannot be written as {fmt!r}: {err}") from err
         if len(options) > 1:  # every option fits every layer (above), so a failure now is the mix itself;
             # whole blocks take one option, as fused groups (q/k/v, gate/up) always do in a shared plan
             try:

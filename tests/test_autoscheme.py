@@ -20,7 +20,7 @@ from auto_round.layers import layer_weight
 from auto_round.model.autoscheme_score import delta_loss_scores
 from auto_round.model.blocks import iter_blocks
 from auto_round.schemes import get_scheme
-from tiny_models import random_ids, tiny_model
+from tiny_models import random_ids, tiny_model, tiny_tokenizer
 
 OPTIONS = ["W2A16G64", "W4A16G64"]
 
@@ -291,3 +291,34 @@ def test_options_that_cannot_share_a_checkpoint_are_refused_before_the_scoring(t
     ar.quantize_and_save(tmp_path / "ct", format="llm_compressor")
     groups = json.loads((tmp_path / "ct" / "config.json").read_text())["quantization_config"]["config_groups"]
     assert len(groups) == 2
+
+
+def test_an_option_the_format_cannot_hold_is_named_by_its_label(tmp_path, monkeypatch):
+    """W4A16's 128-groups do not fit the tiny llama's 64-wide layers in llm_compressor: the error names the
+    option as the user wrote it (not a QuantScheme repr) and the layer, before the scoring runs."""
+    from auto_round import compressor_autoscheme
+
+    monkeypatch.setattr(compressor_autoscheme, "fisher_scores", lambda *a, **k: pytest.fail("the scoring ran"))
+    ar = AutoRound(tiny_model("llama"), scheme=AutoScheme(6.0, "W4A16,W8A16G32", nsamples=4, seqlen=16), iters=0,
+                   dataset=random_ids(8, 16))
+    with pytest.raises(ExportError) as err:
+        ar.quantize_and_save(tmp_path / "out", format="llm_compressor")
+    message = str(err.value)
+    assert message.startswith("AutoScheme option W4A16 cannot be written as 'llm_compressor'") and "QuantScheme(" not in message
+    assert "in_features=64 is not divisible by group_size=128" in message
+    assert not (tmp_path / "out").exists()
+
+
+def test_a_layer_no_option_fits_is_named_when_the_target_is_out_of_range(tmp_path):
+    """quant_lm_head on the tiny llama: lm_head [260, 64] is not a multiple of 32, so it stays in fp under both
+    options and its 16 bits lift the lowest achievable average above the target; the error says which layer
+    and how much of the weights it holds, and nothing is written."""
+    ar = AutoRound(tiny_model("llama"), tiny_tokenizer(), scheme=AutoScheme(3.0, "W2A16G32,W4A16G32", nsamples=4, seqlen=16),
+                   iters=0, dataset=random_ids(8, 16), quant_lm_head=True)
+    with pytest.raises(AutoSchemeError) as err:
+        ar.quantize_and_save(tmp_path / "out", format="fake")
+    lm_head = 260 * 64
+    blocks = 2 * (64 * 64 * 2 + 64 * 32 * 2 + 3 * 64 * 128)
+    assert "stay in fp and count 16 bits: lm_head" in str(err.value)
+    assert f"({lm_head / (lm_head + blocks):.1%} of the weights)" in str(err.value)
+    assert not (tmp_path / "out").exists()

@@ -114,6 +114,12 @@ def _costs(model: nn.Module, names: Sequence[str], schemes: Sequence[QuantScheme
     return per_layer, costs, numel
 
 
+def _some(names: Sequence[str], shown: int = 3) -> str:
+    """'a, b, c and 2 more' for a message."""
+    more = len(names) - shown
+    return ", ".join(names[:shown]) + (f" and {more} more" if more > 0 else "")
+
+
 def allocate(auto: AutoScheme, model: nn.Module, block_groups: Sequence[str], base: dict[str, QuantScheme],
              fixed: set[str], score_fn) -> list[AutoSchemePlan]:
     """One plan per target of `auto`. base: every candidate layer's scheme before allocation (fixed layers
@@ -134,12 +140,17 @@ def allocate(auto: AutoScheme, model: nn.Module, block_groups: Sequence[str], ba
     k = len(auto.schemes)
     lo = fixed_bits + sum(min(sum(costs[n][j] for n in g) for j in range(k)) for g in groups)
     hi = fixed_bits + sum(max(sum(costs[n][j] for n in g) for j in range(k)) for g in groups)
+    # layers no option fits (shape rule) stay in fp whatever the plan: they count 16 bits, which the range shows
+    always_fp = [n for n in names if not any(s.is_quantized for s in per_layer[n])]
     for t in auto.targets:
         if math.floor(total_numel * t) < lo or t > hi / total_numel + 1e-12:
             raise AutoSchemeError(
                 f"AutoScheme avg_bits={t:g} is outside the achievable range [{lo / total_numel:.4f}, "
                 f"{hi / total_numel:.4f}] for options {', '.join(auto.labels)}"
-                + (" and the fixed layers" if fixed else "") + "; choose a target inside it or other options")
+                + (" and the fixed layers" if fixed else "")
+                + (f"; layers no option fits by shape stay in fp and count 16 bits: {_some(always_fp)} "
+                   f"({sum(numel[n] for n in always_fp) / total_numel:.1%} of the weights)" if always_fp else "")
+                + "; choose a target inside it or other options")
     option_layers = [{n: (model.get_submodule(n), per_layer[n][j]) for n in names if per_layer[n][j].is_quantized}
                      for j in range(k)]
     scores = score_fn(option_layers) if k > 1 else [{} for _ in range(k)]
