@@ -25,7 +25,7 @@ from .algorithms.opt_rtn import uses_opt_rtn
 from .algorithms.signround import SignRoundConfig
 from .algorithms.tunable import LayerQuantResult
 from .compressor_checks import (check_alg_ext_iters, check_cap, check_positive, keeps_alg_ext, local_source_dir,
-                                resolve_batch_size)
+                                resolve_batch_size, warn_mixed_fused)
 from .compressor_export import SCALE_DTYPES, check_export, export_context
 from .compressor_walk import quantize_embedding, quantize_outside_blocks, quantize_rtn, quantize_signround
 from .export import BlockPacker, block_packer, export
@@ -244,6 +244,8 @@ class AutoRound:
         """Every candidate layer's scheme; with a GGUF preset, llama.cpp's per-tensor types (model/gguf_plan.py)."""
         if gguf_mix is None:
             self.layer_schemes = resolve_layer_schemes(self.model, self.block_groups, self.scheme, **self._layer_choices)
+            if self.auto_scheme is None:  # an AutoScheme plan is checked when it is made (share_fused_layers)
+                warn_mixed_fused(self.layer_schemes)
         else:
             has_imatrix = self.tuning.iters > 0 or not self.disable_opt_rtn
             self.gguf = resolve_gguf_layers(self.model, self.block_groups, gguf_mix, self.scheme, self._layer_choices,

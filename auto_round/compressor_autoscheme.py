@@ -12,7 +12,7 @@ from typing import TYPE_CHECKING
 import torch
 
 from .algorithms.autoscheme import AutoScheme, AutoSchemeError
-from .algorithms.fused import fused_groups
+from .algorithms.fused import mixed_groups
 from .model.autoscheme_plan import AutoSchemePlan, allocate, calibration_ids, most_common_scheme, plans_json
 from .model.autoscheme_fisher import fisher_scores
 from .model.autoscheme_score import delta_loss_scores
@@ -85,7 +85,7 @@ def plan_layers(ar: "AutoRound") -> list[AutoSchemePlan]:
 
 def split_fused_groups(plan: AutoSchemePlan) -> list[list[str]]:
     """The fused groups (q/k/v, gate/up of one parent) whose members the plan gave different options."""
-    return [g for g in fused_groups(list(plan.choice)) if len({plan.choice[n] for n in g}) > 1]
+    return mixed_groups(plan.choice)
 
 
 def plan_files(plans: list[AutoSchemePlan]) -> dict[str, str]:

@@ -13,6 +13,8 @@ from typing import Any, Mapping, Optional, Sequence
 import torch
 
 from .algorithms.alg_ext import supports_alg_ext
+from .algorithms.autoscheme.spec import scheme_label
+from .algorithms.fused import mixed_groups
 from .schemes import QuantScheme, SchemeError
 
 logger = logging.getLogger("auto_round")
@@ -83,3 +85,17 @@ def local_source_dir(model: Any) -> Optional[Path]:
         return None
     path = Path(str(name)).expanduser()
     return path if path.is_dir() else None
+
+
+def warn_mixed_fused(layer_schemes: Mapping[str, QuantScheme]) -> list[list[str]]:
+    """Warn (once, with an example) when layer_config / fp_layers / the shape rule give the members of a fused
+    group (q/k/v, gate/up of one parent) different schemes: transformers and our loader read such a checkpoint,
+    but runtimes that concatenate the members into one weight (vLLM, SGLang) cannot. Returns the groups."""
+    groups = mixed_groups(layer_schemes)
+    if groups:
+        example = ", ".join(f"{n.rpartition('.')[2]} {scheme_label(layer_schemes[n])}" for n in groups[0])
+        logger.warning("%d fused group(s) have members with different schemes (layer_config, fp_layers or their "
+                       "shapes), e.g. %s: %s: transformers and auto-round load this checkpoint; runtimes that fuse "
+                       "q/k/v or gate/up into one matmul (vLLM, SGLang) do not", len(groups),
+                       groups[0][0].rpartition(".")[0], example)
+    return groups

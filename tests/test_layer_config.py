@@ -97,3 +97,23 @@ def test_the_token_embedding_is_named_as_such_outside_gguf():
     for kw in (dict(layer_config={"model.embed_tokens": {"bits": 8}}), dict(fp_layers="embed_tokens")):
         with pytest.raises(SchemeError, match="token embedding: it is quantized only in GGUF files"):
             AutoRound(tiny_model("llama"), scheme="W4A16", iters=0, **kw)
+
+
+def test_fused_members_with_different_schemes_are_warned(caplog):
+    """q/k/v and gate/up of one parent are one matmul in vLLM-style runtimes: a layer_config or fp_layers choice
+    that splits them is kept (the user asked for it) but warned, naming an example group and its schemes."""
+    from auto_round import AutoRound
+    from auto_round.algorithms.fused import mixed_groups
+    from tiny_models import random_ids
+
+    caplog.set_level("WARNING", logger="auto_round")
+    ar = AutoRound(tiny_model("llama"), layer_config={"k_proj": {"bits": 8}}, fp_layers="layers.1.mlp.up_proj",
+                   dataset=random_ids(4, 16), iters=0)
+    assert ar.layer_schemes["model.layers.0.self_attn.k_proj"].bits == 8
+    assert "3 fused group(s) have members with different schemes" in caplog.text
+    assert "model.layers.0.self_attn: q_proj int4_g128, k_proj int8_g128, v_proj int4_g128" in caplog.text
+    assert mixed_groups(ar.layer_schemes)[-1] == ["model.layers.1.mlp.gate_proj", "model.layers.1.mlp.up_proj"]
+    caplog.clear()
+    AutoRound(tiny_model("llama"), layer_config={"self_attn": {"bits": 8}}, dataset=random_ids(4, 16), iters=0)
+    AutoRound(tiny_model("llama"), scheme="gguf:q4_k_m", dataset=random_ids(4, 16), iters=0)  # llama.cpp: no fusing
+    assert "fused group" not in caplog.text

@@ -7,7 +7,7 @@ the fused kernel can only hold once: NVFP4's per-tensor global scale, and (AutoS
 from __future__ import annotations
 
 from collections import defaultdict
-from typing import Iterable
+from typing import Any, Iterable, Mapping
 
 # sibling suffixes fused together; the rest of the name (the parent module) must match
 FUSED_SUFFIXES: tuple[tuple[str, ...], ...] = (
@@ -27,3 +27,9 @@ def fused_groups(names: Iterable[str]) -> list[list[str]]:
             if leaf in suffixes:
                 by_key[(parent, i)].append(name)
     return [group for group in by_key.values() if len(group) > 1]
+
+
+def mixed_groups(schemes: Mapping[str, Any]) -> list[list[str]]:
+    """The fused groups among `schemes` (name -> any hashable scheme) whose members do not all share one:
+    a runtime that concatenates them into one weight cannot load them."""
+    return [group for group in fused_groups(list(schemes)) if len({schemes[n] for n in group}) > 1]
