@@ -25,6 +25,7 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
 CASES = ["search:W4A16", "search:MXFP4", "search:NVFP4", "rtn:W4A16", "rtn:MXFP4", "rtn:NVFP4", "rtn:MXFP8",
+         "rtn:FP8_STATIC", "rtn:FP8_BLOCK",
          "optrtn:W4A16", "optrtn:MXFP4", "pack:4", "pack:2"]
 
 CHILD = r"""

@@ -26,9 +26,13 @@ SCHEMES = {
     "MXFP8": get_scheme("MXFP8"),
     "MXINT4": get_scheme("MXINT4"),
     "NVFP4": get_scheme("NVFP4"),
-    "FP8_STATIC": get_scheme("FP8_STATIC"),  # not sliced: per-tensor
-    "FP8_BLOCK": get_scheme("FP8_BLOCK"),  # not sliced: 128 x 128 blocks
+    "FP8_STATIC": get_scheme("FP8_STATIC"),  # per-channel scales
+    "FP8_BLOCK": get_scheme("FP8_BLOCK"),  # 128 x 128 blocks: these layers are one block row, so one slice
+    "FP8 blocks 8x32": replace(get_scheme("FP8_BLOCK"), group_size=(8, 32)),  # ragged: 37 = 4 x 8 + 5, 200 = 6 x 32 + 8
+    "FPW8A16": get_scheme("FPW8A16"),  # not sliced: per-tensor
 }
+NOT_SLICED = {"W4A16 per tensor", "FPW8A16",  # one group spans every row
+              "FP8_BLOCK"}  # sliceable, but every layer here is one 128-row block row: one slice
 
 
 def layers(kind: str, dtype: torch.dtype) -> dict[str, nn.Module]:
@@ -72,7 +76,7 @@ def test_sliced_rtn_equals_the_whole_layer(monkeypatch, name, kind, dtype, opt_r
     whole = quantize(whole_mods, scheme, 1 << 30, monkeypatch, opt_rtn)
     assert joined == []
     sliced = quantize(sliced_mods, scheme, 450, monkeypatch, opt_rtn)  # 2 rows of 200 (+ padding) a slice
-    assert bool(joined) == rtn_slices.sliceable(scheme) and all(n > 1 for n in joined)
+    assert bool(joined) == (name not in NOT_SLICED) and all(n > 1 for n in joined)
     for n in whole_mods:
         assert torch.equal(sliced_mods[n].weight, whole_mods[n].weight), n
         assert not torch.equal(whole_mods[n].weight, layers(kind, dtype)[n].weight)  # it did quantize
@@ -89,3 +93,17 @@ def test_weight_absmax_reads_slices():
         module.weight.normal_()
         module.weight[5, 250] = -17.0
     assert rtn_slices.weight_absmax(module, slice_elements=100).item() == 17.0
+
+
+def test_which_schemes_are_sliceable():
+    assert all(rtn_slices.sliceable(SCHEMES[n]) for n in SCHEMES if n not in ("W4A16 per tensor", "FPW8A16"))
+    assert not rtn_slices.sliceable(SCHEMES["W4A16 per tensor"]) and not rtn_slices.sliceable(SCHEMES["FPW8A16"])
+
+
+def test_block_slices_are_whole_block_rows():
+    from auto_round.quant.fp8_qdq import fp8_layout
+
+    layout = fp8_layout(300, 200, (128, 128))  # 3 block rows (the last 44 rows), 2 block columns: 32768 per block row
+    assert rtn_slices.row_slices(layout, 40000) == [slice(0, 128), slice(128, 256), slice(256, 384)]
+    assert rtn_slices.row_slices(layout, 70000) == [slice(0, 256), slice(256, 512)]
+    assert rtn_slices.row_slices(layout, 10) == [slice(0, 128), slice(128, 256), slice(256, 384)]

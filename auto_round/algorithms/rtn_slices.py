@@ -6,9 +6,10 @@ by 5-8x its fp32 weight (W4A16 +0.9 GiB, MXFP4 / NVFP4 +1.3 GiB). With V = 0 and
 result depends only on its own weights (NVFP4 also on the per-tensor global scale, computed beforehand over the
 whole weight), so quantizing slices of whole rows gives the same fake-quantized weight, codes and scales.
 
-Sliced: int, MX and NVFP4 schemes whose groups lie within one row (group_size > 0 or -1). Not sliced (one
-call, as before): per-tensor groups (group_size 0), FP8 (per-tensor or 128 x 128 blocks; per-channel FP8 is
-rare and small) and layers of at most `slice_elements` weights.
+Sliced: int, MX, NVFP4 and FP8 schemes whose groups lie within one row (group_size > 0 or -1: FP8_STATIC's
+per-channel scales), and FP8 2-D blocks (FP8_BLOCK's 128 x 128) in slices of whole block rows. Not sliced (one
+call, as before): per-tensor groups (group_size 0: FPW8A16, a per-tensor int scheme) and layers of at most
+`slice_elements` weights.
 """
 
 from __future__ import annotations
@@ -19,6 +20,7 @@ import torch
 from torch import nn
 
 from ..layers import layer_weight
+from ..quant.fp8_qdq import BlockLayout
 from ..quant.int_qdq import GroupLayout
 from ..quant.nvfp_qdq import global_scale_from_amax
 from ..schemes import QuantScheme
@@ -53,17 +55,24 @@ def sliceable(scheme: QuantScheme) -> bool:
     """Whether RTN of this scheme may run on row slices (module docstring)."""
     if not scheme.is_quantized or scheme.gguf is not None:
         return False
-    if scheme.data_type not in ("int", "mx_fp", "mx_int", "nv_fp"):
+    if scheme.data_type not in ("int", "mx_fp", "mx_int", "nv_fp", "fp"):
         return False
+    if scheme.data_type == "fp" and isinstance(scheme.group_size, (tuple, list)):
+        return True  # 2-D blocks: slices of whole block rows (row_slices)
     return isinstance(scheme.group_size, int) and scheme.group_size != 0
 
 
-def row_slices(layout: GroupLayout, elements: int) -> list[slice]:
-    """Slices of whole rows holding about `elements` grouped (padded) weights each; one slice when a group spans
+def row_slices(layout: "GroupLayout | BlockLayout", elements: int) -> list[slice]:
+    """Slices of whole rows holding about `elements` grouped (padded) weights each: whole block rows for 2-D
+    blocks (FP8_BLOCK; the last slice may hold the ragged last block row); one slice when a group spans all
     rows (per tensor: group_size 0)."""
-    if layout.rows != layout.out_features:
+    if isinstance(layout, BlockLayout):
+        block_row = layout.block_rows * layout.n_groups * layout.block_cols  # padded weights of one block row
+        step = max(1, elements // block_row) * layout.block_rows
+    elif layout.rows != layout.out_features:
         return [slice(0, layout.out_features)]
-    step = max(1, elements // max(1, layout.padded_in))
+    else:
+        step = max(1, elements // max(1, layout.padded_in))
     return [slice(start, start + step) for start in range(0, layout.out_features, step)]
 
 
