@@ -109,6 +109,10 @@ class AutoRound:
         sym: Optional[bool] = None,
         data_type: Optional[str] = None,
         act_bits: Optional[int] = None,
+        act_data_type: Optional[str] = None,
+        act_group_size: Optional[int] = None,
+        act_sym: Optional[bool] = None,
+        act_dynamic: Optional[bool] = None,
         layer_config: Optional[LayerConfig] = None,
         fp_layers: "str | Sequence[str] | None" = None,
         quant_lm_head: bool = False,
@@ -154,15 +158,18 @@ class AutoRound:
         # AutoScheme: the layers start with its first option; the plan replaces them before quantization
         self.auto_scheme: Optional[AutoScheme] = scheme if isinstance(scheme, AutoScheme) else None
         self.auto_scheme_plans: Optional[list] = None
+        # explicit fields win over the preset's (reference); act_group_size None = the weight group size
+        overrides = dict(bits=bits, group_size=group_size, sym=sym, data_type=data_type, act_bits=act_bits,
+                         act_data_type=act_data_type, act_group_size=act_group_size, act_sym=act_sym,
+                         act_dynamic=act_dynamic)
         if self.auto_scheme is not None:
             from .compressor_autoscheme import check_auto_scheme_args
 
-            check_auto_scheme_args(self.auto_scheme, dict(
-                bits=bits, group_size=group_size, sym=sym, data_type=data_type, act_bits=act_bits))
+            check_auto_scheme_args(self.auto_scheme, overrides)
             # GGUF options: the layers start as the first option's llama.cpp mix (embedding / output types)
             auto = self.auto_scheme
             scheme = f"gguf:{auto.mixes[0]}" if auto.is_gguf else auto.schemes[0]
-        self.scheme = resolve_scheme(scheme, bits=bits, group_size=group_size, sym=sym, data_type=data_type, act_bits=act_bits)
+        self.scheme = resolve_scheme(scheme, **overrides)
         check_positive(iters=iters, nsamples=nsamples, seqlen=seqlen, batch_size=8 if batch_size is None else batch_size,
                        gradient_accumulate_steps=gradient_accumulate_steps, allow_zero=("iters",))
         batch_size = resolve_batch_size(batch_size, nsamples=nsamples, iters=iters, dataset=dataset)

@@ -39,6 +39,13 @@ def build_parser(prog: str = "auto-round") -> argparse.ArgumentParser:
     s.add_argument("--group_size", type=int, help="group size along in_features; -1 per channel, 0 per tensor")
     s.add_argument("--asym", action="store_true", help="asymmetric quantization (integer zero point)")
     s.add_argument("--data_type", "--dtype", help="weight data type (int)")
+    s.add_argument("--act_bits", type=int, help="activation bits (overrides the scheme; 16 = not quantized)")
+    s.add_argument("--act_group_size", type=int, help="activation group size; -1 per token, 0 per tensor "
+                                                      "(default: the weight group size)")
+    s.add_argument("--act_asym", action="store_true", help="asymmetric activation quantization")
+    s.add_argument("--act_data_type", "--act_dtype", help="activation data type (int, fp, mx_fp, ...)")
+    s.add_argument("--disable_act_dynamic", action="store_true",
+                   help="static activation quantization: input ranges calibrated on the calibration data")
     s.add_argument("--scale_dtype", default="fp16", choices=["fp16", "float16", "bf16", "bfloat16", "fp32", "float32"])
     s.add_argument("--layer_config", help='JSON: {"layer name or regex": {"bits": 8}, ...}')
     s.add_argument("--fp_layers", "--ignore_layers", help="comma list of layers kept in fp ('layers.1' = that block)")
@@ -263,7 +270,9 @@ def main(argv: Optional[Sequence[str]] = None, recipe: str = "default", prog: st
         eval_tasks = check_tasks(args)  # unknown task names fail now, not after the tuning
         ar = AutoRound(
             model, scheme=auto_scheme if auto_scheme is not None else args.scheme, bits=args.bits, group_size=args.group_size,
-            sym=False if args.asym else None, data_type=args.data_type,
+            sym=False if args.asym else None, data_type=args.data_type, act_bits=args.act_bits,
+            act_data_type=args.act_data_type, act_group_size=args.act_group_size,
+            act_sym=False if args.act_asym else None, act_dynamic=False if args.disable_act_dynamic else None,
             layer_config=_layer_config(args.layer_config), fp_layers=args.fp_layers,
             quant_lm_head=args.quant_lm_head, to_quant_block_names=args.to_quant_block_names,
             dataset=args.dataset, iters=args.iters, lr=args.lr, minmax_lr=args.minmax_lr,
