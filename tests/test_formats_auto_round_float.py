@@ -72,6 +72,22 @@ def test_auto_round_float_round_trip_is_exact(tmp_path, scheme, iters, packing):
     assert torch.equal(logits(model, ids), logits(ar.model, ids))
 
 
+@pytest.mark.parametrize("scheme", ["FP8_STATIC", "FPW8A16"])
+def test_fp8_groups_as_wide_as_the_row_round_trip(tmp_path, scheme):
+    """FP8 in groups of 64 on the tiny llama: a 64-wide layer has one group per row, which the loader reads as
+    a per-channel [out] scale (the writer wrote [out, 1] and the reload failed); down_proj (128 wide) keeps
+    [out, 2]."""
+    ar = save(tmp_path / "ar", "auto_round", scheme=scheme, group_size=64)
+    tensors = load_file(str(tmp_path / "ar" / "model.safetensors"))
+    assert tensors["model.layers.0.self_attn.q_proj.weight_scale"].shape == (64,)
+    assert tensors["model.layers.0.mlp.down_proj.weight_scale"].shape == (64, 2)
+    model = tf.AutoModelForCausalLM.from_pretrained(tmp_path / "ar", dtype=torch.float32).eval()
+    for name in ar.results:
+        assert torch.equal(model.get_submodule(name).dequantize(torch.float32), ar.model.get_submodule(name).weight), name
+    ids = random_ids(2, 12, seed=1)
+    assert torch.equal(logits(model, ids), logits(ar.model, ids))
+
+
 def test_auto_round_float_immediate_packing_is_the_same_checkpoint(tmp_path):
     ar = save(tmp_path / "low", "auto_round", low_mem=True, scheme="NVFP4", iters=2)
     assert ar.packed

@@ -70,10 +70,11 @@ def pack_auto_round_float(name: str, res: FloatQuantResult, scale_dtype: torch.d
     tensors = pack_float_layer(name, res, scale_dtype)
     if isinstance(res.scheme.group_size, tuple):  # blocks: the DeepSeek / FP8BlockQLinear name
         tensors[f"{name}.weight_scale_inv"] = tensors.pop(f"{name}.weight_scale")
-    elif res.scheme.data_type == "fp" and res.scheme.group_size in (0, -1):
+    elif res.scheme.data_type == "fp" and res.layout.n_groups == 1:
         # per channel: a 1-D [out] scale, the reference's FP8QLinear layout (compressed-tensors' is [out, 1]);
         # per tensor is written as per channel with equal scales (the config says group_size -1: loaders accept
-        # only -1 or > 0), the same weights
+        # only -1 or > 0), the same weights; so is a group as wide as the row (group_size >= in_features), as
+        # FloatQuantLinear reads it
         key = f"{name}.weight_scale"
         tensors[key] = tensors[key].reshape(-1).expand(res.layout.out_features).contiguous()
     return tensors
