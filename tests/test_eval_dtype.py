@@ -40,3 +40,39 @@ def test_other_checkpoints_keep_fp32(tmp_path):
     _, out = export(tmp_path, "W4A16G32")
     model, _ = load_for_eval(out, device="cpu")
     assert model.dtype == torch.float32
+
+
+def test_asym_llm_compressor_exports_load_decompressed(tmp_path):
+    """Asymmetric pack-quantized weights: transformers' compressed-mode loading mis-sizes the packed zero points
+    (it failed with a size mismatch); the export is evaluated decompressed, with the fake-quant model's logits
+    (the decompressor dequantizes with fp16 scales in fp32: close, not bit-equal)."""
+    ar = AutoRound(tiny_model("llama"), tiny_tokenizer(), scheme="W4A16G32", sym=False, iters=0,
+                   dataset=random_ids(4, 16, seed=2), low_cpu_mem_usage=False)
+    ar.quantize_and_save(tmp_path / "asym", format="llm_compressor")
+    model, _ = load_for_eval(tmp_path / "asym", device="cpu")
+    ids = random_ids(2, 16, seed=9)
+    with torch.no_grad():
+        got, want = model(ids).logits, ar.model(ids).logits
+    assert (got - want).abs().max() <= 1e-3 * want.abs().max()
+
+
+def test_asym_exports_transformers_cannot_load_are_refused_clearly(tmp_path):
+    """Mixed groups with asym packed weights (ours), and asym packed weights with quantized activations (a
+    hand-made config: our int exports with activation quantization are int-quantized, which loads): decompressed
+    loading would use one scheme for every layer / drop the activation quantization, so both are refused."""
+    import json
+
+    ar = AutoRound(tiny_model("llama"), tiny_tokenizer(), scheme="W4A16G32", sym=False, iters=0, disable_opt_rtn=True,
+                   dataset=random_ids(4, 16, seed=2), layer_config={"model.layers.0.mlp.down_proj": {"bits": 8}})
+    ar.quantize_and_save(tmp_path / "mixed", format="llm_compressor")
+    with pytest.raises(ModelLoadError, match="asymmetric pack-quantized weights with several config groups.*vLLM loads it"):
+        load_for_eval(tmp_path / "mixed", device="cpu")
+    ar = AutoRound(tiny_model("llama"), tiny_tokenizer(), scheme="W4A16G32", sym=False, iters=0, disable_opt_rtn=True,
+                   dataset=random_ids(4, 16, seed=2))
+    ar.quantize_and_save(tmp_path / "act", format="llm_compressor")
+    config = json.loads((tmp_path / "act" / "config.json").read_text())
+    config["quantization_config"]["config_groups"]["group_0"]["input_activations"] = {
+        "num_bits": 8, "type": "int", "symmetric": True, "strategy": "token", "dynamic": True}
+    (tmp_path / "act" / "config.json").write_text(json.dumps(config))
+    with pytest.raises(ModelLoadError, match="asymmetric pack-quantized weights with quantized activations"):
+        load_for_eval(tmp_path / "act", device="cpu")

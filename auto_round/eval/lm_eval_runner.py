@@ -24,7 +24,7 @@ from typing import Any, Optional, Sequence
 
 import torch
 
-from .load_dtype import eval_dtype, quantization_config
+from .load_dtype import compressed_tensors_kwargs, eval_dtype, quantization_config
 from .perplexity import EvalError
 
 logger = logging.getLogger("auto_round")
@@ -211,7 +211,7 @@ def load_for_eval(model: "str | os.PathLike", *, device: str = "cpu", dtype: "st
         more = f"; it holds the model folders {', '.join(subdirs)}: pass one" if subdirs else ""
         raise ModelLoadError(f"{path} has no config.json{more}")
     validate_checkpoint(path, allow_pickle=allow_pickle)
-    kwargs = {}
+    kwargs = compressed_tensors_kwargs(path)
     if _quant_method(path) in ("gptq", "awq"):
         from transformers import AutoRoundConfig
 

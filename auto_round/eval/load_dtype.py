@@ -1,4 +1,5 @@
-"""Which dtype a saved model is evaluated in, and the quantization_config it declares."""
+"""How a saved model is loaded for evaluation: its dtype, the quantization_config it declares, and the loading
+kwargs compressed-tensors checkpoints with asymmetric packed integer weights need."""
 
 from __future__ import annotations
 
@@ -52,3 +53,40 @@ def eval_dtype(path: Path, dtype, device: str):
     if wanted is None:
         logger.info("%s: compressed-tensors %s weights decompress to bf16: evaluating in bf16", path, bf16_only)
     return torch.bfloat16
+
+
+def _asym_packed_groups(qc: dict) -> list[str]:
+    """Names of the config groups with asymmetric pack-quantized integer weights."""
+    groups = qc.get("config_groups") or {}
+    return [name for name, g in groups.items() if isinstance(g, dict)
+            and (g.get("format") or qc.get("format")) in ("pack-quantized", "mixed-precision")
+            and (g.get("weights") or {}).get("symmetric") is False and (g.get("weights") or {}).get("type") == "int"]
+
+
+def compressed_tensors_kwargs(folder: Path) -> dict:
+    """from_pretrained kwargs for a compressed-tensors checkpoint with asymmetric pack-quantized weights ({} for
+    any other checkpoint).
+
+    compressed-tensors writes their zero points packed ([out * bits / 32, n_groups], what vLLM reads), while
+    transformers' compressed-mode loading sizes them unpacked and fails ("size mismatch ... weight_zero_point"),
+    for llm-compressor's own files as for ours. Decompressed loading (run_compressed=False) reads them; it drops
+    activation quantization and decompresses every layer with one group's scheme, so checkpoints that quantize
+    activations or mix groups are refused with a ModelLoadError instead of evaluated wrongly."""
+    from ..model.loading import ModelLoadError
+
+    qc = quantization_config(folder)
+    if str(qc.get("quant_method", "")).lower() != "compressed-tensors" or not _asym_packed_groups(qc):
+        return {}
+    groups = qc.get("config_groups") or {}
+    why = ("several config groups (mixed precision)" if len(groups) > 1 else
+           "quantized activations" if any(g.get("input_activations") for g in groups.values() if isinstance(g, dict))
+           else None)
+    if why is not None:
+        raise ModelLoadError(f"{folder} holds asymmetric pack-quantized weights with {why}: transformers cannot load "
+                             "that (compressed mode mis-sizes the packed zero points, decompressed mode "
+                             f"{'uses one scheme for all layers' if len(groups) > 1 else 'drops the activation quantization'}); "
+                             "vLLM loads it. To evaluate here, export format 'auto_round' or 'fake' as well")
+    from transformers import CompressedTensorsConfig
+
+    logger.info("%s: asymmetric pack-quantized weights: loading decompressed (run_compressed=False)", folder)
+    return {"quantization_config": CompressedTensorsConfig(run_compressed=False)}
