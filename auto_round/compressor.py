@@ -291,11 +291,12 @@ class AutoRound:
         # (_refuse_partial_model) and another AutoRound given this model object refuse it
         setattr(self.model, QUANTIZED_IN_PLACE_ATTR, True)
         quantize_embedding(self)
-        if self.tuning.iters == 0:
-            quantize_rtn(self)
-        else:
-            quantize_signround(self)
-        quantize_outside_blocks(self)
+        if any(s.is_quantized for s in self.layer_schemes.values()):  # gguf:bf16 / f16 / f32: no layer, no walk
+            if self.tuning.iters == 0:
+                quantize_rtn(self)
+            else:
+                quantize_signround(self)
+            quantize_outside_blocks(self)
         self._convert_pending()  # blocks outside the walk (other block groups) too
 
     def _refuse_partial_model(self) -> None:
@@ -412,7 +413,10 @@ class AutoRound:
             from .export.report import write_run_report
 
             for path in paths:
-                write_run_report(path, self.run_events)
+                try:  # the checkpoint is complete and verified by its manifest: a report failure must not fail it
+                    write_run_report(path, self.run_events)
+                except Exception as err:  # noqa: BLE001
+                    logger.warning("%s: the run report (report.md, events.jsonl) was not written: %s", path, err)
         if self._ckpt is not None:
             self._ckpt.remove()  # the artifact is complete: the work directory is not needed any more
         return self.model, paths

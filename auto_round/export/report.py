@@ -24,6 +24,15 @@ def _blocks(events: list[dict]) -> list[dict]:
     return [e for e in events if e.get("event") == "block"]
 
 
+def _num(value, spec: str = ".6g") -> str:
+    """A table cell: '-' for a block that tuned nothing (all its layers in fp: no loss, no best iteration)."""
+    return "-" if value is None else format(value, spec)
+
+
+def _series(blocks: list[dict], key: str) -> list[float]:
+    return [float("nan") if b.get(key) is None else b[key] for b in blocks]
+
+
 def _plots(directory: Path, blocks: list[dict]) -> list[str]:
     try:
         import matplotlib
@@ -35,8 +44,8 @@ def _plots(directory: Path, blocks: list[dict]) -> list[str]:
         return []
     fig, ax = plt.subplots(figsize=(6, 3.5), dpi=100)
     x = range(len(blocks))
-    ax.plot(x, [b["loss_first"] for b in blocks], "o-", label="iter 0")
-    ax.plot(x, [b["loss_best"] for b in blocks], "o-", label="best")
+    ax.plot(x, _series(blocks, "loss_first"), "o-", label="iter 0")
+    ax.plot(x, _series(blocks, "loss_best"), "o-", label="best")
     ax.set_xlabel("block")
     ax.set_ylabel("loss (MSE)")
     ax.set_yscale("log")
@@ -71,8 +80,8 @@ def write_run_report(directory: "str | Path", events: list[dict]) -> None:
     if blocks:
         lines += ["## Per-block loss", "", "| block | loss iter 0 | best loss | best iter | seconds | peak RSS MB | tokens/s |",
                   "|---|---|---|---|---|---|---|"]
-        lines += [f"| {b['name']} | {b['loss_first']:.6g} | {b['loss_best']:.6g} | {b['best_iter']} | {b['seconds']} | "
-                  f"{b['peak_rss_mb']} | {b['tokens_per_s']} |" for b in blocks]
+        lines += [f"| {b['name']} | {_num(b['loss_first'])} | {_num(b['loss_best'])} | {_num(b['best_iter'], 'd')} | "
+                  f"{b['seconds']} | {b['peak_rss_mb']} | {b['tokens_per_s']} |" for b in blocks]
         lines += ["", "## Per-layer relative weight error ||W_q - W|| / ||W||", "", "| layer | error |", "|---|---|"]
         lines += [f"| {n} | {e:.4g} |" for b in blocks for n, e in b.get("layer_errors", {}).items()]
         lines.append("")
