@@ -1,6 +1,7 @@
 """Activation fields given next to a preset (`act_bits`, `act_data_type`, `act_group_size`, `act_sym`, `act_dynamic`;
 CLI --act_bits, --act_dtype, --act_group_size, --act_asym, --disable_act_dynamic) override the preset's, as the
-reference's AutoRound and CLI do, and reach the exported quantization_config."""
+reference's AutoRound and CLI do, and reach the exported quantization_config. The reference's other spellings of
+the tuning switches (--enable_minmax_tuning, --no-enable_quanted_input, ...) parse too."""
 
 import json
 
@@ -57,3 +58,17 @@ def test_cli_flags_reach_the_export(tmp_path):
 
     with safe_open(str(out / "model.safetensors"), "pt") as f:
         assert "model.layers.0.self_attn.q_proj.input_scale" in f.keys()
+
+
+@pytest.mark.parametrize("argv,minmax_off,quanted_off", [
+    ([], False, False), (["--enable_minmax_tuning", "--enable_quanted_input"], False, False),
+    (["--disable_minmax_tuning", "--disable_quanted_input"], True, True),
+    (["--no-enable_minmax_tuning", "--no-enable_quanted_input"], True, True),  # the reference's other spellings
+])
+def test_reference_spellings_of_the_tuning_switches(argv, minmax_off, quanted_off):
+    from auto_round.cli.main import build_parser
+
+    args = build_parser().parse_args(["model", *argv])
+    assert (args.disable_minmax_tuning, args.disable_quanted_input) == (minmax_off, quanted_off)
+    with pytest.raises(SystemExit):
+        build_parser().parse_args(["model", "--enable_minmax_tuning", "--disable_minmax_tuning"])

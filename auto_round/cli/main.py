@@ -82,11 +82,19 @@ def build_parser(prog: str = "auto-round") -> argparse.ArgumentParser:
     t.add_argument("--gradient_accumulate_steps", type=int, default=1)
     t.add_argument("--dataset", help="local .txt/.json/.jsonl, hub name, or 'a.json,b.jsonl:num=64'")
     t.add_argument("--seed", type=int, default=42)
-    t.add_argument("--disable_minmax_tuning", action="store_true", help="tune rounding only, not clip scales")
+    minmax = t.add_mutually_exclusive_group()
+    minmax.add_argument("--disable_minmax_tuning", "--no-enable_minmax_tuning", action="store_true",
+                        help="tune rounding only, not clip scales")
+    minmax.add_argument("--enable_minmax_tuning", dest="disable_minmax_tuning", action="store_false",
+                        help="tune the clip scales too (the default; the reference's spelling)")
     t.add_argument("--enable_fp8_clip_tuning", action="store_true",
                    help="also tune the clip scales of fp8 weights (FP8_*, MXFP8), as the reference does (off: with "
                         "fp8 a smaller scale only clips; measured worse on held-out text)")
-    t.add_argument("--disable_quanted_input", action="store_true", help="tune on fp-chain inputs")
+    quanted = t.add_mutually_exclusive_group()
+    quanted.add_argument("--disable_quanted_input", "--no-enable_quanted_input", action="store_true",
+                         help="tune on fp-chain inputs")
+    quanted.add_argument("--enable_quanted_input", dest="disable_quanted_input", action="store_false",
+                         help="tune each block on the previous quantized blocks' outputs (the default)")
     t.add_argument("--not_use_best_mse", action="store_true", help="keep the last iteration, not the best")
     opt = t.add_mutually_exclusive_group()
     opt.add_argument("--disable_opt_rtn", dest="disable_opt_rtn", action="store_true", default=None,
