@@ -410,13 +410,9 @@ class AutoRound:
                 self._spill.remove()
                 self._spill = None
         if self.run_report:
-            from .export.report import write_run_report
+            from .export.report import write_run_reports
 
-            for path in paths:
-                try:  # the checkpoint is complete and verified by its manifest: a report failure must not fail it
-                    write_run_report(path, self.run_events)
-                except Exception as err:  # noqa: BLE001
-                    logger.warning("%s: the run report (report.md, events.jsonl) was not written: %s", path, err)
+            write_run_reports(paths, self.run_events)
         if self._ckpt is not None:
             self._ckpt.remove()  # the artifact is complete: the work directory is not needed any more
         return self.model, paths

@@ -42,7 +42,7 @@ def test_a_report_failure_does_not_fail_the_run(tmp_path, monkeypatch, caplog):
     def broken(*args, **kwargs):
         raise OSError("disk full")
 
-    monkeypatch.setattr(report, "write_run_report", broken)
+    monkeypatch.setattr(report, "write_run_report", broken)  # write_run_reports calls it
     caplog.set_level("WARNING", logger="auto_round")
     out = tmp_path / "out"
     run(out, scheme="W4A16G32", iters=2)

@@ -90,3 +90,13 @@ def write_run_report(directory: "str | Path", events: list[dict]) -> None:
     lines += ["## Files (from quantization_manifest.json)", "", "| file | bytes | sha256 |", "|---|---|---|"]
     lines += [f"| {n} | {f['bytes']} | {f['sha256']} |" for n, f in sorted(manifest.get("files", {}).items())]
     (directory / "report.md").write_text("\n".join(lines) + "\n")
+
+
+def write_run_reports(directories: list, events: list[dict]) -> None:
+    """write_run_report into each finished output directory. A failure only warns: the checkpoint is complete and
+    covered by its manifest, and the report is a by-product."""
+    for directory in directories:
+        try:
+            write_run_report(directory, events)
+        except Exception as err:  # noqa: BLE001
+            logger.warning("%s: the run report (report.md, events.jsonl) was not written: %s", directory, err)
