@@ -27,11 +27,15 @@ def quantization_config(folder: Path) -> dict:
 _BF16_DECOMPRESSED = ("mxfp4-pack-quantized", "mxfp6-pack-quantized", "nvfp4-pack-quantized", "mxfp8-quantized")
 
 
+def _compressed_tensors_config(folder: Path) -> dict:
+    """quantization_config of a compressed-tensors checkpoint ({} for any other)."""
+    qc = quantization_config(folder)
+    return qc if str(qc.get("quant_method", "")).lower() == "compressed-tensors" else {}
+
+
 def _bf16_decompressed_format(folder: Path) -> Optional[str]:
     """The compressed-tensors format of `folder` that only runs in bf16 (_BF16_DECOMPRESSED), else None."""
-    qc = quantization_config(folder)
-    if str(qc.get("quant_method", "")).lower() != "compressed-tensors":
-        return None
+    qc = _compressed_tensors_config(folder)
     groups = qc.get("config_groups") or {}
     formats = [qc.get("format")] + [g.get("format") for g in groups.values() if isinstance(g, dict)]
     return next((f for f in formats if f in _BF16_DECOMPRESSED), None)
@@ -74,8 +78,8 @@ def compressed_tensors_kwargs(folder: Path) -> dict:
     activations or mix groups are refused with a ModelLoadError instead of evaluated wrongly."""
     from ..model.loading import ModelLoadError
 
-    qc = quantization_config(folder)
-    if str(qc.get("quant_method", "")).lower() != "compressed-tensors" or not _asym_packed_groups(qc):
+    qc = _compressed_tensors_config(folder)
+    if not _asym_packed_groups(qc):
         return {}
     groups = qc.get("config_groups") or {}
     why = ("several config groups (mixed precision)" if len(groups) > 1 else
