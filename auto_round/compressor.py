@@ -82,6 +82,10 @@ class AutoRound:
         (model/checkpoint_resume.py); resume=True continues from it (same bytes as an uninterrupted run), an
         existing one without resume (or overwrite) is an error; it is deleted after a successful save.
     disable_progress: no tqdm bars; run_report: write events.jsonl / report.md / PNGs (export/report.py).
+    low_gpu_mem_usage: True (the default): the cached block inputs and outputs of the SignRound walk ([nsamples,
+        seqlen, hidden] each, several of them) stay in host memory and each micro-batch is copied to the accelerator.
+        False keeps them on the accelerator when the memory plan has room there beside the block's tuning (no copy
+        per step; else they stay on the host, with a warning). The same results either way; nothing changes on CPU.
     memory_limit: bytes or "12GB" available to the tuning (default: the free host memory, or the free device
         memory on CUDA). Before tuning the predicted peak is logged (model/memory_plan.py); when it exceeds the
         limit and auto_adjust_memory, the micro-batch is halved with gradient_accumulate_steps doubled (same
@@ -145,6 +149,7 @@ class AutoRound:
         trust_remote_code: bool = True,
         max_shard_size: "int | str" = "5GB",
         low_cpu_mem_usage: bool = True,
+        low_gpu_mem_usage: bool = True,
         allow_pickle_checkpoint: bool = False,
         resume: bool = False,
         checkpoint: bool = True,
@@ -195,7 +200,7 @@ class AutoRound:
         self.disable_opt_rtn = disable_opt_rtn
         self.dataset, self.nsamples, self.seqlen, self.seed = dataset, nsamples, seqlen, seed
         self.max_shard_size = max_shard_size
-        self.low_cpu_mem_usage = low_cpu_mem_usage
+        self.low_cpu_mem_usage, self.low_gpu_mem_usage = low_cpu_mem_usage, bool(low_gpu_mem_usage)
         self.reuse_freed_memory = reuse_freed_memory
         self.memory_limit, self.auto_adjust_memory = memory_limit, auto_adjust_memory  # model/memory_plan.py
         self._packer: Optional[BlockPacker] = None  # set by quantize_and_save for immediate packing

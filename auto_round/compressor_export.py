@@ -43,7 +43,8 @@ def export_context(ar: "AutoRound") -> ExportContext:
         "massive_token_cap": t.massive_token_cap if t.iters else None,
         # RTN feeds no quantized inputs anywhere; the reference records that too
         "enable_quanted_input": ar.enable_quanted_input and t.iters > 0,
-        "low_gpu_mem_usage": False,
+        # (the reference's key: block inputs kept off the accelerator; never applies to a CPU run)
+        "low_gpu_mem_usage": ar.low_gpu_mem_usage and torch.device(ar.device).type != "cpu" and t.iters > 0,
     }
     run_info = {
         "seed": ar.seed, "scheme": ar.scheme.to_dict(), "tuning": tuning,

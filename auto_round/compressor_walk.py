@@ -161,9 +161,12 @@ def calibration_set(ar: "AutoRound") -> Any:
     return calib
 
 
-def walk_blocks(ar: "AutoRound", calib: Any, what: str,
-                collect: bool = True) -> tuple[torch.Tensor, Iterator[tuple[str, nn.Module, BlockCall]]]:
+def walk_blocks(ar: "AutoRound", calib: Any, what: str, collect: bool = True,
+                chain_device: "torch.device | str" = "cpu") -> tuple[torch.Tensor, Iterator[tuple[str, nn.Module, BlockCall]]]:
     """Capture every block's inputs once; returns (first block's hidden states [n, T, H], steps).
+
+    chain_device: where the captured inputs (and so every chain computed from them) are kept: the CPU, or the
+    tuning device when the memory plan has room there (low_gpu_mem_usage=False).
 
     Each step yields (name, block, call) with the block on the tuning device; after the step the block
     goes back to the CPU (one block at a time on an accelerator) and freed memory is released (with a full
@@ -177,7 +180,7 @@ def walk_blocks(ar: "AutoRound", calib: Any, what: str,
     blocks = list(iter_blocks(ar.model, ar.block_groups))
     captured = capture_block_inputs(
         ar.model, [b for _, b in blocks], calib.input_ids, calib.attention_mask, device=ar.device,
-        embedding_dtype=ar._pending.wanted if ar._pending is not None else None,
+        store_device=chain_device, embedding_dtype=ar._pending.wanted if ar._pending is not None else None,
     )
     calls = captured.calls  # the steps must not keep `captured`: it holds the first block's inputs [n, T, H]
 
@@ -198,20 +201,21 @@ def walk_blocks(ar: "AutoRound", calib: Any, what: str,
 def quantize_signround(ar: "AutoRound") -> None:
     """iters > 0: tune block by block (see the module docstring); results and per-block stats go to `ar`."""
     calib = calibration_set(ar)
-    ar.tuning, roomy = plan_signround_memory(  # logs the predicted peak; a smaller micro-batch or an error if too big
-        ar.model, ar.layer_schemes, list(iter_blocks(ar.model, ar.block_groups)), ar.tuning,
+    ar.tuning, roomy, chains_on_device = plan_signround_memory(  # logs the predicted peak; a smaller micro-batch
+        ar.model, ar.layer_schemes, list(iter_blocks(ar.model, ar.block_groups)), ar.tuning,  # or an error if too big
         nsamples=calib.input_ids.shape[0], seqlen=calib.input_ids.shape[1], device=ar.device,
         enable_quanted_input=ar.enable_quanted_input, memory_limit=ar.memory_limit,
-        auto_adjust=ar.auto_adjust_memory)
+        auto_adjust=ar.auto_adjust_memory, low_gpu_mem_usage=ar.low_gpu_mem_usage)
     ar.tuning = dataclasses.replace(ar.tuning, compile_act_qdq=ar._compile_act_qdq())
-    fp_in, steps = walk_blocks(ar, calib, "SignRound")
+    chain_device = ar.device if chains_on_device else "cpu"
+    fp_in, steps = walk_blocks(ar, calib, "SignRound", chain_device=chain_device)
     loss_mask = loss_mask_from_attention(calib.attention_mask)
     batch_order = random.Random(ar.tuning.seed)  # one stream through all blocks (see IndexSampler)
     q_in, last_call = None, None
     ckpt = ar._ckpt.bind(ar.calibration_info) if ar._ckpt is not None else None
     done = ckpt.restore(ar, batch_order) if ckpt is not None else None
-    if done is not None:
-        fp_in, q_in = done.fp_in, done.q_in
+    if done is not None:  # (read back on the CPU)
+        fp_in, q_in = done.fp_in.to(chain_device), (done.q_in.to(chain_device) if done.q_in is not None else None)
     log = RunLog(sum(1 for _ in iter_blocks(ar.model, ar.block_groups)), ar._settings(),
                  ar.disable_progress, done.extra.get("events") if done is not None else None)
     if ar.reuse_freed_memory and not roomy:

@@ -1,12 +1,14 @@
 """Paired held-out perplexity of two checkpoints: is the difference larger than the text sampling noise?
 
     .venv/bin/python bench/paired_ppl.py A_DIR B_DIR [C_DIR ...] --tokenizer DIR [--nsamples 360] [--seqlen 512] [--name NAME]
+        [--text FILE]
 
 Every model scores the SAME windows (auto_round.eval.token_windows over the held-out articles; 360 windows of 512
 tokens cover all of them). Per window w: mean NLL a_w, b_w. The log-perplexity difference is the mean of
 d_w = b_w - a_w (ppl_B / ppl_A = exp(mean d) exactly, every window having the same token count), and its
 standard error is sd(d) / sqrt(n): a difference within ~2 SE is not distinguishable from the luck of which text
-was held out. Each of B, C, ... is compared with A. Writes bench/results/<date>-<name>.md when --name is given.
+was held out. Each of B, C, ... is compared with A. --text scores another corpus instead (a plain-text file, one
+document per line, e.g. gensim's Lee news corpus `test_data/lee_background.cor`, which no calibration set uses). Writes bench/results/<date>-<name>.md when --name is given.
 """
 
 from __future__ import annotations
@@ -40,6 +42,11 @@ def window_nll(path: str, windows: torch.Tensor, batch_size: int = 4) -> torch.T
     return torch.cat(out)
 
 
+def document_lines(path: str) -> list[str]:
+    """The non-empty lines of a plain-text corpus file, one document each."""
+    return [line.strip() for line in Path(path).read_text(encoding="utf-8").splitlines() if line.strip()]
+
+
 def compare(a: torch.Tensor, b: torch.Tensor) -> dict:
     """Paired statistics of B against A from their per-window NLLs [n]."""
     d = (b - a).double()
@@ -57,8 +64,11 @@ def main() -> None:
     p.add_argument("--nsamples", type=int, default=360)
     p.add_argument("--seqlen", type=int, default=512)
     p.add_argument("--name", default=None)
+    p.add_argument("--text", default=None, help="plain-text corpus, one document per line (default: held-out articles)")
     args = p.parse_args()
-    windows = token_windows(AutoTokenizer.from_pretrained(args.tokenizer), heldout_texts(), seqlen=args.seqlen,
+    texts = heldout_texts() if args.text is None else document_lines(args.text)
+    corpus = "the held-out articles" if args.text is None else f"`{Path(args.text).name}`"
+    windows = token_windows(AutoTokenizer.from_pretrained(args.tokenizer), texts, seqlen=args.seqlen,
                             nsamples=args.nsamples)
     t0 = time.perf_counter()
     a = window_nll(args.a, windows)
@@ -71,7 +81,7 @@ def main() -> None:
     if args.name:
         date = datetime.date.today().isoformat()
         lines = [f"## Paired held-out perplexity — {date}", "", f"A = `{args.a}`", "",
-                 f"{args.nsamples} windows of {args.seqlen} tokens (the held-out articles), the same for every model. "
+                 f"{windows.shape[0]} windows of {args.seqlen} tokens ({corpus}), the same for every model. "
                  "ln(ppl B / ppl A) is the mean per-window NLL difference; |z| = |mean| / standard error above ~2 is "
                  "more than the luck of which text was held out.", "",
                  "| B | ppl A | ppl B | ln(ppl B / ppl A) | standard error | z | windows where B is better |",

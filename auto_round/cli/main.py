@@ -153,6 +153,11 @@ def build_parser(prog: str = "auto-round") -> argparse.ArgumentParser:
                      help="pack each block's layers as soon as it is tuned and release their weights (default)")
     mem.add_argument("--disable_low_cpu_mem_usage", dest="low_cpu_mem_usage", action="store_false",
                      help="keep the whole fake-quantized model in memory until the export")
+    gpu = r.add_mutually_exclusive_group()
+    gpu.add_argument("--low_gpu_mem_usage", dest="low_gpu_mem_usage", action="store_true", default=True,
+                     help="keep the cached block inputs in host memory while tuning on an accelerator (default)")
+    gpu.add_argument("--disable_low_gpu_mem_usage", dest="low_gpu_mem_usage", action="store_false",
+                     help="keep them on the accelerator when they fit there (no copy per step; same results)")
     r.add_argument("--memory_limit", help="memory the tuning may use, e.g. 12GB (default: the free host memory, "
                                           "or the free device memory on CUDA); the predicted peak is checked against it")
     r.add_argument("--recompute_qdq", action="store_true",
@@ -293,7 +298,8 @@ def main(argv: Optional[Sequence[str]] = None, recipe: str = "default", prog: st
             amp_attention=args.amp_attention, enable_torch_compile=args.enable_torch_compile,
             scale_dtype=args.scale_dtype, model_dtype=args.model_dtype, device=args.device,
             trust_remote_code=not args.disable_trust_remote_code, max_shard_size=args.max_shard_size,
-            low_cpu_mem_usage=args.low_cpu_mem_usage, allow_pickle_checkpoint=args.allow_pickle_checkpoint,
+            low_cpu_mem_usage=args.low_cpu_mem_usage, low_gpu_mem_usage=args.low_gpu_mem_usage,
+            allow_pickle_checkpoint=args.allow_pickle_checkpoint,
             resume=args.resume, checkpoint=not args.disable_checkpoint, disable_progress=args.disable_progress,
             run_report=not args.disable_run_report,
             memory_limit=args.memory_limit, auto_adjust_memory=not args.disable_auto_adjust_memory,

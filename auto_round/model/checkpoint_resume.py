@@ -235,9 +235,9 @@ class BlockCheckpoint:
         encoded = {n: _encode(r, f"r:{n}", tensors) for n, r in results.items()}
         tensors.update({f"weight:{n}": w.detach().cpu().contiguous().clone() for n, w in weights.items()})
         _atomic_save(tensors, self.directory / f"block-{i:04d}.safetensors", {"results": json.dumps(encoded)})
-        inputs = {"fp_in": fp_in.contiguous()}
+        inputs = {"fp_in": fp_in.contiguous().cpu()}  # (the chains may live on the accelerator)
         if q_in is not None:
-            inputs["q_in"] = q_in.contiguous()
+            inputs["q_in"] = q_in.contiguous().cpu()
         inputs_name = f"inputs-{i:04d}.safetensors"
         _atomic_save(inputs, self.directory / inputs_name)
         old_inputs = state.get("inputs")

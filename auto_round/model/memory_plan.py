@@ -4,11 +4,13 @@ What the walk keeps alive at its peak (compressor_walk.py `quantize_signround`, 
 
     cached chains   fp_in, targets, q_in (old) and q_in (new) [n, T, H] in the model dtype, plus the torch.cat
                     of run_batched, which holds the per-batch pieces and the joined tensor at once: 5 chains
-                    (3 without enable_quanted_input: fp_in, targets and the targets being joined). All on the CPU:
-                    capture_block_inputs stores on the CPU and run_batched keeps outputs where its inputs are,
-                    so on an accelerator these never take device memory.
+                    (3 without enable_quanted_input: fp_in, targets and the targets being joined). On the CPU
+                    by default (low_gpu_mem_usage): capture_block_inputs stores them there and run_batched keeps
+                    outputs where its inputs are, so on an accelerator they take no device memory. With
+                    low_gpu_mem_usage=False they stay on the accelerator when they fit beside the block's work
+                    (no host-device copy per micro-batch), else on the CPU: the same results either way.
     call args       per-sample block arguments captured once (a 4-D mask [n, 1, T, T] with eager attention,
-                    else a 2-D mask [n, T] at most); shared rotary tables are negligible.
+                    else a 2-D mask [n, T] at most); shared rotary tables are negligible. Stored with the chains.
     weights         every parameter of the model, resident the whole run (host, or the device when loaded there).
     block state     one block's tunables (algorithms/tunable.py): the fp32 grouped weight copy, V, its grad, the
                     best-iteration snapshot, the fake-quantized weight the matmul keeps for its backward (5 x 4
@@ -93,16 +95,23 @@ class MemoryBreakdown:
     batch_size: int
     gradient_accumulate_steps: int
     recompute_qdq: bool = False
+    chains_on_device: bool = False  # the cached chains and call args live on the accelerator (module docstring)
+
+    @property
+    def chains(self) -> int:
+        return self.cached_inputs + self.call_args
 
     @property
     def host(self) -> int:
-        """What stays in host memory on an accelerator: cached chains, call args (and the weights off device)."""
-        return self.cached_inputs + self.call_args + self.packed_output
+        """What stays in host memory on an accelerator: the packed output, the cached chains and call args
+        unless they are on the device (and the weights off device)."""
+        return self.packed_output + (0 if self.chains_on_device else self.chains)
 
     @property
     def device_work(self) -> int:
-        """What one block's tuning allocates where it computes: tunables and one micro-batch's activations."""
-        return self.block_state + self.activations
+        """What one block's tuning allocates where it computes: tunables and one micro-batch's activations
+        (and the cached chains with call args when they are kept there)."""
+        return self.block_state + self.activations + (self.chains if self.chains_on_device else 0)
 
     @property
     def tuning(self) -> int:
@@ -114,7 +123,8 @@ class MemoryBreakdown:
         return self.tuning + self.model_weights
 
     def components(self) -> dict[str, int]:
-        return {"cached block inputs": self.cached_inputs, "block call arguments": self.call_args,
+        where = " (on the device)" if self.chains_on_device else ""
+        return {"cached block inputs" + where: self.cached_inputs, "block call arguments" + where: self.call_args,
                 "model weights": self.model_weights,
                 "one block's tunables + grads" + (" (recompute_qdq)" if self.recompute_qdq else ""): self.block_state,
                 f"activations (batch {self.batch_size})": self.activations, "packed output": self.packed_output}
@@ -126,7 +136,7 @@ class MemoryBreakdown:
 
 
 def estimate_signround_memory(shape: MemoryShape, batch_size: int, gradient_accumulate_steps: int = 1,
-                              recompute_qdq: bool = False) -> MemoryBreakdown:
+                              recompute_qdq: bool = False, chains_on_device: bool = False) -> MemoryBreakdown:
     """The predicted peak of a SignRound run of `shape` with micro-batch `batch_size` (pure arithmetic)."""
     n, t, h = shape.nsamples, shape.seqlen, shape.hidden
     b = min(batch_size, n)
@@ -150,6 +160,7 @@ def estimate_signround_memory(shape: MemoryShape, batch_size: int, gradient_accu
         cached_inputs=chains * chain, call_args=call_args, model_weights=shape.weight_bytes, block_state=block_state,
         activations=activations, packed_output=shape.packed_bytes, batch_size=b,
         gradient_accumulate_steps=gradient_accumulate_steps, recompute_qdq=recompute_qdq,
+        chains_on_device=chains_on_device,
     )
 
 
@@ -167,14 +178,16 @@ class MemoryDecision:
 
 def plan_batches(shape: MemoryShape, batch_size: int, gradient_accumulate_steps: int, available: Optional[int],
                  *, device_available: Optional[int] = None, auto_adjust: bool = True,
-                 recompute_qdq: bool = False) -> MemoryDecision:
-    """Keep the settings when they fit; else turn recompute_qdq on where the block has MX / NVFP4 / FP8
-    layers (same results, whatever auto_adjust says); else halve the micro-batch (doubling
-    gradient_accumulate_steps, so the effective batch is kept) until they do; raise MemoryPlanError when even
-    batch 1 does not fit. The decision's breakdown says whether recompute_qdq is on.
+                 recompute_qdq: bool = False, chains_on_device: bool = False) -> MemoryDecision:
+    """Keep the settings when they fit; else move the cached chains to the host if they were asked on the device
+    (same results); else turn recompute_qdq on where the block has MX / NVFP4 / FP8 layers (same results,
+    whatever auto_adjust says); else halve the micro-batch (doubling gradient_accumulate_steps, so the effective
+    batch is kept) until they do; raise MemoryPlanError when even batch 1 does not fit. The decision's breakdown
+    says whether recompute_qdq is on and where the chains are.
 
     available: host bytes free for the run (None: unknown, nothing is checked). device_available: bytes free on
     the accelerator, or None when tuning on the CPU (then everything counts against `available`).
+    chains_on_device: try the cached chains on the accelerator first (low_gpu_mem_usage=False).
     """
     def fits(br: MemoryBreakdown) -> bool:
         if device_available is None:
@@ -183,9 +196,13 @@ def plan_batches(shape: MemoryShape, batch_size: int, gradient_accumulate_steps:
         return host_ok and br.device_work + br.model_weights <= device_available
 
     b, gas = batch_size, gradient_accumulate_steps
-    br = estimate_signround_memory(shape, b, gas, recompute_qdq)
+    br = estimate_signround_memory(shape, b, gas, recompute_qdq, chains_on_device)
     if fits(br):
         return MemoryDecision(br, available, adjusted=False)
+    if chains_on_device:
+        br = estimate_signround_memory(shape, b, gas, recompute_qdq)
+        if fits(br):
+            return MemoryDecision(br, available, adjusted=False)
     if not recompute_qdq and shape.block_recomputable_graph_bytes:
         recompute_qdq = True
         br = estimate_signround_memory(shape, b, gas, recompute_qdq)
@@ -297,11 +314,13 @@ def memory_shape(model: nn.Module, layer_schemes: Mapping[str, Any], blocks: lis
 
 def plan_signround_memory(model: nn.Module, layer_schemes: Mapping[str, Any], blocks: list[tuple[str, nn.Module]],
                           tuning: Any, *, nsamples: int, seqlen: int, device: str, enable_quanted_input: bool,
-                          memory_limit: "int | str | None" = None, auto_adjust: bool = True) -> tuple[Any, bool]:
+                          memory_limit: "int | str | None" = None, auto_adjust: bool = True,
+                          low_gpu_mem_usage: bool = True) -> tuple[Any, bool, bool]:
     """Log the predicted peak; returns (`tuning`, a SignRoundConfig with a smaller micro-batch if needed,
-    whether the host has room for `large_blocks_reused`).
+    whether the host has room for `large_blocks_reused`, whether the cached chains stay on `device`).
 
-    memory_limit overrides the detected free memory (host, or device when tuning on CUDA). Raises
+    memory_limit overrides the detected free memory (host, or device when tuning on CUDA). low_gpu_mem_usage
+    False asks for the chains on an accelerator (kept on the host when they do not fit there). Raises
     MemoryPlanError before any heavy work when nothing fits.
     """
     shape = memory_shape(model, layer_schemes, blocks, nsamples=nsamples, seqlen=seqlen,
@@ -312,9 +331,15 @@ def plan_signround_memory(model: nn.Module, layer_schemes: Mapping[str, Any], bl
         host, dev = host_available(), (limit if limit is not None else dev_free)
     else:
         host, dev = (limit if limit is not None else host_available()), None
+    want_device = not low_gpu_mem_usage and torch.device(device).type != "cpu"
     decision = plan_batches(shape, tuning.batch_size, tuning.gradient_accumulate_steps, host,
-                            device_available=dev, auto_adjust=auto_adjust, recompute_qdq=tuning.recompute_qdq)
+                            device_available=dev, auto_adjust=auto_adjust, recompute_qdq=tuning.recompute_qdq,
+                            chains_on_device=want_device)
     br = decision.breakdown
+    if want_device and not br.chains_on_device:
+        logger.warning("memory: the cached block inputs (%s) do not fit on %s beside the tuning: they stay in host "
+                       "memory as with low_gpu_mem_usage=True (same results, a copy per micro-batch)",
+                       format_bytes(br.chains), device)
     avail = format_bytes(host) if host is not None else "unknown"
     logger.info("%s\n  %-32s %10s%s", br.table(), "available", avail,
                 f" host, {format_bytes(dev)} on {device}" if dev is not None else "")
@@ -324,7 +349,7 @@ def plan_signround_memory(model: nn.Module, layer_schemes: Mapping[str, Any], bl
         tuning = dataclasses.replace(tuning, recompute_qdq=True)
     roomy = room_for_large_block_reuse(br, host)
     if not decision.adjusted:
-        return tuning, roomy
+        return tuning, roomy, br.chains_on_device
     logger.warning("memory: batch_size %d -> %d with gradient_accumulate_steps %d -> %d (same effective batch of %d) "
                    "so the predicted peak fits; losses are summed in a different order, so results differ slightly "
                    "from a run with batch_size %d (auto_adjust_memory=False / --disable_auto_adjust_memory keeps "
@@ -333,7 +358,7 @@ def plan_signround_memory(model: nn.Module, layer_schemes: Mapping[str, Any], bl
                    tuning.batch_size * tuning.gradient_accumulate_steps, tuning.batch_size)
     adjusted = dataclasses.replace(tuning, batch_size=br.batch_size,
                                    gradient_accumulate_steps=br.gradient_accumulate_steps)
-    return adjusted, roomy
+    return adjusted, roomy, br.chains_on_device
 
 
 def room_for_large_block_reuse(breakdown: MemoryBreakdown, host_available: Optional[int]) -> bool:
