@@ -35,7 +35,7 @@ from .model.dtype_convert import PendingConversion, lazy_embedding_name
 from .model.loading import check_finite, load_model_deferred, parse_dtype
 from .model.memory import freed_memory_reused, release_weight
 from .model.packed_spill import PackedSpill, spill_dir_for
-from .runtime import resolve_amp_dtype, resolve_device
+from .runtime import deterministic_algorithms, resolve_amp_dtype, resolve_device
 from .model.gguf_plan import GGUFPlan, resolve_gguf_layers
 from .model.setup import select_block_groups, shared_weight_ptrs
 from .schemes import QuantScheme, SchemeError, gguf_mix_of, resolve_scheme
@@ -81,6 +81,9 @@ class AutoRound:
     checkpoint / resume: quantize_and_save with iters > 0 checkpoints every tuned block in .<output_dir>.resume/
         (model/checkpoint_resume.py); resume=True continues from it (same bytes as an uninterrupted run), an
         existing one without resume (or overwrite) is an error; it is deleted after a successful save.
+    enable_deterministic_algorithms: torch.use_deterministic_algorithms(True) while quantize() runs (restored
+        after; on CUDA also a fixed cuBLAS workspace): an op with no deterministic implementation raises. Runs on
+        CPU are reproducible without it (same seed, same bytes).
     disable_progress: no tqdm bars; run_report: write events.jsonl / report.md / PNGs (export/report.py).
     low_gpu_mem_usage: True (the default): the cached block inputs and outputs of the SignRound walk ([nsamples,
         seqlen, hidden] each, several of them) stay in host memory and each micro-batch is copied to the accelerator.
@@ -135,6 +138,7 @@ class AutoRound:
         not_use_best_mse: bool = False,
         dynamic_max_gap: int = -1,
         seed: int = 42,
+        enable_deterministic_algorithms: bool = False,
         disable_opt_rtn: Optional[bool] = None,
         enable_alg_ext: bool = False,
         massive_token_cap: float = 4.0,
@@ -199,6 +203,7 @@ class AutoRound:
         # None = the reference default: opt-RTN on for iters=0 (sym int < 8 bits), off for W8 and asym
         self.disable_opt_rtn = disable_opt_rtn
         self.dataset, self.nsamples, self.seqlen, self.seed = dataset, nsamples, seqlen, seed
+        self.enable_deterministic_algorithms = enable_deterministic_algorithms  # runtime.deterministic_algorithms
         self.max_shard_size = max_shard_size
         self.low_cpu_mem_usage, self.low_gpu_mem_usage = low_cpu_mem_usage, bool(low_gpu_mem_usage)
         self.reuse_freed_memory = reuse_freed_memory
@@ -278,7 +283,8 @@ class AutoRound:
             return self.model, self.results
         self._refuse_partial_model()
         start = time.perf_counter()
-        with freed_memory_reused(self.reuse_freed_memory):
+        with freed_memory_reused(self.reuse_freed_memory), \
+                deterministic_algorithms(self.enable_deterministic_algorithms, self.device):
             self._quantize_in_place()
         self.quantized = True
         logger.info("quantization done in %.1f s (%d layers)", time.perf_counter() - start, len(self.results))

@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
-from typing import Any, Optional
+import contextlib
+import os
+from typing import Any, Iterator, Optional
 
 import torch
 
@@ -70,3 +72,25 @@ def check_device(spec: str) -> str:
         if dev.index is not None and dev.index >= count:
             raise ValueError(f"device {spec!r}: only {count} CUDA device(s) here (cuda:0..cuda:{count - 1})")
     return spec
+
+
+@contextlib.contextmanager
+def deterministic_algorithms(enabled: bool, device: str) -> Iterator[None]:
+    """With `enabled`, torch.use_deterministic_algorithms(True) while the block runs (an op without a deterministic
+    implementation raises instead of running), then the previous setting is restored.
+
+    On CUDA, cuBLAS is deterministic only with a fixed workspace: CUBLAS_WORKSPACE_CONFIG=":4096:8" is set for the
+    process when it is not set yet (it must be before cuBLAS starts; torch raises on the first matmul otherwise).
+    On CPU the tuning is already deterministic (tests/test_determinism.py); the switch only adds the checks.
+    """
+    if not enabled:
+        yield
+        return
+    if torch.device(device).type == "cuda":
+        os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
+    before = (torch.are_deterministic_algorithms_enabled(), torch.is_deterministic_algorithms_warn_only_enabled())
+    torch.use_deterministic_algorithms(True, warn_only=False)
+    try:
+        yield
+    finally:
+        torch.use_deterministic_algorithms(before[0], warn_only=before[1])

@@ -58,3 +58,31 @@ def test_manifest_hashes_and_run_record(tmp_path):
     assert verify_manifest(tmp_path / "out") == []
     (tmp_path / "out" / "config.json").write_text("{}")
     assert verify_manifest(tmp_path / "out") == ["config.json: contents differ from the manifest"]
+
+
+def test_deterministic_algorithms_are_on_while_quantizing_then_restored(tmp_path, monkeypatch):
+    import torch
+
+    import auto_round.compressor as compressor
+    from auto_round.cli.main import build_parser
+
+    seen = []
+    walk = compressor.quantize_signround
+    monkeypatch.setattr(compressor, "quantize_signround",
+                        lambda ar: seen.append(torch.are_deterministic_algorithms_enabled()) or walk(ar))
+    plain = _quantize(tmp_path / "a", 7)
+    strict = _quantize(tmp_path / "b", 7, enable_deterministic_algorithms=True)
+    assert seen == [False, True]
+    assert not torch.are_deterministic_algorithms_enabled()  # restored
+    assert strict == plain  # on CPU the tuning was deterministic already
+    assert build_parser().parse_args(["m", "--enable_deterministic_algorithms"]).enable_deterministic_algorithms
+    assert not build_parser().parse_args(["m"]).enable_deterministic_algorithms
+
+
+@pytest.mark.parametrize("scheme", ["MXFP4", "NVFP4", "FP8_STATIC", "gguf:q4_k_s"])
+def test_every_type_tunes_under_deterministic_algorithms(tmp_path, scheme):
+    # no op of the tuning lacks a deterministic implementation (it would raise here)
+    ar = AutoRound(tiny_model("llama"), scheme=scheme, dataset=random_ids(8, 16), nsamples=8, seqlen=16, iters=2,
+                   batch_size=4, enable_deterministic_algorithms=True)
+    _, results = ar.quantize()
+    assert results
