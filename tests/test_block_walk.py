@@ -9,7 +9,8 @@ from tiny_models import CONFIGS, random_ids
 
 import transformers as tf
 
-EXPECTED_GROUPS = {"gpt2": "transformer.h", "opt": "model.decoder.layers", "gpt_neox": "gpt_neox.layers"}
+EXPECTED_GROUPS = {"gpt2": "transformer.h", "opt": "model.decoder.layers", "gpt_neox": "gpt_neox.layers",
+                   "falcon": "transformer.h", "gpt_bigcode": "transformer.h"}
 
 
 def three_layer_model(arch):

@@ -76,3 +76,23 @@ def test_asym_exports_transformers_cannot_load_are_refused_clearly(tmp_path):
     (tmp_path / "act" / "config.json").write_text(json.dumps(config))
     with pytest.raises(ModelLoadError, match="asymmetric pack-quantized weights with quantized activations"):
         load_for_eval(tmp_path / "act", device="cpu")
+
+
+@pytest.mark.parametrize("arch", ["falcon", "gpt_bigcode"])
+def test_packed_llm_compressor_exports_of_falcon_like_models_load_decompressed(tmp_path, arch):
+    """transformers' weight init of Falcon / GPTBigCode reads module.weight of their own Linear modules, which
+    compressed-tensors' compressed mode has replaced by weight_packed (it failed with "'FalconLinear' object has no
+    attribute 'weight'"). Weight-only exports are evaluated decompressed with the fake model's logits; with
+    quantized activations (NVFP4) decompressed loading would drop them, so that is refused, naming the way out."""
+    ar = AutoRound(tiny_model(arch), tiny_tokenizer(), scheme="W4A16G32", iters=0, dataset=random_ids(4, 16, seed=2),
+                   low_cpu_mem_usage=False)
+    ar.quantize_and_save(tmp_path / "w4", format="llm_compressor")
+    model, _ = load_for_eval(tmp_path / "w4", device="cpu")
+    ids = random_ids(2, 16, seed=9)
+    with torch.no_grad():
+        got, want = model(ids).logits, ar.model(ids).logits
+    assert (got - want).abs().max() <= 1e-3 * want.abs().max()
+    ar = AutoRound(tiny_model(arch), tiny_tokenizer(), scheme="NVFP4", iters=0, dataset=random_ids(4, 16, seed=2))
+    ar.quantize_and_save(tmp_path / "nvfp4", format="llm_compressor")
+    with pytest.raises(ModelLoadError, match="compressed mode for this architecture.*quantized activations.*'auto_round'"):
+        load_for_eval(tmp_path / "nvfp4", device="cpu")

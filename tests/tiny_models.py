@@ -24,6 +24,12 @@ CONFIGS = {
                                   bos_token_id=0, eos_token_id=0),
     "opt": lambda: tf.OPTConfig(vocab_size=VOCAB, hidden_size=64, ffn_dim=128, num_hidden_layers=2, num_attention_heads=4,
                                 word_embed_proj_dim=64, max_position_embeddings=128),
+    # FalconLinear / GPTBigCode's attention Linear: transformers' weight init reads module.weight, which
+    # compressed-tensors' compressed mode removes (eval/load_dtype.decompressed_retry_kwargs); fused qkv in one Linear
+    "falcon": lambda: tf.FalconConfig(vocab_size=VOCAB, hidden_size=64, num_hidden_layers=2, num_attention_heads=4,
+                                      new_decoder_architecture=True, num_kv_heads=2),
+    "gpt_bigcode": lambda: tf.GPTBigCodeConfig(vocab_size=VOCAB, n_embd=64, n_layer=2, n_head=4, n_positions=128,
+                                               multi_query=True),
     "gpt_neox": lambda: tf.GPTNeoXConfig(vocab_size=VOCAB, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
                                          num_attention_heads=4, max_position_embeddings=128),
 }

@@ -24,7 +24,7 @@ from typing import Any, Optional, Sequence
 
 import torch
 
-from .load_dtype import compressed_tensors_kwargs, eval_dtype, quantization_config
+from .load_dtype import compressed_tensors_kwargs, decompressed_retry_kwargs, eval_dtype, quantization_config
 from .perplexity import EvalError
 
 logger = logging.getLogger("auto_round")
@@ -218,8 +218,12 @@ def load_for_eval(model: "str | os.PathLike", *, device: str = "cpu", dtype: "st
         kwargs["quantization_config"] = AutoRoundConfig()
     try:
         tok = AutoTokenizer.from_pretrained(path, trust_remote_code=trust_remote_code)
-        lm, info = AutoModelForCausalLM.from_pretrained(path, dtype=torch_dtype, trust_remote_code=trust_remote_code,
-                                                        output_loading_info=True, **kwargs)
+        load = dict(dtype=torch_dtype, trust_remote_code=trust_remote_code, output_loading_info=True)
+        try:
+            lm, info = AutoModelForCausalLM.from_pretrained(path, **load, **kwargs)
+        except AttributeError as err:  # compressed mode vs this architecture's weight init (load_dtype)
+            kwargs = {**kwargs, **decompressed_retry_kwargs(path, err)}
+            lm, info = AutoModelForCausalLM.from_pretrained(path, **load, **kwargs)
     except OSError as err:
         raise ModelLoadError(f"could not load {path}: {err}") from err
     _refuse_incomplete_load(path, info)

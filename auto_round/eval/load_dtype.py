@@ -1,5 +1,6 @@
 """How a saved model is loaded for evaluation: its dtype, the quantization_config it declares, and the loading
-kwargs compressed-tensors checkpoints with asymmetric packed integer weights need."""
+kwargs compressed-tensors checkpoints need where transformers' compressed mode fails (asymmetric packed integer
+weights; packed weights of architectures whose weight init reads `module.weight`)."""
 
 from __future__ import annotations
 
@@ -93,4 +94,32 @@ def compressed_tensors_kwargs(folder: Path) -> dict:
     from transformers import CompressedTensorsConfig
 
     logger.info("%s: asymmetric pack-quantized weights: loading decompressed (run_compressed=False)", folder)
+    return {"quantization_config": CompressedTensorsConfig(run_compressed=False)}
+
+
+def decompressed_retry_kwargs(folder: Path, err: AttributeError) -> dict:
+    """from_pretrained kwargs for loading a compressed-tensors checkpoint decompressed after its compressed-mode
+    load failed with `err`; re-raises `err` when that is not the failure below.
+
+    transformers' weight init of some architectures reads `module.weight` of a Linear subclass (Falcon's
+    FalconLinear, GPTBigCode's attention Linear) after compressed-tensors has replaced it by `weight_packed`
+    (pack-quantized, MXFP4, NVFP4): "'FalconLinear' object has no attribute 'weight'", for llm-compressor's own
+    files too. Decompressed loading has no such module; it drops activation quantization and uses one group's
+    scheme for every layer, so such checkpoints are refused with a ModelLoadError instead of evaluated wrongly."""
+    from ..model.loading import ModelLoadError
+
+    qc = _compressed_tensors_config(folder)
+    if not qc or "has no attribute 'weight'" not in str(err):
+        raise err
+    groups = qc.get("config_groups") or {}
+    why = ("several config groups (mixed precision)" if len(groups) > 1 else
+           "quantized activations" if any(g.get("input_activations") for g in groups.values() if isinstance(g, dict))
+           else None)
+    if why is not None:
+        raise ModelLoadError(f"transformers cannot load {folder} in compressed mode for this architecture ({err}), "
+                             f"and decompressed loading would misread its {why}; vLLM loads it. To evaluate here, "
+                             "export format 'auto_round' or 'fake' as well") from err
+    from transformers import CompressedTensorsConfig
+
+    logger.info("%s: compressed-mode loading fails for this architecture (%s): loading decompressed", folder, err)
     return {"quantization_config": CompressedTensorsConfig(run_compressed=False)}
