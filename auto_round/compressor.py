@@ -383,18 +383,19 @@ class AutoRound:
         return {"scheme": self.scheme.to_dict(), "seed": self.seed, "nsamples": self.nsamples, "seqlen": self.seqlen,
                 **{k: str(v) for k, v in dataclasses.asdict(self.tuning).items()}}
 
-    def save_quantized(self, output_dir: "str | Path", format: str = "auto_round", overwrite: bool = False) -> list[Path]:
+    def save_quantized(self, output_dir: "str | Path", format: Optional[str] = None, overwrite: bool = False) -> list[Path]:
         """Export the quantized model (quantizing first if needed); several comma-separated formats go to
-        output_dir/<format>."""
+        output_dir/<format>. format None: auto_round, or the GGUF file of a gguf:* scheme."""
         _, targets, _ = check_export(self, output_dir, format, overwrite)
         if not self.quantized:
             self.quantize()
         ctx = export_context(self)
         return [export(ctx, d, fmt, overwrite=overwrite) for fmt, d in targets.items()]
 
-    def quantize_and_save(self, output_dir: "str | Path" = "./tmp_autoround", format: str = "auto_round",
+    def quantize_and_save(self, output_dir: "str | Path" = "./tmp_autoround", format: Optional[str] = None,
                           overwrite: bool = False) -> tuple[nn.Module, list[Path]]:
-        """Validate the output first (fail before minutes of tuning), quantize, export.
+        """Validate the output first (fail before minutes of tuning), quantize, export. format None: auto_round,
+        or the GGUF file of a gguf:* scheme (GGUF AutoScheme options: the first option's mix), as in the reference.
 
         With one format and low_cpu_mem_usage, layers are packed block by block (see the class docstring).
         """

@@ -70,11 +70,17 @@ def export_context(ar: "AutoRound") -> ExportContext:
         packed_for=ar._packer.fmt if ar.packed else None, run_info=run_info,
     )
 
-def check_export(ar: "AutoRound", output_dir: "str | Path", format: str, overwrite: bool
+def default_format(ar: "AutoRound") -> str:
+    """The export format when none is given: the GGUF file of a gguf:* scheme (or of GGUF AutoScheme options:
+    the first option's mix), else auto_round."""
+    return f"gguf:{ar.gguf.mix}" if ar.gguf is not None else "auto_round"
+
+
+def check_export(ar: "AutoRound", output_dir: "str | Path", format: "str | None", overwrite: bool
                  ) -> tuple[list[str], dict[str, Path], dict[str, tuple[QuantScheme, int]]]:
     """(formats, their directories, layer -> (scheme, in_features)), checked against the output dirs and
-    the layers (before any tuning)."""
-    formats = parse_formats(format)
+    the layers (before any tuning). format None: default_format."""
+    formats = parse_formats(format if format is not None else default_format(ar))
     adopt_gguf_format(ar, formats)
     targets = format_dirs(Path(output_dir), formats)
     for d in targets.values():

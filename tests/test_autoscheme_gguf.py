@@ -164,3 +164,28 @@ def test_gguf_options_are_scored_as_opt_rtn_quantizes_them(monkeypatch, score):
     for name in plan.choice:
         written = ar.model.get_submodule(name).weight
         assert torch.equal(seen[(name, plan.layer_schemes[name].gguf)], written), name
+
+
+def test_the_seeds_gguf_autoscheme_example_saves_a_gguf_file_without_a_format(tmp_path, monkeypatch):
+    """The reference docs' example: AutoScheme over GGUF options, lm_head pinned by layer_config, iters=0, then
+    quantize_and_save() with no format: the GGUF file of the plan (it was "'auto_round' cannot hold ggml layers")."""
+    monkeypatch.chdir(tmp_path)
+    scheme = AutoScheme(avg_bits=3, options=("GGUF:Q2_K_S", "GGUF:Q4_K_S"), ignore_scale_zp_bits=True, nsamples=4,
+                        seqlen=16)
+    ar = AutoRound(model=mixed_rows_model(), tokenizer=tiny_tokenizer(), scheme=scheme,
+                   layer_config={"lm_head": "GGUF:Q6_K"}, iters=0, dataset=random_ids(8, 16), nsamples=8, seqlen=16)
+    _, paths = ar.quantize_and_save()
+    files = list((tmp_path / "tmp_autoround").glob("*.gguf"))
+    assert paths == [tmp_path / "tmp_autoround"] and len(files) == 1
+    types = {t.name: t.tensor_type.name for t in gguf.GGUFReader(files[0]).tensors}
+    assert types["output.weight"] == "Q6_K"
+    assert {types[n] for n in types if n.startswith("blk.") and n.endswith("attn_q.weight")} <= {"Q2_K", "Q4_K"}
+
+
+def test_a_gguf_preset_saves_its_gguf_file_and_other_schemes_auto_round_by_default(tmp_path):
+    ar = AutoRound(tiny_model("llama"), tiny_tokenizer(), scheme="gguf:q4_0", iters=0)
+    ar.quantize_and_save(tmp_path / "g")
+    assert len(list((tmp_path / "g").glob("*.gguf"))) == 1
+    ar = AutoRound(tiny_model("llama"), tiny_tokenizer(), scheme="W4A16G32", iters=0)
+    ar.save_quantized(tmp_path / "a")
+    assert json.loads((tmp_path / "a" / "config.json").read_text())["quantization_config"]["quant_method"] == "auto-round"
