@@ -28,6 +28,12 @@ CONFIGS = {
     # 6 layers: the default pattern (5 sliding, 1 full) that transformers' GGUF loader rebuilds
     "gemma3": lambda: tf.Gemma3TextConfig(**{**WIDE, "num_hidden_layers": 6}, head_dim=64, sliding_window=8),
     "qwen2": lambda: tf.Qwen2Config(**WIDE),
+    # fused qkv_proj / gate_up_proj (llama.cpp's attn_qkv / ffn_up as they are)
+    "phi3": lambda: tf.Phi3Config(**WIDE),
+    # sliding window 8 < the 12 test tokens on even layers, attention and final softcapping; head_dim and
+    # query_pre_attn_scalar 256, softcapping 50 / 30: the defaults, which transformers' GGUF loader assumes (it maps
+    # none of query_pre_attn_scalar and the softcapping keys; llama.cpp reads the softcapping)
+    "gemma2": lambda: tf.Gemma2Config(**WIDE, sliding_window=8),
 }
 
 
@@ -102,7 +108,7 @@ def test_every_mix_reloads_exactly(tmp_path, mix):
     assert_same_model(ar, path)
 
 
-@pytest.mark.parametrize("arch", ["qwen3", "gemma3", "mistral", "qwen2"])
+@pytest.mark.parametrize("arch", ["qwen3", "gemma3", "mistral", "qwen2", "phi3", "gemma2"])
 def test_architectures_reload_with_matching_logits(tmp_path, arch):
     ar, path = quantize_to_gguf(tmp_path, wide_model(arch), "gguf:q4_k_m")
     assert_same_model(ar, path)
@@ -188,3 +194,28 @@ def test_embedding_and_output_types_from_layer_config(tmp_path, choice, embd):
     assert_same_model(ar, path)
     with pytest.raises(Exception, match="matches no quantizable layer"):
         AutoRound(wide_model("llama"), tiny_tokenizer(), scheme="gguf:q4_k_m", fp_layers="embed_tokens,nothing_here")
+
+
+def test_phi3_and_gemma2_files_carry_what_llama_cpp_reads(tmp_path):
+    """Phi-3's fused projections get llama.cpp's attn_qkv rule (Q5_K in q4_k_m); Gemma2's sliding window and both
+    softcapping values are written under llama.cpp's keys (transformers' loader ignores the softcapping)."""
+    _, path = quantize_to_gguf(tmp_path, wide_model("phi3"), "gguf:q4_k_m")
+    types = tensor_types(path)
+    assert types["blk.0.attn_qkv.weight"] == "Q5_K" and types["blk.0.ffn_up.weight"] == "Q4_K"
+    assert "blk.0.attn_q.weight" not in types
+    _, path = quantize_to_gguf(tmp_path / "gemma2", wide_model("gemma2"), "gguf:q4_k_m")
+    fields = gguf.GGUFReader(path).fields
+    value = lambda key: fields[key].parts[fields[key].data[0]][0]  # noqa: E731
+    assert value("gemma2.attn_logit_softcapping") == pytest.approx(50.0)
+    assert value("gemma2.final_logit_softcapping") == pytest.approx(30.0)
+    assert value("gemma2.attention.sliding_window") == 8
+
+
+def test_gemma2_with_another_sliding_pattern_is_refused(tmp_path):
+    config = CONFIGS["gemma2"]()
+    config.layer_types = ["full_attention", "sliding_attention"]
+    model = AutoModelForCausalLM.from_config(config, dtype=torch.float32).eval()
+    ar = AutoRound(model, tiny_tokenizer(), scheme="gguf:q4_0", iters=0)
+    with pytest.raises(ExportError, match="even layers"):
+        ar.quantize_and_save(tmp_path / "out", format="gguf:q4_0")
+    assert not (tmp_path / "out").exists()  # refused before quantizing

@@ -9,6 +9,8 @@ transformers config:
     mistral       llama       same as llama (llama.cpp runs Mistral as llama)
     qwen2         qwen2       -
     qwen3         qwen3       -
+    phi3          phi3        - (qkv_proj / gate_up_proj are llama.cpp's fused attn_qkv / ffn_up as they are)
+    gemma2        gemma2      every `*norm.weight` stored as 1 + w; attention and final logit softcapping
     gemma3_text   gemma3      every `*norm.weight` stored as 1 + w (Gemma3RMSNorm scales by 1 + w)
     gemma3        gemma3      the text model of the multimodal config (vision tower not written)
 
@@ -39,7 +41,8 @@ class ArchSpec:
     gguf_arch: llama.cpp's architecture; permute_qk: reorder q/k rows from HF's rotate-half layout to
     llama.cpp's interleaved one (llama/mistral only); norm_shift: added to every `*norm.weight`;
     extra_hparams: arch-specific keys (sliding window, softcapping, ...); rope_freqs_tensor: llama3-type
-    rope scaling is stored as a `rope_freqs.weight` tensor of per-frequency factors (llama arch only).
+    rope scaling is stored as a `rope_freqs.weight` tensor of per-frequency factors (llama arch only);
+    attn_softcapping: the architecture's attention can apply the config's attn_logit_softcapping.
     """
 
     gguf_arch: gguf.MODEL_ARCH
@@ -47,6 +50,7 @@ class ArchSpec:
     norm_shift: float = 0.0
     extra_hparams: Optional[Callable[[gguf.GGUFWriter, Any], None]] = None
     rope_freqs_tensor: bool = False
+    attn_softcapping: bool = False  # llama.cpp's arch applies attn_logit_softcapping (gemma2; gemma3 has none)
 
 
 def _gemma3_hparams(writer: gguf.GGUFWriter, cfg) -> None:
@@ -64,13 +68,43 @@ def _gemma3_hparams(writer: gguf.GGUFWriter, cfg) -> None:
             writer.add_rope_freq_base_swa(float(swa_theta))
     if (cap := getattr(cfg, "final_logit_softcapping", None)):
         writer.add_final_logit_softcapping(float(cap))
-    # llama.cpp hard-codes Gemma3's attention scale: 1/sqrt(n_embd/n_head) for the 62-layer (27B)
-    # model, else 1/sqrt(head_dim). Say so when the model's query_pre_attn_scalar disagrees.
+    _warn_attention_scale("gemma3", cfg, 62)
+
+
+def _gemma2_hparams(writer: gguf.GGUFWriter, cfg) -> None:
+    """Sliding-window attention on every other layer (llama.cpp hard-codes the pattern: layer 0 sliding, 1 full,
+    transformers' default layer_types), attention and final logit softcapping."""
+    if (window := getattr(cfg, "sliding_window", None)):
+        writer.add_sliding_window(int(window))
+        if _sliding_layers(cfg, cfg.num_hidden_layers) != [i % 2 == 0 for i in range(cfg.num_hidden_layers)]:
+            raise ExportError("GGUF export: llama.cpp runs gemma2 with sliding attention on even layers and full "
+                              "attention on odd ones; this model's layer_types differ")
+    if (cap := getattr(cfg, "attn_logit_softcapping", None)):
+        writer.add_attn_logit_softcapping(float(cap))
+    if (cap := getattr(cfg, "final_logit_softcapping", None)):
+        writer.add_final_logit_softcapping(float(cap))
+    _warn_attention_scale("gemma2", cfg, 46)
+
+
+def _phi3_hparams(writer: gguf.GGUFWriter, cfg) -> None:
+    """Phi-3's optional sliding window, written as llama.cpp's converter does. The llama.cpp of llama-cpp-python
+    0.3.16 does not apply it (its logits equal the window-less model's; measured on a tiny Phi-3): warned when the
+    window is shorter than the context."""
+    if (window := getattr(cfg, "sliding_window", None)):
+        writer.add_sliding_window(int(window))
+        if int(window) < int(getattr(cfg, "max_position_embeddings", 0) or 0):
+            logger.warning("phi3: llama.cpp (llama-cpp-python 0.3.16) attends to the whole context instead of the "
+                           "sliding window of %d tokens: beyond it its outputs differ from transformers'", window)
+
+
+def _warn_attention_scale(arch: str, cfg, big_n_layer: int) -> None:
+    """llama.cpp hard-codes Gemma's attention scale: 1/sqrt(n_embd/n_head) for the biggest model (27B: 62 layers
+    for gemma3, 46 for gemma2), else 1/sqrt(head_dim). Say so when the model's query_pre_attn_scalar disagrees."""
     qpas = getattr(cfg, "query_pre_attn_scalar", None)
-    used = cfg.hidden_size / cfg.num_attention_heads if n_layer == 62 else _head_dim(cfg)
+    used = cfg.hidden_size / cfg.num_attention_heads if cfg.num_hidden_layers == big_n_layer else _head_dim(cfg)
     if qpas is not None and not math.isclose(float(qpas), float(used)):
-        logger.warning("gemma3 query_pre_attn_scalar=%s but llama.cpp scales attention by 1/sqrt(%s); "
-                       "llama.cpp's outputs will differ from transformers' for this model", qpas, used)
+        logger.warning("%s query_pre_attn_scalar=%s but llama.cpp scales attention by 1/sqrt(%s); "
+                       "llama.cpp's outputs will differ from transformers' for this model", arch, qpas, used)
 
 
 def _sliding_layers(cfg, n_layer: int) -> list[bool]:
@@ -86,6 +120,9 @@ ARCHS: dict[str, ArchSpec] = {
     "mistral": ArchSpec(gguf.MODEL_ARCH.LLAMA, permute_qk=True, rope_freqs_tensor=True),
     "qwen2": ArchSpec(gguf.MODEL_ARCH.QWEN2),
     "qwen3": ArchSpec(gguf.MODEL_ARCH.QWEN3),
+    "gemma2": ArchSpec(gguf.MODEL_ARCH.GEMMA2, norm_shift=1.0, extra_hparams=_gemma2_hparams,
+                       attn_softcapping=True),
+    "phi3": ArchSpec(gguf.MODEL_ARCH.PHI3, extra_hparams=_phi3_hparams),
     "gemma3_text": ArchSpec(gguf.MODEL_ARCH.GEMMA3, norm_shift=1.0, extra_hparams=_gemma3_hparams),
     "gemma3": ArchSpec(gguf.MODEL_ARCH.GEMMA3, norm_shift=1.0, extra_hparams=_gemma3_hparams),
 }
@@ -118,7 +155,7 @@ def arch_spec(config) -> ArchSpec:
     if rope_type not in _ROPE_TYPES or (rope_type == "llama3" and not spec.rope_freqs_tensor):
         raise ExportError(f"GGUF export: rope_type {rope_type!r} of this {model_type} model has no llama.cpp "
                           f"equivalent here; supported: default, linear, yarn (and llama3 for llama/mistral)")
-    if getattr(cfg, "attn_logit_softcapping", None):
+    if getattr(cfg, "attn_logit_softcapping", None) and not spec.attn_softcapping:
         raise ExportError(f"GGUF export: attention logit softcapping is not supported by llama.cpp's {model_type}")
     return spec
 
