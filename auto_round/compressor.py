@@ -17,6 +17,7 @@ from typing import Any, Optional, Sequence
 
 import torch
 from torch import nn
+from torch.utils.data import DataLoader
 
 from .algorithms.autoscheme import AutoScheme
 from .algorithms.act_quant import needs_act_calibration
@@ -30,6 +31,7 @@ from .compressor_export import SCALE_DTYPES, check_export, export_context
 from .compressor_walk import quantize_embedding, quantize_outside_blocks, quantize_rtn, quantize_signround
 from .export import BlockPacker, block_packer, export
 from .model.blocks import iter_blocks
+from .model.calib_data import ids_from_batches
 from .model.layer_config import LayerConfig, resolve_layer_schemes
 from .model.dtype_convert import PendingConversion, lazy_embedding_name
 from .model.loading import check_finite, load_model_deferred, parse_dtype
@@ -55,7 +57,8 @@ class AutoRound:
         before quantization (a forward/backward on calibration text) and saved as autoscheme_plan.json.
     layer_config: {layer name or regex: {"bits": 8, ...} | scheme}; fp_layers: "name1,name2" kept fp.
     dataset: None (pile-10k, or bundled offline Wikipedia text when the hub is unreachable), a local
-        .txt/.json/.jsonl path, "a.json,b.jsonl:num=64", or a list of strings.
+        .txt/.json/.jsonl path, "a.json,b.jsonl:num=64", a list of strings, token ids [n, T] (LongTensor), or a
+        torch DataLoader of token batches (tensors, dicts with input_ids / attention_mask; model/calib_data.py).
     low_cpu_mem_usage: in quantize_and_save with one packed format (not `fake`), pack each block's layers
         as soon as the block is done and release their weights (the source pages of a memory-mapped
         checkpoint too): the returned model then has meta weights in its quantized layers. quantize()
@@ -202,6 +205,8 @@ class AutoRound:
         self.enable_torch_compile = enable_torch_compile
         # None = the reference default: opt-RTN on for iters=0 (sym int < 8 bits), off for W8 and asym
         self.disable_opt_rtn = disable_opt_rtn
+        if isinstance(dataset, DataLoader):  # pre-tokenized batches -> token ids [n, T]
+            dataset = ids_from_batches(dataset, nsamples=nsamples, seqlen=seqlen)
         self.dataset, self.nsamples, self.seqlen, self.seed = dataset, nsamples, seqlen, seed
         self.enable_deterministic_algorithms = enable_deterministic_algorithms  # runtime.deterministic_algorithms
         self.max_shard_size = max_shard_size
