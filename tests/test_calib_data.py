@@ -350,3 +350,38 @@ def test_bundled_text_takes_one_article_per_sample_then_packs_tails(tmp_path):
     assert len(starts) == 16  # 16 different article openings, not 16 slices of one article
     many = build_calibration_set(tok, "offline-wikipedia", seqlen=64, nsamples=120, seed=1)
     assert many.input_ids.shape == (120, 64) and int(many.attention_mask.sum()) == 120 * 64
+
+
+# ------------------------------------------------------------------------------------------ the reference's spec forms
+
+
+def test_bare_split_and_several_splits_as_in_the_reference_docs(tiny_tokenizer, monkeypatch):
+    datasets = pytest.importorskip("datasets")
+    seen = []
+    monkeypatch.setattr(calib_data, "_load_hub_dataset", lambda name, split: seen.append((name, split)) or
+                        datasets.Dataset.from_dict({"text": [words(GREEK, 9, i) for i in range(12)]}))
+    build_calibration_set(tiny_tokenizer, "NeelNanda/pile-10k:train,mbpp:train+validation+test:num=2", seqlen=9,
+                          nsamples=4)
+    assert seen == [("NeelNanda/pile-10k", "train"), ("mbpp", "train+validation+test")]
+    with pytest.raises(CalibrationDataError, match="unknown option key 'bogus'"):
+        build_calibration_set(tiny_tokenizer, "org/data:bogus=1", seqlen=9, nsamples=4)
+
+
+def test_apply_chat_template_wraps_each_text_in_the_template(tmp_path, tiny_tokenizer):
+    import copy
+
+    tok = copy.deepcopy(tiny_tokenizer)
+    tok.chat_template = ("{% for m in messages %}{% if m.role == 'system' %}alpha {% else %}beta {% endif %}"
+                         "{{ m.content }} {% endfor %}{% if add_generation_prompt %}gamma{% endif %}")
+    path = tmp_path / "t.txt"
+    path.write_text(words(NUMBERS, 4) + "\n\n" + words(NUMBERS, 4, 4))
+    calib = build_calibration_set(tok, f"{path}:apply_chat_template:system_prompt=delta: epsilon", seqlen=64,
+                                  nsamples=1)
+    text = tok.decode(rows(calib)[0])
+    # the system turn (its colon included), the user turn, the generation prompt, per text; texts packed
+    assert text.startswith("alpha delta") and "epsilon beta one two three four gamma" in text.replace("<unk> ", "")
+    assert text.count("gamma") == 2
+    with pytest.raises(CalibrationDataError, match="system_prompt needs apply_chat_template"):
+        build_calibration_set(tok, f"{path}:system_prompt=x", seqlen=64, nsamples=1)
+    with pytest.raises(CalibrationDataError, match="no chat template"):
+        build_calibration_set(tiny_tokenizer, f"{path}:apply_chat_template", seqlen=64, nsamples=1)

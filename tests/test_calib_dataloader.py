@@ -42,3 +42,10 @@ def test_a_dataloader_calibrates_like_the_same_ids_as_a_tensor(tmp_path):
         ar.quantize_and_save(tmp_path / name)
         outs.append((tmp_path / name / "model.safetensors").read_bytes())
     assert outs[0] == outs[1]
+
+
+def test_a_list_of_token_dicts_or_tensors_is_read_the_same_way():
+    ids = random_ids(8, 16)
+    for data in ([{"input_ids": row.unsqueeze(0)} for row in ids], list(ids)):
+        ar = AutoRound(tiny_model("llama"), dataset=data, iters=0, nsamples=8, seqlen=16)
+        assert torch.equal(ar.dataset, ids)

@@ -5,7 +5,9 @@ text of `offline_text` with a logged warning), a list of strings, or comma-separ
 (`.txt`: documents separated by blank lines; `.json`: list of strings or of {"text": ...}; `.jsonl`: one
 {"text": ...} or JSON string per line), a hub dataset name (column "text") or `offline-wikipedia`, each with
 `:key=value` options: `num` (samples from that source), `concat` (pack every text, long ones split rather
-than truncated), `split` (hub split). Example: `a.json,b.jsonl:num=64:concat=true`.
+than truncated), `split` (hub split; `a+b` for several, and a bare `name:train` means split=train),
+`apply_chat_template` (each text becomes a user turn of the tokenizer's chat template) and `system_prompt=...`
+(with it; takes the rest of the spec). Example: `a.json,b.jsonl:num=64:concat=true`.
 
 Pre-tokenized data skips all of this: a LongTensor [n, T] is used as given, and a torch DataLoader of token
 batches is read into one (`ids_from_batches`, called by AutoRound).
@@ -41,7 +43,7 @@ DEFAULT_HUB_DATASET = "NeelNanda/pile-10k"
 HUB_ALIASES = {"pile-10k": DEFAULT_HUB_DATASET}
 BUNDLED_NAME = "offline-wikipedia"
 LOCAL_SUFFIXES = (".txt", ".json", ".jsonl")
-OPTION_KEYS = ("num", "concat", "split")
+OPTION_KEYS = ("num", "concat", "split", "apply_chat_template", "system_prompt")
 _OFFLINE_WORDS = ("connection", "timeout", "timed out", "offline", "localentrynotfound", "couldn't reach",
                   "name or service not known", "name resolution")
 _BOOLS = {"": True, "true": True, "1": True, "yes": True, "false": False, "0": False, "no": False}
@@ -75,6 +77,8 @@ class _Source:
     texts: Sequence[str | None]
     num: int | None = None
     concat: bool | None = False  # None = "auto": one sample per text, then pack the unused tails
+    chat: bool = False  # each text becomes a user turn of the tokenizer's chat template (apply_chat_template)
+    system_prompt: str | None = None  # with chat: a system turn before it
 
 
 @dataclass
@@ -93,12 +97,21 @@ class _Stats:
 
 
 def _parse_spec(spec: str) -> tuple[str, dict[str, Any]]:
-    """`name:key=value:...` -> (name, {"num": int, "concat": bool, "split": str})."""
+    """`name:key=value:...` -> (name, {"num": int, "concat": bool, "split": str, "apply_chat_template": bool,
+    "system_prompt": str}). A bare `name:train` (or `train+validation`) is the split, as in the reference's docs;
+    `system_prompt=` takes the rest of the spec, colons included."""
     name, *parts = [p.strip() for p in spec.split(":")]
     opts: dict[str, Any] = {}
-    for part in filter(None, parts):
+    for part in parts:
+        if not part:
+            continue
         key, value = (x.strip() for x in part.partition("=")[::2])
         key = key.lower()
+        if key == "system_prompt":
+            opts["system_prompt"] = spec[spec.lower().index("system_prompt=") + len("system_prompt="):].strip()
+            break
+        if "=" not in part and key not in OPTION_KEYS and re.fullmatch(r"[\w\[\]%.+-]+", part):
+            key, value = "split", part
         if key not in OPTION_KEYS:
             raise CalibrationDataError(f"dataset spec {spec!r}: unknown option key {key!r} "
                                        f"(known options: {', '.join(OPTION_KEYS)})")
@@ -106,10 +119,10 @@ def _parse_spec(spec: str) -> tuple[str, dict[str, Any]]:
             if not value.isdigit() or int(value) < 1:
                 raise CalibrationDataError(f"dataset spec {spec!r}: num={value!r} must be a positive integer")
             opts["num"] = int(value)
-        elif key == "concat":
+        elif key in ("concat", "apply_chat_template"):
             if value.lower() not in _BOOLS:
-                raise CalibrationDataError(f"dataset spec {spec!r}: concat={value!r} must be true or false")
-            opts["concat"] = _BOOLS[value.lower()]
+                raise CalibrationDataError(f"dataset spec {spec!r}: {key}={value!r} must be true or false")
+            opts[key] = _BOOLS[value.lower()]
         elif not value:
             raise CalibrationDataError(f"dataset spec {spec!r}: split needs a value, e.g. split=train")
         else:
@@ -244,14 +257,19 @@ def _bundled_source(num: int | None = None, concat: bool | None = None) -> _Sour
 def _source_from_spec(spec: str) -> _Source:
     name, opts = _parse_spec(spec)
     num, concat = opts.get("num"), opts.get("concat", False)
+    if "system_prompt" in opts and not opts.get("apply_chat_template"):
+        raise CalibrationDataError(f"dataset spec {spec!r}: system_prompt needs apply_chat_template")
     if name.lower() == BUNDLED_NAME:
-        return _bundled_source(num, opts.get("concat"))
-    if _is_local_spec(name):
+        src = _bundled_source(num, opts.get("concat"))
+    elif _is_local_spec(name):
         if "split" in opts:
             raise CalibrationDataError(f"dataset spec {spec!r}: split applies only to hub datasets, not to files")
         path = Path(name).expanduser()
-        return _Source(str(path), _read_local(path), num, concat)
-    return _hub_source(HUB_ALIASES.get(name, name), opts.get("split", "train"), num, concat)
+        src = _Source(str(path), _read_local(path), num, concat)
+    else:
+        src = _hub_source(HUB_ALIASES.get(name, name), opts.get("split", "train"), num, concat)
+    src.chat, src.system_prompt = opts.get("apply_chat_template", False), opts.get("system_prompt")
+    return src
 
 
 def _default_sources() -> list[_Source]:
@@ -312,9 +330,20 @@ class _Packer:
         return _Sample(buf + [pad_id] * (self.seqlen - len(buf)), len(buf), packed=True) if buf else None
 
 
-def _tokenize(tokenizer: Any, text: str) -> list[int]:
-    """Token ids of one text, special tokens as the tokenizer adds them by default; no length warning."""
-    ids = tokenizer(text, verbose=False)["input_ids"]
+def _tokenize(tokenizer: Any, text: str, src: "_Source | None" = None) -> list[int]:
+    """Token ids of one text, special tokens as the tokenizer adds them by default; no length warning. With the
+    source's chat option the text is the user turn of the tokenizer's chat template (generation prompt added),
+    whose own special tokens are kept and no others added."""
+    if src is not None and src.chat:
+        turns = ([{"role": "system", "content": src.system_prompt}] if src.system_prompt else []) + \
+                [{"role": "user", "content": text}]
+        if not getattr(tokenizer, "chat_template", None):
+            raise CalibrationDataError(f"calibration source {src.name}: apply_chat_template, but the tokenizer has "
+                                       "no chat template")
+        text = tokenizer.apply_chat_template(turns, tokenize=False, add_generation_prompt=True)
+        ids = tokenizer(text, add_special_tokens=False, verbose=False)["input_ids"]
+    else:
+        ids = tokenizer(text, verbose=False)["input_ids"]
     return [int(i) for i in (ids.tolist() if hasattr(ids, "tolist") else ids)]
 
 
@@ -331,7 +360,7 @@ def _samples_from(src: _Source, count: int, tokenizer: Any, seqlen: int, rng: ra
         if len(out) >= count:
             break
         text = src.texts[idx]
-        ids = _tokenize(tokenizer, text) if isinstance(text, str) and text.strip() else []
+        ids = _tokenize(tokenizer, text, src) if isinstance(text, str) and text.strip() else []
         if not ids:
             continue
         stats.texts_read += 1
