@@ -192,6 +192,10 @@ def test_bad_inputs_are_typed_errors(tmp_path):
     with pytest.raises(AutoSchemeError, match="GGUF"):
         AutoScheme(3.0, ["W2A16G64", "gguf:q4_k_m"])
     assert len(AutoScheme(3.0, "W4A16,w4a16, W2A16").schemes) == 2  # duplicates removed
+    default = AutoScheme(3.0, OPTIONS, nsamples=None, seqlen=None)  # the reference's signature spells defaults None
+    assert (default.nsamples, default.seqlen) == (16, 256)
+    with pytest.raises(AutoSchemeError, match="nsamples must be a positive integer"):
+        AutoScheme(3.0, OPTIONS, nsamples=0)
     with pytest.raises(AutoSchemeError, match=r"outside the achievable range \[2\.\d+, 4\.\d+\]"):
         _auto_round(tmp_path, target=5.0)
     assert not (tmp_path / "out").exists()

@@ -110,7 +110,7 @@ class AutoScheme:
         format's, or the first option's when the format does not name one.
     ignore_scale_zp_bits: count only b bits per weight (not the per-group scales and zero points).
     nsamples / seqlen / batch_size / dataset: the calibration data of the scoring (reference defaults 16
-        samples of 256 tokens; batch_size None = 8, at most nsamples (the Fisher score backpropagates one
+        samples of 256 tokens, also for None; batch_size None = 8, at most nsamples (the Fisher score backpropagates one
         sample at a time whatever it is: it needs per-sample gradients); dataset None = AutoRound's).
     score: the layer sensitivity. "fisher" (the default): 1/2 sum F * (W - W_hat)^2 with F the per-sample
         squared gradient of the LM loss at the fp weights (diagonal empirical Fisher), plus the same form for
@@ -126,13 +126,16 @@ class AutoScheme:
     ignore_scale_zp_bits: bool = False
     share_fused_layers: Optional[bool] = None
     batch_size: Optional[int] = None
-    nsamples: int = 16
-    seqlen: int = 256
+    nsamples: Optional[int] = 16
+    seqlen: Optional[int] = 256
     dataset: Any = None
     score: str = "fisher"
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "targets", _parse_targets(self.avg_bits))
+        for key, default in (("nsamples", 16), ("seqlen", 256)):  # None: the default (the reference's spelling)
+            if getattr(self, key) is None:
+                object.__setattr__(self, key, default)
         labels, schemes, mixes = parse_options(self.options)
         object.__setattr__(self, "labels", labels)
         object.__setattr__(self, "schemes", schemes)
