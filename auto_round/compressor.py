@@ -39,7 +39,7 @@ from .model.memory import freed_memory_reused, release_weight
 from .model.packed_spill import PackedSpill, spill_dir_for
 from .runtime import deterministic_algorithms, resolve_amp_dtype, resolve_device
 from .model.gguf_plan import GGUFPlan, resolve_gguf_layers
-from .model.setup import select_block_groups, shared_weight_ptrs
+from .model.setup import select_block_groups, shared_weight_ptrs, warn_unquantized_block_weights
 from .schemes import QuantScheme, SchemeError, gguf_mix_of, resolve_scheme
 
 logger = logging.getLogger("auto_round")
@@ -276,6 +276,7 @@ class AutoRound:
             self.layer_schemes = self.gguf.layer_schemes
             if self.gguf.is_float:
                 return  # gguf:bf16 / f16 / f32: nothing to quantize, the writer converts
+        warn_unquantized_block_weights(self.model, self.block_groups, list(self.layer_schemes))
         n_quant = sum(s.is_quantized for s in self.layer_schemes.values())
         if n_quant == 0:
             raise SchemeError("no layer would be quantized with these settings (all fp or skipped by shape)")

@@ -49,3 +49,28 @@ def clamp_seqlen(seqlen: int, model: nn.Module, tokenizer: Any) -> int:
         logger.warning("seqlen %d exceeds the model's limit %d; using %d", seqlen, limit, limit)
         return limit
     return seqlen
+
+
+def warn_unquantized_block_weights(model: nn.Module, block_groups: Sequence[str], layer_names: Sequence[str]) -> float:
+    """Warn about weight matrices inside the blocks that belong to no candidate layer (so they stay in their float
+    dtype whatever the scheme): e.g. MoE experts that transformers >= 5 stores fused as 3-D parameters
+    ([experts, out, in], not nn.Linear modules). Norm vectors and biases (1-D) are not counted. Returns their share
+    of the block weights (0 when there are none)."""
+    owned = tuple(f"{n}." for n in layer_names)
+    total, left = 0, []
+    for group in block_groups:
+        for name, p in model.get_submodule(group).named_parameters(prefix=group):
+            if p.dim() < 2:
+                continue
+            total += p.numel()
+            if not name.startswith(owned):
+                left.append((name, tuple(p.shape), p.numel()))
+    if not left or not total:
+        return 0.0
+    share = sum(n for *_, n in left) / total
+    fused = any(len(shape) >= 3 for _, shape, _ in left)
+    logger.warning("%d weight tensor(s) inside the blocks are not Linear layers and stay unquantized: %s%s (%.1f %% of "
+                   "the block weights)%s", len(left),
+                   ", ".join(f"{n} {list(s)}" for n, s, _ in left[:3]), " ..." if len(left) > 3 else "", 100 * share,
+                   "; fused MoE experts (3-D parameters, transformers >= 5) are not quantized yet" if fused else "")
+    return share
