@@ -347,3 +347,27 @@ def test_lm_eval_path_equals_the_independent_scorer_on_smollm2():
     assert tok("Hello world").input_ids == tok("Hello world", add_special_tokens=False).input_ids  # no BOS added
     result = assert_same_as_independent_scorer(model, tok, n=10, batch_size=8)  # n=20 on the tiny model; CI time
     print({task: {k: v for k, v in m.items() if not k.endswith("stderr")} for task, m in result["tasks"].items()})
+
+
+def test_eval_task_by_task_keeps_the_other_tasks_when_one_fails(tmp_path, capsys, tiny_dir, monkeypatch):
+    import auto_round.eval.lm_eval_runner as runner
+
+    real = runner.run_lm_eval
+    calls = []
+
+    def flaky(model, tokenizer, tasks, **kw):
+        calls.append(list(tasks))
+        if "arc_easy" in tasks:
+            raise RuntimeError("task data broken")
+        return real(model, tokenizer, tasks, **kw)
+
+    monkeypatch.setattr(runner, "run_lm_eval", flaky)
+    out = tmp_path / "res.json"
+    code, stdout, _ = run_eval_cli(capsys, "--model", tiny_dir, "--tasks", "arc_easy,piqa", "--limit", 2,
+                                   "--eval_task_source", "local", "--eval_task_by_task", "--eval_output", out)
+    assert calls == [["arc_easy"], ["piqa"]] and code == 1
+    assert "| piqa | acc |" in stdout and "FAILED arc_easy: RuntimeError: task data broken" in stdout
+    saved = json.loads(out.read_text())
+    assert saved["tasks"]["piqa"]["n"] == 2 and saved["failed"] == {"arc_easy": "RuntimeError: task data broken"}
+    with pytest.raises(RuntimeError, match="task data broken"):  # without it, the failure stops the evaluation
+        runner.evaluate(tiny_dir, tasks="arc_easy,piqa", limit=2, task_source="local", device="cpu")

