@@ -11,6 +11,9 @@ transformers config:
     qwen3         qwen3       -
     phi3          phi3        - (qkv_proj / gate_up_proj are llama.cpp's fused attn_qkv / ffn_up as they are)
     gemma2        gemma2      every `*norm.weight` stored as 1 + w; attention and final logit softcapping
+    olmo2         olmo2       - (q_norm / k_norm over the whole projection, post-attention / post-ffn norms)
+    granite       granite     q/k rows permuted as llama; embedding / residual / attention / logit multipliers
+    smollm3       smollm3     q/k rows permuted as llama; NoPE layers must be llama.cpp's every 4th
     gemma3_text   gemma3      every `*norm.weight` stored as 1 + w (Gemma3RMSNorm scales by 1 + w)
     gemma3        gemma3      the text model of the multimodal config (vision tower not written)
 
@@ -97,6 +100,23 @@ def _phi3_hparams(writer: gguf.GGUFWriter, cfg) -> None:
                            "sliding window of %d tokens: beyond it its outputs differ from transformers'", window)
 
 
+def _granite_hparams(writer: gguf.GGUFWriter, cfg) -> None:
+    """Granite's four multipliers (embedding, residual, attention scale, logits divisor)."""
+    writer.add_embedding_scale(float(cfg.embedding_multiplier))
+    writer.add_residual_scale(float(cfg.residual_multiplier))
+    writer.add_attention_scale(float(cfg.attention_multiplier))
+    writer.add_logit_scale(float(cfg.logits_scaling))
+
+
+def _smollm3_hparams(writer: gguf.GGUFWriter, cfg) -> None:
+    """llama.cpp hard-codes SmolLM3's NoPE layers: every 4th (3, 7, ...) has no rotary embedding."""
+    n_layer = cfg.num_hidden_layers
+    use_rope = list(getattr(cfg, "no_rope_layers", None) or [1] * n_layer)[:n_layer]  # 1 = rope, 0 = NoPE
+    if use_rope != [int((i + 1) % 4 != 0) for i in range(n_layer)]:
+        raise ExportError("GGUF export: llama.cpp runs smollm3 without rotary embedding on every 4th layer exactly; "
+                          "this model's no_rope_layers differ")
+
+
 def _warn_attention_scale(arch: str, cfg, big_n_layer: int) -> None:
     """llama.cpp hard-codes Gemma's attention scale: 1/sqrt(n_embd/n_head) for the biggest model (27B: 62 layers
     for gemma3, 46 for gemma2), else 1/sqrt(head_dim). Say so when the model's query_pre_attn_scalar disagrees."""
@@ -123,6 +143,9 @@ ARCHS: dict[str, ArchSpec] = {
     "gemma2": ArchSpec(gguf.MODEL_ARCH.GEMMA2, norm_shift=1.0, extra_hparams=_gemma2_hparams,
                        attn_softcapping=True),
     "phi3": ArchSpec(gguf.MODEL_ARCH.PHI3, extra_hparams=_phi3_hparams),
+    "olmo2": ArchSpec(gguf.MODEL_ARCH.OLMO2),
+    "granite": ArchSpec(gguf.MODEL_ARCH.GRANITE, permute_qk=True, extra_hparams=_granite_hparams),
+    "smollm3": ArchSpec(gguf.MODEL_ARCH.SMOLLM3, permute_qk=True, extra_hparams=_smollm3_hparams),
     "gemma3_text": ArchSpec(gguf.MODEL_ARCH.GEMMA3, norm_shift=1.0, extra_hparams=_gemma3_hparams),
     "gemma3": ArchSpec(gguf.MODEL_ARCH.GEMMA3, norm_shift=1.0, extra_hparams=_gemma3_hparams),
 }
