@@ -1,4 +1,4 @@
-"""GGUF export of architectures transformers' GGUF loader cannot read back (OLMo2, Granite, SmolLM3): every tensor
+"""GGUF export of architectures transformers' GGUF loader cannot read back (OLMo2, Granite, SmolLM3, Cohere): every tensor
 is checked against the fake-quantized model through gguf-py's dequantizer (llama.cpp's q/k row order and names),
 the architecture's keys through gguf-py's reader, and, where llama-cpp-python is installed, the f32 file's logits
 in llama.cpp against ours (Phi-3 and Gemma2 too)."""
@@ -23,7 +23,9 @@ CONFIGS = {
     "granite": lambda: tf.GraniteConfig(**WIDE, embedding_multiplier=12.0, residual_multiplier=0.22,
                                         attention_multiplier=0.0078125, logits_scaling=8.0),
     "smollm3": lambda: tf.SmolLM3Config(**{**WIDE, "num_hidden_layers": 4}),  # layer 3 has no rotary embedding
+    "cohere": lambda: tf.CohereConfig(**WIDE, logit_scale=0.5),  # parallel attention / MLP, LayerNorm
 }
+GGUF_ARCH = {"cohere": "command-r"}
 
 
 def model_of(config) -> torch.nn.Module:
@@ -60,9 +62,12 @@ def test_every_tensor_dequantizes_to_the_fake_model(tmp_path, arch):
     kv = {f.name: f for f in reader.fields.values()}
     value = lambda key: kv[key].parts[kv[key].data[0]][0]  # noqa: E731
     arch_field = kv["general.architecture"]
-    assert bytes(arch_field.parts[arch_field.data[0]]).decode() == arch
+    assert bytes(arch_field.parts[arch_field.data[0]]).decode() == GGUF_ARCH.get(arch, arch)
     if arch == "olmo2":
         assert {"blk.0.attn_q_norm.weight", "blk.0.post_attention_norm.weight", "blk.0.post_ffw_norm.weight"} <= set(tensors)
+    if arch == "cohere":
+        assert value("command-r.logit_scale") == pytest.approx(0.5)
+        assert value("command-r.attention.layer_norm_epsilon") == pytest.approx(1e-5)
     if arch == "granite":
         assert value("granite.embedding_scale") == pytest.approx(12.0)
         assert value("granite.residual_scale") == pytest.approx(0.22)

@@ -12,6 +12,7 @@ transformers config:
     phi3          phi3        - (qkv_proj / gate_up_proj are llama.cpp's fused attn_qkv / ffn_up as they are)
     gemma2        gemma2      every `*norm.weight` stored as 1 + w; attention and final logit softcapping
     olmo2         olmo2       - (q_norm / k_norm over the whole projection, post-attention / post-ffn norms)
+    cohere        command-r   - (LayerNorm epsilon and logit scale; q/k norms (Command R+) refused)
     granite       granite     q/k rows permuted as llama; embedding / residual / attention / logit multipliers
     smollm3       smollm3     q/k rows permuted as llama; NoPE layers must be llama.cpp's every 4th
     gemma3_text   gemma3      every `*norm.weight` stored as 1 + w (Gemma3RMSNorm scales by 1 + w)
@@ -100,6 +101,14 @@ def _phi3_hparams(writer: gguf.GGUFWriter, cfg) -> None:
                            "sliding window of %d tokens: beyond it its outputs differ from transformers'", window)
 
 
+def _cohere_hparams(writer: gguf.GGUFWriter, cfg) -> None:
+    """Command-R: LayerNorm (not RMS) epsilon and the logit scale; the optional q/k norms are not supported."""
+    if getattr(cfg, "use_qk_norm", False):
+        raise ExportError("GGUF export: cohere with use_qk_norm (Command R+) is not supported yet")
+    writer.add_layer_norm_eps(float(cfg.layer_norm_eps))
+    writer.add_logit_scale(float(cfg.logit_scale))
+
+
 def _granite_hparams(writer: gguf.GGUFWriter, cfg) -> None:
     """Granite's four multipliers (embedding, residual, attention scale, logits divisor)."""
     writer.add_embedding_scale(float(cfg.embedding_multiplier))
@@ -144,6 +153,7 @@ ARCHS: dict[str, ArchSpec] = {
                        attn_softcapping=True),
     "phi3": ArchSpec(gguf.MODEL_ARCH.PHI3, extra_hparams=_phi3_hparams),
     "olmo2": ArchSpec(gguf.MODEL_ARCH.OLMO2),
+    "cohere": ArchSpec(gguf.MODEL_ARCH.COMMAND_R, extra_hparams=_cohere_hparams),
     "granite": ArchSpec(gguf.MODEL_ARCH.GRANITE, permute_qk=True, extra_hparams=_granite_hparams),
     "smollm3": ArchSpec(gguf.MODEL_ARCH.SMOLLM3, permute_qk=True, extra_hparams=_smollm3_hparams),
     "gemma3_text": ArchSpec(gguf.MODEL_ARCH.GEMMA3, norm_shift=1.0, extra_hparams=_gemma3_hparams),
