@@ -269,6 +269,8 @@ def _source_from_spec(spec: str) -> _Source:
     else:
         src = _hub_source(HUB_ALIASES.get(name, name), opts.get("split", "train"), num, concat)
     src.chat, src.system_prompt = opts.get("apply_chat_template", False), opts.get("system_prompt")
+    if src.chat:
+        src.name += " (chat template" + (", system prompt)" if src.system_prompt else ")")
     return src
 
 
