@@ -34,6 +34,9 @@ CONFIGS = {
     # query_pre_attn_scalar 256, softcapping 50 / 30: the defaults, which transformers' GGUF loader assumes (it maps
     # none of query_pre_attn_scalar and the softcapping keys; llama.cpp reads the softcapping)
     "gemma2": lambda: tf.Gemma2Config(**WIDE, sliding_window=8),
+    # LayerNorm with biases and biased projections; StableLM's partial rotary (a quarter of each head)
+    "starcoder2": lambda: tf.Starcoder2Config(**WIDE),
+    "stablelm": lambda: tf.StableLmConfig(**WIDE),
 }
 
 
@@ -108,7 +111,7 @@ def test_every_mix_reloads_exactly(tmp_path, mix):
     assert_same_model(ar, path)
 
 
-@pytest.mark.parametrize("arch", ["qwen3", "gemma3", "mistral", "qwen2", "phi3", "gemma2"])
+@pytest.mark.parametrize("arch", ["qwen3", "gemma3", "mistral", "qwen2", "phi3", "gemma2", "starcoder2", "stablelm"])
 def test_architectures_reload_with_matching_logits(tmp_path, arch):
     ar, path = quantize_to_gguf(tmp_path, wide_model(arch), "gguf:q4_k_m")
     assert_same_model(ar, path)

@@ -84,7 +84,8 @@ def test_smollm3_with_other_nope_layers_is_refused(tmp_path):
 
 
 LLAMA_CPP_CONFIGS = {**CONFIGS, "phi3": lambda: tf.Phi3Config(**WIDE),
-                     "gemma2": lambda: tf.Gemma2Config(**WIDE, sliding_window=8)}
+                     "gemma2": lambda: tf.Gemma2Config(**WIDE, sliding_window=8),
+                     "starcoder2": lambda: tf.Starcoder2Config(**WIDE), "stablelm": lambda: tf.StableLmConfig(**WIDE)}
 
 
 @pytest.mark.slow

@@ -13,6 +13,8 @@ transformers config:
     gemma2        gemma2      every `*norm.weight` stored as 1 + w; attention and final logit softcapping
     olmo2         olmo2       - (q_norm / k_norm over the whole projection, post-attention / post-ffn norms)
     cohere        command-r   - (LayerNorm epsilon and logit scale; q/k norms (Command R+) refused)
+    starcoder2    starcoder2  - (LayerNorm with biases, biased projections; its sliding window is warned)
+    stablelm      stablelm    - (LayerNorm, partial rotary; parallel residual / q-k norms refused)
     granite       granite     q/k rows permuted as llama; embedding / residual / attention / logit multipliers
     smollm3       smollm3     q/k rows permuted as llama; NoPE layers must be llama.cpp's every 4th
     gemma3_text   gemma3      every `*norm.weight` stored as 1 + w (Gemma3RMSNorm scales by 1 + w)
@@ -91,14 +93,25 @@ def _gemma2_hparams(writer: gguf.GGUFWriter, cfg) -> None:
 
 
 def _phi3_hparams(writer: gguf.GGUFWriter, cfg) -> None:
-    """Phi-3's optional sliding window, written as llama.cpp's converter does. The llama.cpp of llama-cpp-python
-    0.3.16 does not apply it (its logits equal the window-less model's; measured on a tiny Phi-3): warned when the
-    window is shorter than the context."""
+    """Phi-3's optional sliding window, written as llama.cpp's converter does (and warned: see below)."""
     if (window := getattr(cfg, "sliding_window", None)):
         writer.add_sliding_window(int(window))
-        if int(window) < int(getattr(cfg, "max_position_embeddings", 0) or 0):
-            logger.warning("phi3: llama.cpp (llama-cpp-python 0.3.16) attends to the whole context instead of the "
-                           "sliding window of %d tokens: beyond it its outputs differ from transformers'", window)
+        _warn_ignored_sliding_window("phi3", cfg)
+
+
+def _starcoder2_hparams(writer: gguf.GGUFWriter, cfg) -> None:
+    _layer_norm_hparams(writer, cfg)
+    _warn_ignored_sliding_window("starcoder2", cfg)
+
+
+def _warn_ignored_sliding_window(arch: str, cfg) -> None:
+    """The llama.cpp of llama-cpp-python 0.3.16 runs Phi-3 and StarCoder2 without their sliding window (its
+    logits equal the window-less model's, measured on tiny models): warned when the window is shorter than
+    the context."""
+    window = getattr(cfg, "sliding_window", None)
+    if window and int(window) < int(getattr(cfg, "max_position_embeddings", 0) or 0):
+        logger.warning("%s: llama.cpp (llama-cpp-python 0.3.16) attends to the whole context instead of the sliding "
+                       "window of %d tokens: beyond it its outputs differ from transformers'", arch, window)
 
 
 def _cohere_hparams(writer: gguf.GGUFWriter, cfg) -> None:
@@ -107,6 +120,19 @@ def _cohere_hparams(writer: gguf.GGUFWriter, cfg) -> None:
         raise ExportError("GGUF export: cohere with use_qk_norm (Command R+) is not supported yet")
     writer.add_layer_norm_eps(float(cfg.layer_norm_eps))
     writer.add_logit_scale(float(cfg.logit_scale))
+
+
+def _layer_norm_hparams(writer: gguf.GGUFWriter, cfg) -> None:
+    """Architectures with LayerNorm (weight and bias) instead of RMSNorm: its epsilon."""
+    eps = getattr(cfg, "norm_epsilon", None) or getattr(cfg, "layer_norm_eps", None)
+    writer.add_layer_norm_eps(float(eps if eps is not None else 1e-5))
+
+
+def _stablelm_hparams(writer: gguf.GGUFWriter, cfg) -> None:
+    """StableLM: LayerNorm; its optional parallel residual and per-head q/k norms are not supported."""
+    if getattr(cfg, "use_parallel_residual", False) or getattr(cfg, "qk_layernorm", False):
+        raise ExportError("GGUF export: stablelm with use_parallel_residual or qk_layernorm is not supported yet")
+    _layer_norm_hparams(writer, cfg)
 
 
 def _granite_hparams(writer: gguf.GGUFWriter, cfg) -> None:
@@ -154,6 +180,8 @@ ARCHS: dict[str, ArchSpec] = {
     "phi3": ArchSpec(gguf.MODEL_ARCH.PHI3, extra_hparams=_phi3_hparams),
     "olmo2": ArchSpec(gguf.MODEL_ARCH.OLMO2),
     "cohere": ArchSpec(gguf.MODEL_ARCH.COMMAND_R, extra_hparams=_cohere_hparams),
+    "starcoder2": ArchSpec(gguf.MODEL_ARCH.STARCODER2, extra_hparams=_starcoder2_hparams),
+    "stablelm": ArchSpec(gguf.MODEL_ARCH.STABLELM, extra_hparams=_stablelm_hparams),
     "granite": ArchSpec(gguf.MODEL_ARCH.GRANITE, permute_qk=True, extra_hparams=_granite_hparams),
     "smollm3": ArchSpec(gguf.MODEL_ARCH.SMOLLM3, permute_qk=True, extra_hparams=_smollm3_hparams),
     "gemma3_text": ArchSpec(gguf.MODEL_ARCH.GEMMA3, norm_shift=1.0, extra_hparams=_gemma3_hparams),
