@@ -1,4 +1,5 @@
-"""GGUF export of architectures transformers' GGUF loader cannot read back (OLMo2, Granite, SmolLM3, Cohere): every tensor
+"""GGUF export of architectures transformers' GGUF loader cannot read back (OLMo2, Granite, SmolLM3, Cohere, Phi-2,
+Gemma): every tensor
 is checked against the fake-quantized model through gguf-py's dequantizer (llama.cpp's q/k row order and names),
 the architecture's keys through gguf-py's reader, and, where llama-cpp-python is installed, the f32 file's logits
 in llama.cpp against ours (Phi-3 and Gemma2 too)."""
@@ -24,8 +25,12 @@ CONFIGS = {
                                         attention_multiplier=0.0078125, logits_scaling=8.0),
     "smollm3": lambda: tf.SmolLM3Config(**{**WIDE, "num_hidden_layers": 4}),  # layer 3 has no rotary embedding
     "cohere": lambda: tf.CohereConfig(**WIDE, logit_scale=0.5),  # parallel attention / MLP, LayerNorm
+    "phi": lambda: tf.PhiConfig(**WIDE),  # Phi-2: LayerNorm with biases, partial rotary, fc1 / fc2 / dense
+    "gemma": lambda: tf.GemmaConfig(**WIDE),  # 1 + w norms
 }
-GGUF_ARCH = {"cohere": "command-r"}
+GGUF_ARCH = {"cohere": "command-r", "phi": "phi2"}
+# HF names of the four checked projections per architecture (default: Llama's)
+PROJECTIONS = {"phi": ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj", "mlp.fc2")}
 
 
 def model_of(config) -> torch.nn.Module:
@@ -48,9 +53,10 @@ def test_every_tensor_dequantizes_to_the_fake_model(tmp_path, arch):
     cfg, permute = ar.model.config, arch in ("granite", "smollm3")
     checked = 0
     for i in range(cfg.num_hidden_layers):
-        for hf, name, heads in (("self_attn.q_proj", "attn_q", cfg.num_attention_heads),
-                                ("self_attn.k_proj", "attn_k", cfg.num_key_value_heads),
-                                ("self_attn.v_proj", "attn_v", None), ("mlp.down_proj", "ffn_down", None)):
+        q, k, v, down = PROJECTIONS.get(arch, ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj",
+                                               "mlp.down_proj"))
+        for hf, name, heads in ((q, "attn_q", cfg.num_attention_heads), (k, "attn_k", cfg.num_key_value_heads),
+                                (v, "attn_v", None), (down, "ffn_down", None)):
             want = ar.model.get_submodule(f"model.layers.{i}.{hf}").weight.detach().numpy()
             if permute and heads:
                 want = permute_rows(want, heads)

@@ -282,7 +282,7 @@ def test_directory_path_gets_llamacpp_name(tmp_path):
 def test_unknown_arch_refused_before_anything_is_read(tmp_path):
     for arch in ("gpt2", "opt"):
         config = tiny_model(arch).config
-        with pytest.raises(ExportError, match="supported: llama, mistral, qwen2, qwen3, gemma2, phi3, olmo2, cohere, starcoder2, stablelm, granite, smollm3, gemma3_text, gemma3"):
+        with pytest.raises(ExportError, match="supported: llama, mistral, qwen2, qwen3, gemma, phi, gemma2, phi3, olmo2, cohere, starcoder2, stablelm, granite, smollm3, gemma3_text, gemma3"):
             check_gguf_arch(config)
 
     def never():

@@ -9,6 +9,8 @@ transformers config:
     mistral       llama       same as llama (llama.cpp runs Mistral as llama)
     qwen2         qwen2       -
     qwen3         qwen3       -
+    gemma         gemma       every `*norm.weight` stored as 1 + w
+    phi           phi2        - (Phi-1 / 1.5 / 2: LayerNorm with biases, partial rotary, parallel attention / MLP)
     phi3          phi3        - (qkv_proj / gate_up_proj are llama.cpp's fused attn_qkv / ffn_up as they are)
     gemma2        gemma2      every `*norm.weight` stored as 1 + w; attention and final logit softcapping
     olmo2         olmo2       - (q_norm / k_norm over the whole projection, post-attention / post-ffn norms)
@@ -175,6 +177,8 @@ ARCHS: dict[str, ArchSpec] = {
     "mistral": ArchSpec(gguf.MODEL_ARCH.LLAMA, permute_qk=True, rope_freqs_tensor=True),
     "qwen2": ArchSpec(gguf.MODEL_ARCH.QWEN2),
     "qwen3": ArchSpec(gguf.MODEL_ARCH.QWEN3),
+    "gemma": ArchSpec(gguf.MODEL_ARCH.GEMMA, norm_shift=1.0),
+    "phi": ArchSpec(gguf.MODEL_ARCH.PHI2, extra_hparams=_layer_norm_hparams),
     "gemma2": ArchSpec(gguf.MODEL_ARCH.GEMMA2, norm_shift=1.0, extra_hparams=_gemma2_hparams,
                        attn_softcapping=True),
     "phi3": ArchSpec(gguf.MODEL_ARCH.PHI3, extra_hparams=_phi3_hparams),
