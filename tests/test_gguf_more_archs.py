@@ -118,3 +118,21 @@ def test_f32_files_run_in_llama_cpp_with_our_logits(tmp_path, arch):
     with torch.no_grad():
         ours = ar.model(torch.tensor([ids])).logits[0].numpy()
     assert np.abs(cpp - ours).max() <= 2e-3 * np.abs(ours).max()
+
+
+@pytest.mark.parametrize("arch", ["phi", "starcoder2"])
+def test_other_projection_names_get_llama_cpps_per_kind_types(tmp_path, arch):
+    """llama.cpp's mix rules go by tensor kind (ffn_down, attn_v, ...): Phi-2's fc2 / dense and StarCoder2's
+    c_fc / c_proj get the types Llama's down_proj / o_proj / up_proj get in the same q4_k_m file."""
+    from test_gguf_e2e import CONFIGS as E2E
+
+    config = (E2E.get(arch) or CONFIGS[arch])()
+    config.intermediate_size = 512
+    _, path = export(tmp_path / arch, model_of(config))
+    _, llama = export(tmp_path / "llama", model_of(E2E["llama"]()))
+    types = lambda p: {t.name: t.tensor_type.name for t in gguf.GGUFReader(p).tensors}  # noqa: E731
+    got, want = types(path), types(llama)
+    for i in range(2):
+        for kind in ("attn_v", "attn_output", "ffn_up", "ffn_down"):
+            assert got[f"blk.{i}.{kind}.weight"] == want[f"blk.{i}.{kind}.weight"], (i, kind)
+    assert got["blk.1.ffn_down.weight"] == "Q6_K"  # use_more_bits(1, 2): the bigger type

@@ -25,6 +25,7 @@ LEAF_KIND = {
     "q_proj": "attn_q", "k_proj": "attn_k", "v_proj": "attn_v", "o_proj": "attn_output",
     "gate_proj": "ffn_gate", "up_proj": "ffn_up", "down_proj": "ffn_down",
     "qkv_proj": "attn_qkv", "gate_up_proj": "ffn_up",
+    "dense": "attn_output", "fc1": "ffn_up", "fc2": "ffn_down", "c_fc": "ffn_up",  # Phi-2; StarCoder2's MLP
 }
 # elements per ggml block along a row (in_features)
 BLOCK_ELEMENTS = {"q4_0": 32, "q4_1": 32, "q5_0": 32, "q5_1": 32, "q8_0": 32,
@@ -49,7 +50,10 @@ def use_more_bits(i_layer: int, n_layers: int) -> bool:
 
 def layer_kind(name: str) -> str:
     """'model.layers.3.self_attn.v_proj' -> 'attn_v'; 'other' for leaves the rules do not name."""
-    return LEAF_KIND.get(name.rsplit(".", 1)[-1], "other")
+    parent, _, leaf = name.rpartition(".")
+    if leaf == "c_proj":  # StarCoder2's MLP output (GPT-2 style: attn.c_proj is the attention output)
+        return "attn_output" if parent.endswith("attn") else "ffn_down"
+    return LEAF_KIND.get(leaf, "other")
 
 
 def output_type(mix: str, in_features: int) -> str:
