@@ -87,6 +87,7 @@ class AutoRound:
     enable_deterministic_algorithms: torch.use_deterministic_algorithms(True) while quantize() runs (restored
         after; on CUDA also a fixed cuBLAS workspace): an op with no deterministic implementation raises. Runs on
         CPU are reproducible without it (same seed, same bytes).
+    num_hidden_layers: debugging on a big checkpoint: load (and quantize, export) only its first N blocks.
     disable_progress: no tqdm bars; run_report: write events.jsonl / report.md / PNGs (export/report.py).
     low_gpu_mem_usage: True (the default): the cached block inputs and outputs of the SignRound walk ([nsamples,
         seqlen, hidden] each, several of them) stay in host memory and each micro-batch is copied to the accelerator.
@@ -157,6 +158,7 @@ class AutoRound:
         max_shard_size: "int | str" = "5GB",
         low_cpu_mem_usage: bool = True,
         low_gpu_mem_usage: bool = True,
+        num_hidden_layers: Optional[int] = None,
         allow_pickle_checkpoint: bool = False,
         resume: bool = False,
         checkpoint: bool = True,
@@ -220,6 +222,8 @@ class AutoRound:
         self.source_dir = local_source_dir(model)  # never written to (see check_output_dir)
         self._pending: Optional[PendingConversion] = None
         if isinstance(model, nn.Module):
+            if num_hidden_layers is not None:
+                raise ValueError("num_hidden_layers cuts a checkpoint while loading it: pass a model path, not a module")
             if getattr(model, QUANTIZED_IN_PLACE_ATTR, False):
                 raise ValueError("this model object was already quantized in place by another AutoRound (its weights "
                                  "are fake-quantized, some or all of them): quantizing it again would quantize twice. "
@@ -231,7 +235,7 @@ class AutoRound:
             # reaches each block (model/dtype_convert.py); the rest of the model right after block discovery
             self.model, loaded_tok, self._pending = load_model_deferred(
                 str(model), dtype=model_dtype, trust_remote_code=trust_remote_code, device=self.device,
-                allow_pickle=allow_pickle_checkpoint,
+                allow_pickle=allow_pickle_checkpoint, num_hidden_layers=num_hidden_layers,
             )
             self.tokenizer = tokenizer if tokenizer is not None else loaded_tok
             if self._pending is not None and not low_cpu_mem_usage:

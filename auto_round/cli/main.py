@@ -131,6 +131,8 @@ def build_parser(prog: str = "auto-round") -> argparse.ArgumentParser:
     r = p.add_argument_group("runtime and output")
     r.add_argument("--device", "--device_map", dest="device", help="cpu, cuda, cuda:0, ... (default: cuda if present)")
     r.add_argument("--model_dtype", help="fp32 / fp16 / bf16 (default fp32 on CPU)")
+    r.add_argument("--num_hidden_layers", "--debug_layer_num", type=int,
+                   help="debugging: load, quantize and export only the model's first N layers")
     r.add_argument("--disable_trust_remote_code", action="store_true")
     r.add_argument("--allow_pickle_checkpoint", action="store_true",
                    help="load a model whose weights are only pickle files (pytorch_model.bin); unpickling can run code")
@@ -303,6 +305,7 @@ def main(argv: Optional[Sequence[str]] = None, recipe: str = "default", prog: st
             scale_dtype=args.scale_dtype, model_dtype=args.model_dtype, device=args.device,
             trust_remote_code=not args.disable_trust_remote_code, max_shard_size=args.max_shard_size,
             low_cpu_mem_usage=args.low_cpu_mem_usage, low_gpu_mem_usage=args.low_gpu_mem_usage,
+            num_hidden_layers=args.num_hidden_layers,
             allow_pickle_checkpoint=args.allow_pickle_checkpoint,
             resume=args.resume, checkpoint=not args.disable_checkpoint, disable_progress=args.disable_progress,
             run_report=not args.disable_run_report,

@@ -64,9 +64,13 @@ def load_model_deferred(
     trust_remote_code: bool = True,
     device: str = "cpu",
     allow_pickle: bool = False,
+    num_hidden_layers: Optional[int] = None,
 ) -> tuple[torch.nn.Module, Any, Optional[PendingConversion]]:
     """(model, tokenizer, pending): with `pending` not None the model is still in its stored dtype and
     `pending.convert(...)` turns it into `dtype` module by module (model/dtype_convert.py).
+
+    num_hidden_layers: load only the first N blocks (a debugging run on a big checkpoint; the reference's
+    --num_hidden_layers): the config is cut to N layers, per-layer lists included, the other blocks' weights unread.
 
     dtype None means fp32 on CPU (bf16 matmuls are ~5x slower than fp32 on CPUs without AMX) and the
     checkpoint's own dtype elsewhere. A local folder whose weights are only pickle files (pytorch_model.bin,
@@ -91,12 +95,15 @@ def load_model_deferred(
     convert = stored is not None and stored != torch_dtype
     try:
         tokenizer = AutoTokenizer.from_pretrained(source, trust_remote_code=trust_remote_code)
+        extra = {} if num_hidden_layers is None else \
+            {"config": truncated_config(source, num_hidden_layers, trust_remote_code)}
         model = AutoModelForCausalLM.from_pretrained(source, dtype=stored if convert else torch_dtype,
-                                                     trust_remote_code=trust_remote_code)
+                                                     trust_remote_code=trust_remote_code, **extra)
         if convert and keeps_fp32_modules(model):  # transformers' own rule decides which modules stay fp32
             del model
             convert = False
-            model = AutoModelForCausalLM.from_pretrained(source, dtype=torch_dtype, trust_remote_code=trust_remote_code)
+            model = AutoModelForCausalLM.from_pretrained(source, dtype=torch_dtype, trust_remote_code=trust_remote_code,
+                                                         **extra)
     except OSError as err:
         where = "local directory" if is_local else "Hugging Face hub (is it reachable? pass a local directory otherwise)"
         raise ModelLoadError(f"could not load {name_or_path!r} from the {where}: {err}") from err
@@ -107,6 +114,27 @@ def load_model_deferred(
     shown = torch_dtype if convert else model.dtype
     logger.info("loaded %s (%s, %.1f M parameters)", source, shown, sum(p.numel() for p in model.parameters()) / 1e6)
     return model, tokenizer, PendingConversion(model, torch_dtype) if convert else None
+
+
+def truncated_config(source: str, n_layers: int, trust_remote_code: bool = True):
+    """The model's config cut to its first `n_layers` blocks: num_hidden_layers and every per-layer list
+    (layer_types, no_rope_layers, ...) of the text config. ModelLoadError when n_layers is not in [1, layers]."""
+    from transformers import AutoConfig
+
+    config = AutoConfig.from_pretrained(source, trust_remote_code=trust_remote_code)
+    text = getattr(config, "text_config", None) or config
+    total = getattr(text, "num_hidden_layers", None)
+    if total is None:
+        raise ModelLoadError(f"num_hidden_layers: the config of {source} has no num_hidden_layers to cut")
+    if isinstance(n_layers, bool) or not isinstance(n_layers, int) or not 1 <= n_layers <= total:
+        raise ModelLoadError(f"num_hidden_layers must be an integer in [1, {total}] for {source}, got {n_layers!r}")
+    for key, value in list(vars(text).items()):
+        if isinstance(value, (list, tuple)) and len(value) == total and key != "architectures":
+            setattr(text, key, type(value)(value[:n_layers]))
+    text.num_hidden_layers = n_layers
+    logger.warning("debug: loading only the first %d of the %d layers of %s: the result is not the full model",
+                   n_layers, total, source)
+    return config
 
 
 PICKLE_PATTERNS = ("*.bin", "*.pt", "*.pth", "*.ckpt")
