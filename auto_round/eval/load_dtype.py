@@ -68,6 +68,17 @@ def _asym_packed_groups(qc: dict) -> list[str]:
             and (g.get("weights") or {}).get("symmetric") is False and (g.get("weights") or {}).get("type") == "int"]
 
 
+def _decompression_blocker(qc: dict) -> Optional[str]:
+    """What decompressed loading (run_compressed=False) would get wrong in a compressed-tensors config: it uses one
+    group's scheme for every layer and drops activation quantization. None when neither applies."""
+    groups = qc.get("config_groups") or {}
+    if len(groups) > 1:
+        return "several config groups (mixed precision)"
+    if any(g.get("input_activations") for g in groups.values() if isinstance(g, dict)):
+        return "quantized activations"
+    return None
+
+
 def compressed_tensors_kwargs(folder: Path) -> dict:
     """from_pretrained kwargs for a compressed-tensors checkpoint with asymmetric pack-quantized weights ({} for
     any other checkpoint).
@@ -83,9 +94,7 @@ def compressed_tensors_kwargs(folder: Path) -> dict:
     if not _asym_packed_groups(qc):
         return {}
     groups = qc.get("config_groups") or {}
-    why = ("several config groups (mixed precision)" if len(groups) > 1 else
-           "quantized activations" if any(g.get("input_activations") for g in groups.values() if isinstance(g, dict))
-           else None)
+    why = _decompression_blocker(qc)
     if why is not None:
         raise ModelLoadError(f"{folder} holds asymmetric pack-quantized weights with {why}: transformers cannot load "
                              "that (compressed mode mis-sizes the packed zero points, decompressed mode "
@@ -111,10 +120,7 @@ def decompressed_retry_kwargs(folder: Path, err: AttributeError) -> dict:
     qc = _compressed_tensors_config(folder)
     if not qc or "has no attribute 'weight'" not in str(err):
         raise err
-    groups = qc.get("config_groups") or {}
-    why = ("several config groups (mixed precision)" if len(groups) > 1 else
-           "quantized activations" if any(g.get("input_activations") for g in groups.values() if isinstance(g, dict))
-           else None)
+    why = _decompression_blocker(qc)
     if why is not None:
         raise ModelLoadError(f"transformers cannot load {folder} in compressed mode for this architecture ({err}), "
                              f"and decompressed loading would misread its {why}; vLLM loads it. To evaluate here, "
