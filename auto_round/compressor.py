@@ -31,7 +31,7 @@ from .compressor_export import SCALE_DTYPES, check_export, export_context
 from .compressor_walk import quantize_embedding, quantize_outside_blocks, quantize_rtn, quantize_signround
 from .export import BlockPacker, block_packer, export
 from .model.blocks import iter_blocks
-from .model.calib_data import ids_from_batches
+from .model.calib_batches import ids_from_batches
 from .model.layer_config import LayerConfig, resolve_layer_schemes
 from .model.dtype_convert import PendingConversion, lazy_embedding_name
 from .model.loading import check_finite, load_model_deferred, parse_dtype

@@ -1,4 +1,4 @@
-"""A torch DataLoader of pre-tokenized batches as calibration data (model/calib_data.ids_from_batches), as the
+"""A torch DataLoader of pre-tokenized batches as calibration data (model/calib_batches.ids_from_batches), as the
 reference's docs allow: read into token ids [n, T] once, then used like a tensor dataset."""
 
 from __future__ import annotations
@@ -8,7 +8,8 @@ import torch
 from torch.utils.data import DataLoader, TensorDataset
 
 from auto_round import AutoRound
-from auto_round.model.calib_data import CalibrationDataError, ids_from_batches
+from auto_round.model.calib_batches import ids_from_batches
+from auto_round.model.calib_data import CalibrationDataError
 from tiny_models import random_ids, tiny_model
 
 
