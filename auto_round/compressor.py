@@ -58,7 +58,7 @@ class AutoRound:
     layer_config: {layer name or regex: {"bits": 8, ...} | scheme}; fp_layers: "name1,name2" kept fp.
     dataset: None (pile-10k, or bundled offline Wikipedia text when the hub is unreachable), a local
         .txt/.json/.jsonl path, "a.json,b.jsonl:num=64", a list of strings, token ids [n, T] (LongTensor), or a
-        torch DataLoader (or a list) of token batches (tensors, dicts with input_ids / attention_mask; model/calib_data.py).
+        torch DataLoader (or a list) of token batches (tensors, dicts with input_ids / attention_mask; model/calib_batches.py).
     low_cpu_mem_usage: in quantize_and_save with one packed format (not `fake`), pack each block's layers
         as soon as the block is done and release their weights (the source pages of a memory-mapped
         checkpoint too): the returned model then has meta weights in its quantized layers. quantize()
@@ -186,6 +186,9 @@ class AutoRound:
         self.scheme = resolve_scheme(scheme, **overrides)
         check_positive(iters=iters, nsamples=nsamples, seqlen=seqlen, batch_size=8 if batch_size is None else batch_size,
                        gradient_accumulate_steps=gradient_accumulate_steps, allow_zero=("iters",))
+        if isinstance(dataset, DataLoader) or (isinstance(dataset, (list, tuple)) and dataset and all(
+                isinstance(x, (torch.Tensor, dict)) for x in dataset)):  # pre-tokenized batches -> ids [n, T]
+            dataset = ids_from_batches(dataset, nsamples=nsamples, seqlen=seqlen)
         batch_size = resolve_batch_size(batch_size, nsamples=nsamples, iters=iters, dataset=dataset)
         self.device = resolve_device(device, device_map)
         if lr is None and iters >= 1000 and self.scheme.bits <= 3:
@@ -207,9 +210,6 @@ class AutoRound:
         self.enable_torch_compile = enable_torch_compile
         # None = the reference default: opt-RTN on for iters=0 (sym int < 8 bits), off for W8 and asym
         self.disable_opt_rtn = disable_opt_rtn
-        if isinstance(dataset, DataLoader) or (isinstance(dataset, (list, tuple)) and dataset and all(
-                isinstance(x, (torch.Tensor, dict)) for x in dataset)):  # pre-tokenized batches -> ids [n, T]
-            dataset = ids_from_batches(dataset, nsamples=nsamples, seqlen=seqlen)
         self.dataset, self.nsamples, self.seqlen, self.seed = dataset, nsamples, seqlen, seed
         self.enable_deterministic_algorithms = enable_deterministic_algorithms  # runtime.deterministic_algorithms
         self.max_shard_size = max_shard_size
