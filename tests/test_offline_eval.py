@@ -371,3 +371,34 @@ def test_eval_task_by_task_keeps_the_other_tasks_when_one_fails(tmp_path, capsys
     assert saved["tasks"]["piqa"]["n"] == 2 and saved["failed"] == {"arc_easy": "RuntimeError: task data broken"}
     with pytest.raises(RuntimeError, match="task data broken"):  # without it, the failure stops the evaluation
         runner.evaluate(tiny_dir, tasks="arc_easy,piqa", limit=2, task_source="local", device="cpu")
+
+
+def test_chat_template_options_reach_lm_eval_and_bad_combinations_are_refused(tmp_path, capsys, monkeypatch):
+    import lm_eval
+
+    folder = tmp_path / "chat"
+    long_tiny_model().save_pretrained(folder)
+    tok = tiny_tokenizer()
+    tok.chat_template = ("{% for m in messages %}{{ m.role }}: {{ m.content }}\n{% endfor %}"
+                         "{% if add_generation_prompt %}assistant: {% endif %}")
+    tok.save_pretrained(folder)
+    seen = []
+    real = lm_eval.simple_evaluate
+    monkeypatch.setattr(lm_eval, "simple_evaluate", lambda **kw: seen.append(kw) or real(**kw))
+    out = tmp_path / "res.json"
+    code, stdout, _ = run_eval_cli(capsys, "--model", folder, "--tasks", "piqa", "--limit", 2, "--eval_task_source",
+                                   "local", "--apply_chat_template", "--fewshot_as_multiturn", "--system_instruction",
+                                   "Answer briefly.", "--eval_output", out)
+    assert code == 0 and "| piqa | acc |" in stdout
+    assert (seen[0]["apply_chat_template"], seen[0]["fewshot_as_multiturn"], seen[0]["system_instruction"]) == \
+        (True, True, "Answer briefly.") and "gen_kwargs" not in seen[0]
+    assert json.loads(out.read_text())["prompt"]["system_instruction"] == "Answer briefly."
+    code, _, err = run_eval_cli(capsys, "--model", folder, "--tasks", "piqa", "--limit", 2, "--eval_task_source",
+                                "local", "--fewshot_as_multiturn")
+    assert code == 2 and "needs apply_chat_template" in err
+    tiny = tmp_path / "plain"
+    long_tiny_model().save_pretrained(tiny)
+    tiny_tokenizer().save_pretrained(tiny)
+    code, _, err = run_eval_cli(capsys, "--model", tiny, "--tasks", "piqa", "--limit", 2, "--eval_task_source",
+                                "local", "--apply_chat_template")
+    assert code == 2 and "has no chat template" in err

