@@ -196,6 +196,11 @@ def test_bad_inputs_are_typed_errors(tmp_path):
     assert (default.nsamples, default.seqlen) == (16, 256)
     with pytest.raises(AutoSchemeError, match="nsamples must be a positive integer"):
         AutoScheme(3.0, OPTIONS, nsamples=0)
+    # the reference's other arguments run unchanged; method names its only method
+    AutoScheme(3.0, OPTIONS, method="default", low_gpu_mem_usage=True, low_cpu_mem_usage=True, device_map=None,
+               enable_torch_compile=None)
+    with pytest.raises(AutoSchemeError, match="method must be 'default'"):
+        AutoScheme(3.0, OPTIONS, method="fast")
     with pytest.raises(AutoSchemeError, match=r"outside the achievable range \[2\.\d+, 4\.\d+\]"):
         _auto_round(tmp_path, target=5.0)
     assert not (tmp_path / "out").exists()

@@ -2,12 +2,14 @@
 
 from __future__ import annotations
 
+import logging
 import math
 from dataclasses import dataclass
 from typing import Any, Optional, Sequence
 
 from ...schemes import GGML_FLOAT_TYPES, GGUF_MIXES, QuantScheme, SchemeError, gguf_mix_of, resolve_scheme
 
+logger = logging.getLogger("auto_round")
 
 SCORES = ("fisher", "delta_loss")
 
@@ -112,6 +114,10 @@ class AutoScheme:
     nsamples / seqlen / batch_size / dataset: the calibration data of the scoring (reference defaults 16
         samples of 256 tokens, also for None; batch_size None = 8, at most nsamples (the Fisher score backpropagates one
         sample at a time whatever it is: it needs per-sample gradients); dataset None = AutoRound's).
+    method, device_map, enable_torch_compile, low_gpu_mem_usage, low_cpu_mem_usage: the reference's arguments,
+        accepted so its code runs unchanged. method must be "default"; the scoring always runs block by block with
+        the block inputs in host memory (the reference's low_gpu_mem_usage=True) on AutoRound's device, eagerly, so
+        low_gpu_mem_usage=False, device_map and enable_torch_compile only get a warning.
     score: the layer sensitivity. "fisher" (the default): 1/2 sum F * (W - W_hat)^2 with F the per-sample
         squared gradient of the LM loss at the fp weights (diagonal empirical Fisher), plus the same form for
         quantized activations; one forward/backward for all options. "delta_loss" (the reference's):
@@ -130,8 +136,15 @@ class AutoScheme:
     seqlen: Optional[int] = 256
     dataset: Any = None
     score: str = "fisher"
+    # the reference's signature: accepted so its code runs unchanged (see the class docstring)
+    method: str = "default"
+    device_map: Any = None
+    enable_torch_compile: Optional[bool] = None
+    low_gpu_mem_usage: bool = True
+    low_cpu_mem_usage: bool = True
 
     def __post_init__(self) -> None:
+        self._check_reference_arguments()
         object.__setattr__(self, "targets", _parse_targets(self.avg_bits))
         for key, default in (("nsamples", 16), ("seqlen", 256)):  # None: the default (the reference's spelling)
             if getattr(self, key) is None:
@@ -153,6 +166,17 @@ class AutoScheme:
         if not isinstance(self.share_fused_layers, bool):
             raise AutoSchemeError(f"AutoScheme share_fused_layers must be True, False or None, got "
                                   f"{self.share_fused_layers!r}")
+
+    def _check_reference_arguments(self) -> None:
+        if self.method != "default":
+            raise AutoSchemeError(f"AutoScheme method must be 'default' (the reference's only one; choose the layer "
+                                  f"sensitivity with score={SCORES}), got {self.method!r}")
+        if not self.low_gpu_mem_usage:
+            logger.warning("AutoScheme low_gpu_mem_usage=False: the scoring here always runs block by block with the "
+                           "block inputs in host memory (the reference's low_gpu_mem_usage=True)")
+        if self.device_map is not None or self.enable_torch_compile:
+            logger.warning("AutoScheme device_map / enable_torch_compile are not used: the scoring runs eagerly on "
+                           "AutoRound's device")
 
     @property
     def is_gguf(self) -> bool:
