@@ -117,7 +117,8 @@ class AutoScheme:
     method, device_map, enable_torch_compile, low_gpu_mem_usage, low_cpu_mem_usage: the reference's arguments,
         accepted so its code runs unchanged. method must be "default"; the scoring always runs block by block with
         the block inputs in host memory (the reference's low_gpu_mem_usage=True) on AutoRound's device, eagerly, so
-        low_gpu_mem_usage=False, device_map and enable_torch_compile only get a warning.
+        low_gpu_mem_usage=False, device_map and enable_torch_compile only get a warning; low_cpu_mem_usage has no
+        effect on it.
     score: the layer sensitivity. "fisher" (the default): 1/2 sum F * (W - W_hat)^2 with F the per-sample
         squared gradient of the LM loss at the fp weights (diagonal empirical Fisher), plus the same form for
         quantized activations; one forward/backward for all options. "delta_loss" (the reference's):
