@@ -195,4 +195,5 @@ def test_cli_lists_formats(capsys):
     assert main(["list", "format"]) == 0
     printed = capsys.readouterr().out
     assert all(f in printed for f in ("auto_gptq", "auto_awq", "llm_compressor", "auto_round:gptqmodel"))
+    assert "phi3, olmo2, cohere" in printed  # the GGUF row names the writer's own architecture table
     assert main(["list", "nonsense"]) == 2

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from ..export.gguf import SUPPORTED_ARCHS
+
 FORMATS = [  # (format, weights it holds, what loads it)
     ("auto_round", "int 2-8 bits, sym/asym, any group size (ragged last group), mixed per layer",
      "transformers (plain from_pretrained), vLLM, SGLang"),
@@ -25,7 +27,7 @@ FORMATS = [  # (format, weights it holds, what loads it)
      "config and the static ranges", "anything that loads the original model; with activations: transformers"),
     ("gguf:<mix>", "one .gguf file with llama.cpp's per-tensor ggml types for the mix (q2_k_s, q3_k_s/m/l, q4_k_s/m, "
      "q5_k_s/m, q6_k, q4_0, q4_1, q5_0, q5_1, q8_0, bf16, f16, f32), or per layer from an AutoScheme over gguf:* "
-     "options; llama / mistral / qwen2 / qwen3 / gemma3",
+     "options; model types " + ", ".join(SUPPORTED_ARCHS),
      "llama.cpp, llama-cpp-python, Ollama, LM Studio; transformers (gguf_file=)"),
 ]
 SCHEMES = [
