@@ -25,8 +25,8 @@ from .algorithms.compile import act_qdq_kernels
 from .algorithms.opt_rtn import uses_opt_rtn
 from .algorithms.signround import SignRoundConfig
 from .algorithms.tunable import LayerQuantResult
-from .compressor_checks import (check_alg_ext_iters, check_cap, check_positive, keeps_alg_ext, local_source_dir,
-                                resolve_batch_size, warn_mixed_fused)
+from .compressor_checks import (check_alg_ext_iters, check_cap, check_momentum, check_positive, keeps_alg_ext,
+                                local_source_dir, resolve_batch_size, warn_mixed_fused)
 from .compressor_export import SCALE_DTYPES, check_export, export_context
 from .compressor_walk import quantize_embedding, quantize_outside_blocks, quantize_rtn, quantize_signround
 from .export import BlockPacker, block_packer, export
@@ -106,6 +106,8 @@ class AutoRound:
         and results; the heap is still trimmed after each block). Blocks above 32 MiB (wider models' activations)
         are kept too while SignRound walks the blocks, when the memory plan has room for one more micro-batch of
         activations (~20 % faster steps there, +10-14 % peak RSS). Process-wide; no effect outside glibc.
+    momentum: SignSGD momentum (the reference's `--momentum`, default 0): steps follow the sign of a momentum buffer
+        of the gradients instead of the gradient's; one more fp32 value per weight of the block being tuned.
     The remaining arguments are SignRound's (reference defaults).
     """
 
@@ -142,6 +144,7 @@ class AutoRound:
         not_use_best_mse: bool = False,
         dynamic_max_gap: int = -1,
         seed: int = 42,
+        momentum: float = 0.0,
         enable_deterministic_algorithms: bool = False,
         disable_opt_rtn: Optional[bool] = None,
         enable_alg_ext: bool = False,
@@ -202,7 +205,7 @@ class AutoRound:
             not_use_best_mse=not_use_best_mse, dynamic_max_gap=dynamic_max_gap, seed=seed,
             amp_dtype=resolve_amp_dtype(amp, amp_dtype, self.device), enable_alg_ext=enable_alg_ext,
             massive_token_cap=check_cap(massive_token_cap), recompute_qdq=recompute_qdq,
-            fp8_clip_tuning=fp8_clip_tuning,
+            fp8_clip_tuning=fp8_clip_tuning, momentum=check_momentum(momentum),
         )
         check_alg_ext_iters(enable_alg_ext, iters)
         self.enable_quanted_input = enable_quanted_input

@@ -28,6 +28,14 @@ def check_cap(massive_token_cap: float) -> float:
     return float(massive_token_cap)
 
 
+def check_momentum(momentum: float) -> float:
+    """SignSGD momentum as a float: finite, in [0, 1) (1 and above never forget a gradient)."""
+    if isinstance(momentum, bool) or not isinstance(momentum, (int, float)) or not math.isfinite(momentum) \
+            or not 0 <= momentum < 1:
+        raise ValueError(f"momentum must be a number in [0, 1) (0 = plain signed steps; CLI --momentum), got {momentum!r}")
+    return float(momentum)
+
+
 def check_positive(allow_zero: tuple = (), **values: int) -> None:
     """Each value an int >= 1 (>= 0 for the names in allow_zero)."""
     for key, value in values.items():

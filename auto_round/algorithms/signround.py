@@ -70,6 +70,10 @@ class SignRoundConfig:
     # Also tune the clip (max_scale) of weights with e4m3 elements (FP8, MXFP8), as the reference does. Off by
     # default (see `tunes_weight_clip`): with fp8 a smaller scale buys no resolution, it only clips.
     fp8_clip_tuning: bool = False
+    # The reference's SignSGD momentum (torch SGD's buffer, no dampening): each step moves by lr * sign(buf) with
+    # buf = momentum * buf + grad (buf = grad at the first step); 0 = plain signed gradient steps (the default).
+    # One buffer per tuned tensor, for the block being tuned: 4 bytes per weight more.
+    momentum: float = 0.0
 
     @property
     def resolved_lr(self) -> float:
@@ -223,12 +227,24 @@ def with_act_max(result, quantizer: Optional[ActQuantizer]):
     return result
 
 
-def _signed_step(params: Sequence[torch.Tensor], lr: float) -> None:
+def _signed_step(params: Sequence[torch.Tensor], lr: float, momentum: float = 0.0,
+                 buffers: Optional[dict] = None) -> None:
+    """p -= lr * sign(d) for each tensor with a gradient, d = its grad or, with momentum, its momentum buffer
+    (torch SGD's: buf = momentum * buf + grad, the grad itself at the first step), kept in `buffers` by id(p)."""
     with torch.no_grad():
         for p in params:
-            if p.grad is not None:
-                p.add_(p.grad.sign(), alpha=-lr)
-                p.grad = None
+            if p.grad is None:
+                continue
+            d = p.grad
+            if momentum:
+                buf = buffers.get(id(p))
+                if buf is None:
+                    buffers[id(p)] = buf = d.clone()
+                else:
+                    buf.mul_(momentum).add_(d)
+                d = buf
+            p.add_(d.sign(), alpha=-lr)
+            p.grad = None
 
 
 def tune_block(
@@ -278,6 +294,7 @@ def tune_block(
                                        shared=shared_inputs)
     round_params = [p for t in tunables.values() for p in t.round_params()]
     minmax_params = [p for t in tunables.values() for p in t.minmax_params()]
+    buffers: dict[int, torch.Tensor] = {}  # momentum buffers of this block's tensors (config.momentum > 0)
     minmax_params += [p for q in act_quant.values() for p in q.params()]
     n = targets.shape[0]
     rng = rng if rng is not None else random.Random(config.seed)
@@ -328,8 +345,8 @@ def tune_block(
             if config.dynamic_max_gap > 0 and it - best_iter >= config.dynamic_max_gap:
                 break
             decay = 1.0 - it / config.iters  # LinearLR(1 -> 0): factor used at step `it`
-            _signed_step(round_params, lr0 * decay)
-            _signed_step(minmax_params, mm_lr0 * decay)
+            _signed_step(round_params, lr0 * decay, config.momentum, buffers)
+            _signed_step(minmax_params, mm_lr0 * decay, config.momentum, buffers)
     finally:
         for t in tunables.values():
             t.detach()

@@ -19,7 +19,8 @@ What the walk keeps alive at its peak (compressor_walk.py `quantize_signround`, 
                     FP8 node, the ggml node's small state); min/max scales alpha/beta per group with grads and
                     snapshots. With recompute_qdq the MX / NVFP4 / FP8 layers keep nothing; only the largest of
                     them has its graph, while its backward rebuilds it. Signed SGD keeps no optimizer moments, so
-                    there is no optimizer state beyond the grad (and its sign, transient).
+                    there is no optimizer state beyond the grad (and its sign, transient), unless momentum > 0:
+                    then one fp32 buffer per weight.
     activations     one micro-batch forward + backward of one block: `ACT_PER_HIDDEN` tensors of [b, T, H] and
                     `ACT_PER_INTERMEDIATE` of [b, T, I] in fp32 (plus an amp-dtype copy when autocast is on), and
                     with eager attention the scores and probabilities [b, heads, T, T] (x `ACT_SCORES`).
@@ -80,6 +81,7 @@ class MemoryShape:
     block_qdq_graph_bytes: Optional[int] = None
     block_recomputable_graph_bytes: int = 0
     largest_recomputable_graph_bytes: int = 0
+    momentum_bytes_per_weight: int = 0  # SignSGD momentum buffers (4 with momentum > 0)
 
 
 @dataclass(frozen=True)
@@ -150,7 +152,8 @@ def estimate_signround_memory(shape: MemoryShape, batch_size: int, gradient_accu
         graph = shape.block_weight_elems * QDQ_GRAPH_BYTES["int"]
     if recompute_qdq:
         graph -= shape.block_recomputable_graph_bytes - shape.largest_recomputable_graph_bytes
-    block_state = shape.block_weight_elems * 4 * 5 + graph + shape.block_groups * 4 * 10
+    block_state = (shape.block_weight_elems * (4 * 5 + shape.momentum_bytes_per_weight) + graph
+                   + shape.block_groups * 4 * 10)
     per_token = ACT_PER_HIDDEN * h + ACT_PER_INTERMEDIATE * shape.intermediate
     act_bytes = 4 + (2 if shape.amp else 0)
     activations = b * t * per_token * act_bytes
@@ -325,6 +328,8 @@ def plan_signround_memory(model: nn.Module, layer_schemes: Mapping[str, Any], bl
     """
     shape = memory_shape(model, layer_schemes, blocks, nsamples=nsamples, seqlen=seqlen,
                          enable_quanted_input=enable_quanted_input, amp=tuning.amp_dtype is not None)
+    if getattr(tuning, "momentum", 0):
+        shape = dataclasses.replace(shape, momentum_bytes_per_weight=4)
     limit = parse_memory(memory_limit)
     dev_free = device_free(device)
     if dev_free is not None:
