@@ -21,7 +21,7 @@ SCHEMES = {
     "W3A16G32": get_scheme("W3A16G32"),
     "W4A16 asym": replace(get_scheme("W4A16G32"), sym=False),
     "W8A16 per channel": replace(get_scheme("W8A16"), group_size=-1),
-    "W4A16 per tensor": replace(get_scheme("W4A16"), group_size=0),  # not sliced: one group
+    "W4A16 per tensor": replace(get_scheme("W4A16"), group_size=0),  # one group: its range read first
     "MXFP4": get_scheme("MXFP4"),
     "MXFP8": get_scheme("MXFP8"),
     "MXINT4": get_scheme("MXINT4"),
@@ -29,10 +29,9 @@ SCHEMES = {
     "FP8_STATIC": get_scheme("FP8_STATIC"),  # per-channel scales
     "FP8_BLOCK": get_scheme("FP8_BLOCK"),  # 128 x 128 blocks: these layers are one block row, so one slice
     "FP8 blocks 8x32": replace(get_scheme("FP8_BLOCK"), group_size=(8, 32)),  # ragged: 37 = 4 x 8 + 5, 200 = 6 x 32 + 8
-    "FPW8A16": get_scheme("FPW8A16"),  # not sliced: per-tensor
+    "FPW8A16": get_scheme("FPW8A16"),  # per-tensor: the same
 }
-NOT_SLICED = {"W4A16 per tensor", "FPW8A16",  # one group spans every row
-              "FP8_BLOCK"}  # sliceable, but every layer here is one 128-row block row: one slice
+NOT_SLICED = {"FP8_BLOCK"}  # sliceable, but every layer here is one 128-row block row: one slice
 
 
 def layers(kind: str, dtype: torch.dtype) -> dict[str, nn.Module]:
@@ -72,7 +71,8 @@ def test_sliced_rtn_equals_the_whole_layer(monkeypatch, name, kind, dtype, opt_r
     sliced_mods = copy.deepcopy(whole_mods)
     joined = []
     real_joined = rtn_slices._joined
-    monkeypatch.setattr(rtn_slices, "_joined", lambda parts, layout: joined.append(len(parts)) or real_joined(parts, layout))
+    monkeypatch.setattr(rtn_slices, "_joined",
+                        lambda parts, layout, **kw: joined.append(len(parts)) or real_joined(parts, layout, **kw))
     whole = quantize(whole_mods, scheme, 1 << 30, monkeypatch, opt_rtn)
     assert joined == []
     sliced = quantize(sliced_mods, scheme, 450, monkeypatch, opt_rtn)  # 2 rows of 200 (+ padding) a slice
@@ -96,8 +96,17 @@ def test_weight_absmax_reads_slices():
 
 
 def test_which_schemes_are_sliceable():
-    assert all(rtn_slices.sliceable(SCHEMES[n]) for n in SCHEMES if n not in ("W4A16 per tensor", "FPW8A16"))
-    assert not rtn_slices.sliceable(SCHEMES["W4A16 per tensor"]) and not rtn_slices.sliceable(SCHEMES["FPW8A16"])
+    assert all(rtn_slices.sliceable(SCHEMES[n]) for n in SCHEMES)
+    assert not rtn_slices.sliceable(get_scheme("gguf:q4_0")) and not rtn_slices.sliceable(get_scheme("BF16"))
+
+
+def test_weight_range_is_the_whole_weights_widened_to_zero():
+    module = nn.Linear(50, 30, bias=False)
+    with torch.no_grad():
+        module.weight.uniform_(0.5, 1.0)  # all positive: the min widens to 0
+        module.weight[17, 3] = 4.0
+    wmin, wmax = rtn_slices.weight_range(module, slice_elements=60)
+    assert wmin.shape == (1, 1) and wmin.item() == 0.0 and wmax.item() == 4.0
 
 
 def test_block_slices_are_whole_block_rows():

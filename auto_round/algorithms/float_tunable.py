@@ -60,7 +60,8 @@ class FloatTunableLayer(PatchedForward):
 
     def __init__(self, module: nn.Module, scheme: QuantScheme, *, enable_minmax_tuning: bool = True,
                  device: "torch.device | str | None" = None, gscale: Optional[torch.Tensor] = None,
-                 init_scale: Optional[torch.Tensor] = None, scale_bound: float = 1.0, recompute_qdq: bool = False):
+                 init_scale: Optional[torch.Tensor] = None, scale_bound: float = 1.0, recompute_qdq: bool = False,
+                 fixed_range: Optional[tuple[torch.Tensor, torch.Tensor]] = None):
         self.module, self.scheme = module, scheme
         self.recompute_qdq = recompute_qdq  # rebuild the qdq graph in the backward pass (SignRoundConfig)
         self.scale_bound = scale_bound  # max_scale in [0, scale_bound]: 1 (reference), 2 with enable_alg_ext
@@ -74,8 +75,9 @@ class FloatTunableLayer(PatchedForward):
         self.gscale = None
         if scheme.data_type == "nv_fp":
             self.gscale = (global_scale(weight) if gscale is None else gscale).to(weight.device).float()
-        if scheme.data_type == "fp":
-            self.wmin, self.wmax = group_range(self.grouped)
+        if scheme.data_type == "fp":  # fixed_range: a per-tensor group's range from the whole weight (a row slice)
+            self.wmin, self.wmax = group_range(self.grouped) if fixed_range is None else \
+                (fixed_range[0].to(weight.device), fixed_range[1].to(weight.device))
         self._own_forward = None
 
     # ---- parameters (same interface as TunableLayer) -------------------------------------------

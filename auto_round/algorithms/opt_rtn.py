@@ -48,11 +48,11 @@ def opt_rtn_layer(module: nn.Module, scheme: QuantScheme, imatrix: torch.Tensor,
     rtn_slices.py)."""
     factor = int_clip_factor(module, scheme, imatrix, scale_dtype=scale_dtype, device=device)
 
-    def quantize(rows: nn.Module, factor_rows: torch.Tensor, _gscale) -> LayerQuantResult:
+    def quantize(rows: nn.Module, factor_rows: torch.Tensor, _gscale, fixed_range=None) -> LayerQuantResult:
         weight = layer_weight(rows).detach().to(device=device, dtype=torch.float32)
         layout = GroupLayout(weight.shape[0], weight.shape[1], scheme.group_size)
         grouped = layout.to_groups(weight)
-        wmin, wmax = group_range(grouped)
+        wmin, wmax = group_range(grouped) if fixed_range is None else fixed_range  # (per tensor: the whole weight's)
         res = qdq_int(grouped, scheme.bits, True, alpha=factor_rows, beta=factor_rows, wmin=wmin, wmax=wmax,
                       scale_dtype=scale_dtype)
         set_layer_weight(rows, layout.from_groups(res.weight))

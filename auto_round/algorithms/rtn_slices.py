@@ -7,9 +7,10 @@ result depends only on its own weights (NVFP4 also on the per-tensor global scal
 whole weight), so quantizing slices of whole rows gives the same fake-quantized weight, codes and scales.
 
 Sliced: int, MX, NVFP4 and FP8 schemes whose groups lie within one row (group_size > 0 or -1: FP8_STATIC's
-per-channel scales), and FP8 2-D blocks (FP8_BLOCK's 128 x 128) in slices of whole block rows. Not sliced (one
-call, as before): per-tensor groups (group_size 0: FPW8A16, a per-tensor int scheme) and layers of at most
-`slice_elements` weights.
+per-channel scales), FP8 2-D blocks (FP8_BLOCK's 128 x 128) in slices of whole block rows, and per-tensor int /
+FP8 (group_size 0: FPW8A16): their one group's range (min and max, widened to 0) is read from the whole weight
+first, in slices, and every slice is quantized with it, so the single scale (and zero point) is the whole
+layer's. Not sliced (one call, as before): layers of at most `slice_elements` weights.
 """
 
 from __future__ import annotations
@@ -59,19 +60,21 @@ def sliceable(scheme: QuantScheme) -> bool:
         return False
     if scheme.data_type == "fp" and isinstance(scheme.group_size, (tuple, list)):
         return True  # 2-D blocks: slices of whole block rows (row_slices)
-    return isinstance(scheme.group_size, int) and scheme.group_size != 0
+    return isinstance(scheme.group_size, int) and (scheme.group_size != 0 or per_tensor(scheme))
+
+
+def per_tensor(scheme: QuantScheme) -> bool:
+    """One group for the whole weight (group_size 0) of a type whose scale depends only on that group's range."""
+    return scheme.group_size == 0 and scheme.data_type in ("int", "fp")
 
 
 def row_slices(layout: "GroupLayout | BlockLayout", elements: int) -> list[slice]:
     """Slices of whole rows holding about `elements` grouped (padded) weights each: whole block rows for 2-D
-    blocks (FP8_BLOCK; the last slice may hold the ragged last block row); one slice when a group spans all
-    rows (per tensor: group_size 0)."""
+    blocks (FP8_BLOCK; the last slice may hold the ragged last block row)."""
     if isinstance(layout, BlockLayout):
         block_row = layout.block_rows * layout.n_groups * layout.block_cols  # padded weights of one block row
         step = max(1, elements // block_row) * layout.block_rows
-    elif layout.rows != layout.out_features:
-        return [slice(0, layout.out_features)]
-    else:
+    else:  # (per tensor the one group's range is fixed beforehand: rtn_in_slices)
         step = max(1, elements // max(1, layout.padded_in))
     return [slice(start, start + step) for start in range(0, layout.out_features, step)]
 
@@ -84,17 +87,30 @@ def weight_absmax(module: nn.Module, slice_elements: Optional[int] = None) -> to
     return torch.stack([weight[i:i + step].abs().amax().float() for i in range(0, weight.shape[0], step)]).amax()
 
 
-def rtn_in_slices(module: nn.Module, scheme: QuantScheme,
-                  quantize: Callable[[nn.Module, Optional[torch.Tensor], Optional[torch.Tensor]], Result], *,
+def weight_range(module: nn.Module, slice_elements: Optional[int] = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """(min(W) widened to <= 0, max(W) widened to >= 0) of a layer, each [1, 1] fp32 (a per-tensor group's range,
+    as group_range gives it), read in row slices."""
+    slice_elements = slice_elements or RTN_SLICE_ELEMENTS
+    weight = layer_weight(module).detach()
+    step = max(1, slice_elements // max(1, weight.shape[1]))
+    parts = [weight[i:i + step] for i in range(0, weight.shape[0], step)]
+    wmin = torch.stack([p.amin().float() for p in parts]).amin().clamp(max=0)
+    wmax = torch.stack([p.amax().float() for p in parts]).amax().clamp(min=0)
+    return wmin.reshape(1, 1), wmax.reshape(1, 1)
+
+
+def rtn_in_slices(module: nn.Module, scheme: QuantScheme, quantize: Callable[..., Result], *,
                   init_scale: Optional[torch.Tensor] = None, gscale: Optional[torch.Tensor] = None,
                   slice_elements: Optional[int] = None) -> Result:
     """RTN of one layer: `quantize(module_or_rows, init_scale_rows, gscale)` on slices of whole rows, the
     results joined into the whole layer's; one call when the scheme or the layer's size does not need it.
 
-    quantize must write the rows' fake-quantized weight into the module it gets and return its result.
-    init_scale: [out, n_groups] per-group multipliers (opt-RTN's), sliced with the rows. gscale: NVFP4's
-    global scale; when None it is computed here from the whole weight (a slice's own would differ).
-    slice_elements: weights per slice (default RTN_SLICE_ELEMENTS).
+    quantize must write the rows' fake-quantized weight into the module it gets and return its result; for a
+    per-tensor scheme the slices are called with `fixed_range=(wmin, wmax)` ([1, 1] each, the whole weight's),
+    which quantize must use instead of the slice's own range.
+    init_scale: [out, n_groups] per-group multipliers (opt-RTN's), sliced with the rows (per tensor: [1, 1], the
+    same for every slice). gscale: NVFP4's global scale; when None it is computed here from the whole weight (a
+    slice's own would differ). slice_elements: weights per slice (default RTN_SLICE_ELEMENTS).
     """
     slice_elements = slice_elements or RTN_SLICE_ELEMENTS
     weight = layer_weight(module).detach()
@@ -107,6 +123,10 @@ def rtn_in_slices(module: nn.Module, scheme: QuantScheme,
     slices = row_slices(layout, slice_elements)
     if len(slices) == 1:
         return quantize(module, init_scale, gscale)
+    if per_tensor(scheme):
+        fixed = weight_range(module, slice_elements)
+        parts = [quantize(_Rows(weight[rows]), init_scale, gscale, fixed_range=fixed) for rows in slices]
+        return _joined(parts, layout, one_group=True)
     parts = [quantize(_Rows(weight[rows]), None if init_scale is None else init_scale[rows], gscale) for rows in slices]
     return _joined(parts, layout)
 
@@ -119,10 +139,13 @@ def _cat(tensors: list) -> Optional[torch.Tensor]:
     return torch.cat(tensors)
 
 
-def _joined(parts: list[Result], layout) -> Result:
+def _joined(parts: list[Result], layout, one_group: bool = False) -> Result:
+    """The whole layer's result from its slices' ([out, in] codes stacked; per-group values stacked too, or with
+    one_group the one scale / zero point every slice shares)."""
     first = parts[0]
+    join = (lambda ts: ts[0]) if one_group else _cat
     if isinstance(first, LayerQuantResult):
-        return LayerQuantResult(scheme=first.scheme, layout=layout, scale=_cat([p.scale for p in parts]),
-                                zero_point=_cat([p.zero_point for p in parts]), codes=_cat([p.codes for p in parts]))
+        return LayerQuantResult(scheme=first.scheme, layout=layout, scale=join([p.scale for p in parts]),
+                                zero_point=join([p.zero_point for p in parts]), codes=_cat([p.codes for p in parts]))
     return FloatQuantResult(scheme=first.scheme, layout=layout, codes=_cat([p.codes for p in parts]),
-                            scale=_cat([p.scale for p in parts]), global_scale=first.global_scale)
+                            scale=join([p.scale for p in parts]), global_scale=first.global_scale)

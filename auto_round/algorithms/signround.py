@@ -180,11 +180,13 @@ def has_fp8_elements(scheme: QuantScheme) -> bool:
 
 def make_tunable(module: nn.Module, scheme: QuantScheme, *, scale_dtype: torch.dtype, enable_minmax_tuning: bool,
                  device, imatrix: Optional[torch.Tensor] = None, gscale: Optional[torch.Tensor] = None,
-                 init_scale: Optional[torch.Tensor] = None, alg_ext: bool = False, recompute_qdq: bool = False):
+                 init_scale: Optional[torch.Tensor] = None, alg_ext: bool = False, recompute_qdq: bool = False,
+                 fixed_range: Optional[tuple] = None):
     """The tunable state for one layer's weight type: ggml, integer, or MX / NVFP4 / FP8.
 
     alg_ext (a `supports_alg_ext` scheme): start from `init_scale` (None = multiplier 1), max_scale in [0, 2].
-    recompute_qdq: see SignRoundConfig (MX / NVFP4 / FP8 only)."""
+    recompute_qdq: see SignRoundConfig (MX / NVFP4 / FP8 only). fixed_range: (wmin, wmax) [1, 1] of a per-tensor
+    int / FP8 group read from the whole weight, for row slices of it (rtn_slices.rtn_in_slices)."""
     if scheme.gguf is not None:
         return GGUFTunableLayer(module, scheme, imatrix=imatrix, device=device)
     if scheme.is_int and alg_ext:
@@ -192,9 +194,9 @@ def make_tunable(module: nn.Module, scheme: QuantScheme, *, scale_dtype: torch.d
                                      enable_minmax_tuning=enable_minmax_tuning, device=device)
     if scheme.is_int:
         return TunableLayer(module, scheme, scale_dtype=scale_dtype, enable_minmax_tuning=enable_minmax_tuning,
-                            device=device)
+                            device=device, fixed_range=fixed_range)
     return FloatTunableLayer(module, scheme, enable_minmax_tuning=enable_minmax_tuning, device=device,
-                             gscale=gscale, init_scale=init_scale,
+                             gscale=gscale, init_scale=init_scale, fixed_range=fixed_range,
                              scale_bound=ALG_EXT_SCALE_BOUND if alg_ext else 1.0, recompute_qdq=recompute_qdq)
 
 
@@ -390,9 +392,10 @@ def rtn_block(
     for name, (module, scheme) in layers.items():
         if name in ggml_layers:
             continue
-        def quantize(rows: nn.Module, init: Optional[torch.Tensor], gscale: Optional[torch.Tensor], scheme=scheme):
+        def quantize(rows: nn.Module, init: Optional[torch.Tensor], gscale: Optional[torch.Tensor], scheme=scheme,
+                     fixed_range: Optional[tuple] = None):
             return make_tunable(rows, scheme, scale_dtype=scale_dtype, enable_minmax_tuning=False, device=device,
-                                gscale=gscale, init_scale=init).finalize()
+                                gscale=gscale, init_scale=init, fixed_range=fixed_range).finalize()
 
         result = rtn_in_slices(module, scheme, quantize, init_scale=(init_scales or {}).get(name),
                                gscale=gscales.get(name))

@@ -106,6 +106,7 @@ class TunableLayer(PatchedForward):
         scale_dtype: torch.dtype = torch.float16,
         enable_minmax_tuning: bool = True,
         device: torch.device | str | None = None,
+        fixed_range: Optional[tuple[torch.Tensor, torch.Tensor]] = None,
     ):
         self.module = module
         self.scheme = scheme
@@ -113,7 +114,9 @@ class TunableLayer(PatchedForward):
         weight = layer_weight(module).detach().to(device=device, dtype=torch.float32)
         self.layout = GroupLayout(weight.shape[0], weight.shape[1], scheme.group_size)
         self.grouped = self.layout.to_groups(weight)  # [rows, n_groups, group]
-        self.wmin, self.wmax = group_range(self.grouped)  # [rows, n_groups]
+        # [rows, n_groups]; fixed_range: a per-tensor group's range from the whole weight, for a slice of its rows
+        self.wmin, self.wmax = group_range(self.grouped) if fixed_range is None else \
+            (fixed_range[0].to(weight.device), fixed_range[1].to(weight.device))
         self.v = torch.zeros_like(self.grouped, requires_grad=True)
         shape = self.wmin.shape
         self.alpha = torch.ones(shape, device=weight.device, requires_grad=enable_minmax_tuning)
