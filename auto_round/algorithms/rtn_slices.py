@@ -70,11 +70,14 @@ def per_tensor(scheme: QuantScheme) -> bool:
 
 def row_slices(layout: "GroupLayout | BlockLayout", elements: int) -> list[slice]:
     """Slices of whole rows holding about `elements` grouped (padded) weights each: whole block rows for 2-D
-    blocks (FP8_BLOCK; the last slice may hold the ragged last block row)."""
+    blocks (FP8_BLOCK; the last slice may hold the ragged last block row); one slice when a group spans all
+    rows (per tensor: group_size 0; rtn_in_slices slices those itself, with the group's range fixed first)."""
     if isinstance(layout, BlockLayout):
         block_row = layout.block_rows * layout.n_groups * layout.block_cols  # padded weights of one block row
         step = max(1, elements // block_row) * layout.block_rows
-    else:  # (per tensor the one group's range is fixed beforehand: rtn_in_slices)
+    elif layout.rows != layout.out_features:
+        return [slice(0, layout.out_features)]
+    else:
         step = max(1, elements // max(1, layout.padded_in))
     return [slice(start, start + step) for start in range(0, layout.out_features, step)]
 
@@ -120,7 +123,11 @@ def rtn_in_slices(module: nn.Module, scheme: QuantScheme, quantize: Callable[...
     if not sliceable(scheme):
         return quantize(module, init_scale, gscale)
     layout = _layout(scheme, out_features, in_features)
-    slices = row_slices(layout, slice_elements)
+    if per_tensor(scheme):  # whole rows; the one group's range is read from the whole weight below
+        step = max(1, slice_elements // max(1, in_features))
+        slices = [slice(start, start + step) for start in range(0, out_features, step)]
+    else:
+        slices = row_slices(layout, slice_elements)
     if len(slices) == 1:
         return quantize(module, init_scale, gscale)
     if per_tensor(scheme):
