@@ -75,28 +75,32 @@ def row_slices(layout: "GroupLayout | BlockLayout", elements: int) -> list[slice
     if isinstance(layout, BlockLayout):
         block_row = layout.block_rows * layout.n_groups * layout.block_cols  # padded weights of one block row
         step = max(1, elements // block_row) * layout.block_rows
-    elif layout.rows != layout.out_features:
+        return [slice(start, start + step) for start in range(0, layout.out_features, step)]
+    if layout.rows != layout.out_features:
         return [slice(0, layout.out_features)]
-    else:
-        step = max(1, elements // max(1, layout.padded_in))
-    return [slice(start, start + step) for start in range(0, layout.out_features, step)]
+    return whole_rows(layout.out_features, layout.padded_in, elements)
+
+
+def whole_rows(n_rows: int, row_length: int, elements: int) -> list[slice]:
+    """Slices of whole rows of about `elements` weights each (at least one row)."""
+    step = max(1, elements // max(1, row_length))
+    return [slice(start, start + step) for start in range(0, n_rows, step)]
+
+
+def _weight_slices(module: nn.Module, slice_elements: Optional[int]) -> list[torch.Tensor]:
+    weight = layer_weight(module).detach()
+    return [weight[rows] for rows in whole_rows(weight.shape[0], weight.shape[1], slice_elements or RTN_SLICE_ELEMENTS)]
 
 
 def weight_absmax(module: nn.Module, slice_elements: Optional[int] = None) -> torch.Tensor:
     """max |W| of a layer ([] fp32), read in row slices (no weight-sized temporary)."""
-    slice_elements = slice_elements or RTN_SLICE_ELEMENTS
-    weight = layer_weight(module).detach()
-    step = max(1, slice_elements // max(1, weight.shape[1]))
-    return torch.stack([weight[i:i + step].abs().amax().float() for i in range(0, weight.shape[0], step)]).amax()
+    return torch.stack([p.abs().amax().float() for p in _weight_slices(module, slice_elements)]).amax()
 
 
 def weight_range(module: nn.Module, slice_elements: Optional[int] = None) -> tuple[torch.Tensor, torch.Tensor]:
     """(min(W) widened to <= 0, max(W) widened to >= 0) of a layer, each [1, 1] fp32 (a per-tensor group's range,
     as group_range gives it), read in row slices."""
-    slice_elements = slice_elements or RTN_SLICE_ELEMENTS
-    weight = layer_weight(module).detach()
-    step = max(1, slice_elements // max(1, weight.shape[1]))
-    parts = [weight[i:i + step] for i in range(0, weight.shape[0], step)]
+    parts = _weight_slices(module, slice_elements)
     wmin = torch.stack([p.amin().float() for p in parts]).amin().clamp(max=0)
     wmax = torch.stack([p.amax().float() for p in parts]).amax().clamp(min=0)
     return wmin.reshape(1, 1), wmax.reshape(1, 1)
@@ -123,14 +127,11 @@ def rtn_in_slices(module: nn.Module, scheme: QuantScheme, quantize: Callable[...
     if not sliceable(scheme):
         return quantize(module, init_scale, gscale)
     layout = _layout(scheme, out_features, in_features)
-    if per_tensor(scheme):  # whole rows; the one group's range is read from the whole weight below
-        step = max(1, slice_elements // max(1, in_features))
-        slices = [slice(start, start + step) for start in range(0, out_features, step)]
-    else:
-        slices = row_slices(layout, slice_elements)
+    one_group = per_tensor(scheme)  # whole rows; the one group's range is read from the whole weight
+    slices = whole_rows(out_features, in_features, slice_elements) if one_group else row_slices(layout, slice_elements)
     if len(slices) == 1:
         return quantize(module, init_scale, gscale)
-    if per_tensor(scheme):
+    if one_group:
         fixed = weight_range(module, slice_elements)
         parts = [quantize(_Rows(weight[rows]), init_scale, gscale, fixed_range=fixed) for rows in slices]
         return _joined(parts, layout, one_group=True)

@@ -328,7 +328,7 @@ def plan_signround_memory(model: nn.Module, layer_schemes: Mapping[str, Any], bl
     """
     shape = memory_shape(model, layer_schemes, blocks, nsamples=nsamples, seqlen=seqlen,
                          enable_quanted_input=enable_quanted_input, amp=tuning.amp_dtype is not None)
-    if getattr(tuning, "momentum", 0):
+    if tuning.momentum:
         shape = dataclasses.replace(shape, momentum_bytes_per_weight=4)
     limit = parse_memory(memory_limit)
     dev_free = device_free(device)

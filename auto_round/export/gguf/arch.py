@@ -120,12 +120,12 @@ def _cohere_hparams(writer: gguf.GGUFWriter, cfg) -> None:
     """Command-R: LayerNorm (not RMS) epsilon and the logit scale; the optional q/k norms are not supported."""
     if getattr(cfg, "use_qk_norm", False):
         raise ExportError("GGUF export: cohere with use_qk_norm (Command R+) is not supported yet")
-    writer.add_layer_norm_eps(float(cfg.layer_norm_eps))
+    _layer_norm_hparams(writer, cfg)
     writer.add_logit_scale(float(cfg.logit_scale))
 
 
 def _layer_norm_hparams(writer: gguf.GGUFWriter, cfg) -> None:
-    """Architectures with LayerNorm (weight and bias) instead of RMSNorm: its epsilon."""
+    """Architectures with LayerNorm instead of RMSNorm: its epsilon."""
     eps = getattr(cfg, "norm_epsilon", None) or getattr(cfg, "layer_norm_eps", None)
     writer.add_layer_norm_eps(float(eps if eps is not None else 1e-5))
 
