@@ -40,6 +40,7 @@ from .model.packed_spill import PackedSpill, spill_dir_for
 from .runtime import deterministic_algorithms, resolve_amp_dtype, resolve_device
 from .model.gguf_plan import GGUFPlan, resolve_gguf_layers
 from .model.setup import select_block_groups, shared_weight_ptrs, warn_unquantized_block_weights
+from .model.source_dtypes import SourceDtypes, source_dtypes_of
 from .schemes import QuantScheme, SchemeError, gguf_mix_of, resolve_scheme
 
 logger = logging.getLogger("auto_round")
@@ -224,6 +225,7 @@ class AutoRound:
         self.packed: dict[str, dict[str, torch.Tensor]] = {}
         self.source_dir = local_source_dir(model)  # never written to (see check_output_dir)
         self._pending: Optional[PendingConversion] = None
+        self.source_dtypes: Optional[SourceDtypes] = None
         if isinstance(model, nn.Module):
             if num_hidden_layers is not None:
                 raise ValueError("num_hidden_layers cuts a checkpoint while loading it: pass a model path, not a module")
@@ -241,6 +243,9 @@ class AutoRound:
                 allow_pickle=allow_pickle_checkpoint, num_hidden_layers=num_hidden_layers,
             )
             self.tokenizer = tokenizer if tokenizer is not None else loaded_tok
+            # the export writes unquantized tensors back in the checkpoint's dtypes, not the CPU's fp32 default
+            # (an explicit model_dtype is the dtype asked for, and stays)
+            self.source_dtypes = source_dtypes_of(str(model)) if model_dtype is None else None
             if self._pending is not None and not low_cpu_mem_usage:
                 self._convert_pending()
         if self.auto_scheme is not None:

@@ -67,7 +67,7 @@ def export_context(ar: "AutoRound") -> ExportContext:
         scheme=ar.scheme, block_groups=ar.block_groups, tuning=tuning, max_shard_size=ar.max_shard_size,
         scale_dtype_name=SCALE_DTYPES[ar.scale_dtype],
         packing=ar._packer.packing if ar.packed else None, packed=ar.packed,
-        packed_for=ar._packer.fmt if ar.packed else None, run_info=run_info,
+        packed_for=ar._packer.fmt if ar.packed else None, run_info=run_info, source_dtypes=ar.source_dtypes,
     )
 
 def default_format(ar: "AutoRound") -> str:

@@ -45,7 +45,9 @@ def quantized_state_dict(ctx: ExportContext, pack: PackFn, float_dtype: Optional
     """The model's state dict with each quantized layer's weight replaced by its packed tensors.
 
     Layers packed during quantization (ctx.packed) are used as they are. float_dtype casts every other
-    floating tensor (embeddings, norms, biases, fp layers), as GPTQ/AWQ checkpoints are fp16 throughout.
+    floating tensor (embeddings, norms, biases, fp layers), as GPTQ/AWQ checkpoints are fp16 throughout;
+    without it they go back to the dtypes the source checkpoint stored them in (ctx.source_dtypes), whatever
+    dtype the model was tuned in.
     """
     tied = tied_parameter_names(ctx.model)
     state = {k: v for k, v in ctx.model.state_dict().items() if k not in tied}
@@ -63,15 +65,19 @@ def quantized_state_dict(ctx: ExportContext, pack: PackFn, float_dtype: Optional
         for key, tensor in state.items():
             if key not in packed_keys and tensor.is_floating_point():
                 state[key] = tensor.to(float_dtype)
+    elif ctx.source_dtypes is not None:
+        state = ctx.source_dtypes.cast(state, skip=packed_keys)
     return state
 
 
 def write_checkpoint(ctx: ExportContext, directory: Path, state: dict[str, torch.Tensor], qconfig: dict[str, Any],
                      dtype: Optional[torch.dtype] = None) -> None:
-    """config.json (with quantization_config, and `dtype` when given), quantization_config.json, the
-    safetensors shards, generation_config.json and the tokenizer."""
+    """config.json (with quantization_config, and `dtype` when given, else the source checkpoint's declared
+    dtype), quantization_config.json, the safetensors shards, generation_config.json and the tokenizer."""
     config = copy.deepcopy(ctx.model.config)
     config.quantization_config = qconfig
+    if dtype is None and ctx.source_dtypes is not None:
+        dtype = ctx.source_dtypes.config_dtype
     if dtype is not None:
         config.dtype = dtype
     config.save_pretrained(str(directory))

@@ -8,6 +8,7 @@ from typing import Any, Optional
 from torch import nn
 
 from ..algorithms.tunable import LayerQuantResult
+from ..model.source_dtypes import SourceDtypes
 from ..schemes import QuantScheme
 
 
@@ -41,6 +42,9 @@ class ExportContext:
     run_info: dict[str, Any] = field(default_factory=dict)
     # files written next to the checkpoint (name -> text), e.g. autoscheme_plan.json
     extra_files: dict[str, str] = field(default_factory=dict)
+    # the dtypes the source checkpoint stores its tensors in: unquantized tensors are written back in them
+    # (None: as they are in memory, e.g. a model passed as a module or loaded in an explicit model_dtype)
+    source_dtypes: Optional[SourceDtypes] = None
 
     def in_block(self, name: str) -> bool:
         return any(name.startswith(g + ".") for g in self.block_groups)

@@ -50,6 +50,9 @@ def save_fake(ctx: ExportContext, directory: Path) -> dict:
         del config.quantization_config
     tied = tied_parameter_names(ctx.model)
     state = {k: v for k, v in ctx.model.state_dict().items() if k not in tied}
+    if ctx.source_dtypes is not None:  # the fake-quantized weights too, as the reference's model dtype holds them
+        state = ctx.source_dtypes.cast(state)
+        config.dtype = ctx.source_dtypes.config_dtype
     if quantizes_activations(ctx):
         qconfig = build_quantization_config(ctx, FAKE_PACKING)
         config.quantization_config = qconfig

@@ -26,13 +26,13 @@ from .blocks import input_embedding, input_embedding_name
 from .memory import evict_clean_file_pages, slices_handed_back
 from .safetensors_header import checkpoint_tensors
 
-_SAFETENSORS_FLOAT = {"F32": torch.float32, "BF16": torch.bfloat16, "F16": torch.float16}
+SAFETENSORS_FLOAT = {"F32": torch.float32, "BF16": torch.bfloat16, "F16": torch.float16}
 
 
 def stored_float_dtype(folder: "str | Path") -> Optional[torch.dtype]:
     """The one floating dtype of a local safetensors checkpoint's tensors; None if mixed, other or none."""
     dtypes = {e.dtype for e in checkpoint_tensors(folder).values() if not e.is_integer and e.dtype != "BOOL"}
-    return _SAFETENSORS_FLOAT.get(dtypes.pop()) if len(dtypes) == 1 else None
+    return SAFETENSORS_FLOAT.get(dtypes.pop()) if len(dtypes) == 1 else None
 
 
 def keeps_fp32_modules(model: nn.Module) -> bool:
