@@ -25,7 +25,8 @@ from .algorithms.compile import act_qdq_kernels
 from .algorithms.opt_rtn import uses_opt_rtn
 from .algorithms.signround import SignRoundConfig
 from .algorithms.tunable import LayerQuantResult
-from .compressor_checks import (check_alg_ext_iters, check_cap, check_momentum, check_positive, keeps_alg_ext,
+from .compressor_checks import (check_alg_ext_iters, check_cap, check_model_free_args, check_model_free_layers,
+                                check_momentum, check_positive, keeps_alg_ext,
                                 local_source_dir, resolve_batch_size, warn_mixed_fused)
 from .compressor_export import SCALE_DTYPES, check_export, export_context
 from .compressor_walk import quantize_embedding, quantize_outside_blocks, quantize_rtn, quantize_signround
@@ -34,7 +35,8 @@ from .model.blocks import iter_blocks
 from .model.calib_batches import ids_from_batches
 from .model.layer_config import LayerConfig, resolve_layer_schemes
 from .model.dtype_convert import PendingConversion, lazy_embedding_name
-from .model.loading import check_finite, load_model_deferred, parse_dtype
+from .model.checkpoint_skeleton import ModelFreeError
+from .model.loading import check_finite, load_model_deferred, load_model_free, parse_dtype
 from .model.memory import freed_memory_reused, release_weight
 from .model.packed_spill import PackedSpill, spill_dir_for
 from .runtime import deterministic_algorithms, resolve_amp_dtype, resolve_device
@@ -109,6 +111,11 @@ class AutoRound:
         activations (~20 % faster steps there, +10-14 % peak RSS). Process-wide; no effect outside glibc.
     momentum: SignSGD momentum (the reference's `--momentum`, default 0): steps follow the sign of a momentum buffer
         of the gradients instead of the gradient's; one more fp32 value per weight of the block being tuned.
+    model_free: plain RTN straight from the checkpoint's safetensors, without building the model
+        (model/checkpoint_skeleton.py; the reference's `--model_free`): the layers are found from the tensor names,
+        each block's tensors are read when it is quantized, and the export equals the regular RTN run's byte for
+        byte. No transformers support for the architecture is needed. Needs iters=0 and plain RTN
+        (disable_opt_rtn None or True), weight-only or dynamic-activation schemes, a non-GGUF format, a model path.
     The remaining arguments are SignRound's (reference defaults).
     """
 
@@ -163,6 +170,7 @@ class AutoRound:
         low_cpu_mem_usage: bool = True,
         low_gpu_mem_usage: bool = True,
         num_hidden_layers: Optional[int] = None,
+        model_free: bool = False,
         allow_pickle_checkpoint: bool = False,
         resume: bool = False,
         checkpoint: bool = True,
@@ -226,7 +234,10 @@ class AutoRound:
         self.source_dir = local_source_dir(model)  # never written to (see check_output_dir)
         self._pending: Optional[PendingConversion] = None
         self.source_dtypes: Optional[SourceDtypes] = None
+        self.model_free = model_free
         if isinstance(model, nn.Module):
+            if model_free:
+                raise ModelFreeError("model_free reads the checkpoint's files: pass a model path, not a module")
             if num_hidden_layers is not None:
                 raise ValueError("num_hidden_layers cuts a checkpoint while loading it: pass a model path, not a module")
             if getattr(model, QUANTIZED_IN_PLACE_ATTR, False):
@@ -238,10 +249,16 @@ class AutoRound:
         else:
             # low_cpu_mem_usage: a checkpoint stored in another dtype is converted block by block as the walk
             # reaches each block (model/dtype_convert.py); the rest of the model right after block discovery
-            self.model, loaded_tok, self._pending = load_model_deferred(
-                str(model), dtype=model_dtype, trust_remote_code=trust_remote_code, device=self.device,
-                allow_pickle=allow_pickle_checkpoint, num_hidden_layers=num_hidden_layers,
-            )
+            if model_free:  # the layers from the tensor names, each block's tensors read when it is quantized
+                check_model_free_args(iters, disable_opt_rtn, num_hidden_layers, scheme)
+                self.disable_opt_rtn = True
+                self.model, loaded_tok, self._pending = load_model_free(
+                    str(model), dtype=model_dtype, trust_remote_code=trust_remote_code, device=self.device)
+            else:
+                self.model, loaded_tok, self._pending = load_model_deferred(
+                    str(model), dtype=model_dtype, trust_remote_code=trust_remote_code, device=self.device,
+                    allow_pickle=allow_pickle_checkpoint, num_hidden_layers=num_hidden_layers,
+                )
             self.tokenizer = tokenizer if tokenizer is not None else loaded_tok
             # the export writes unquantized tensors back in the checkpoint's dtypes, not the CPU's fp32 default
             # (an explicit model_dtype is the dtype asked for, and stays)
@@ -263,6 +280,8 @@ class AutoRound:
         self._layer_choices = dict(layer_config=layer_config, fp_layers=fp_layers, quant_lm_head=quant_lm_head)
         self.gguf: Optional[GGUFPlan] = None
         self._resolve_layers(gguf_mix_of(scheme) if isinstance(scheme, str) else None)
+        if model_free:
+            check_model_free_layers(self.layer_schemes, self.gguf is not None)
         self.results: dict[str, LayerQuantResult] = {}
         self.block_stats: dict[str, Any] = {}
         self.calibration_info: Optional[dict] = None  # hash of the calibration tokens, once built

@@ -107,3 +107,38 @@ def warn_mixed_fused(layer_schemes: Mapping[str, QuantScheme]) -> list[list[str]
                        "q/k/v or gate/up into one matmul (vLLM, SGLang) do not", len(groups),
                        groups[0][0].rpartition(".")[0], example)
     return groups
+
+
+def check_model_free_args(iters: int, disable_opt_rtn: Optional[bool], num_hidden_layers: Optional[int],
+                          scheme: Any) -> None:
+    """model_free is plain RTN from the files: no tuning, no opt-RTN search, no AutoScheme scoring (all need
+    the model's forward), and no truncated config. ModelFreeError naming the setting."""
+    from .algorithms.autoscheme import AutoScheme
+    from .model.checkpoint_skeleton import ModelFreeError
+
+    if iters != 0:
+        raise ModelFreeError(f"model_free is plain RTN and runs no model: iters must be 0, got {iters} "
+                             "(drop --model_free to tune)")
+    if disable_opt_rtn is False:
+        raise ModelFreeError("model_free is plain RTN: opt-RTN's search needs the model's forward for its imatrix "
+                             "(drop --model_free, or disable_opt_rtn=True)")
+    if isinstance(scheme, AutoScheme):
+        raise ModelFreeError("model_free cannot score an AutoScheme (the scoring runs the model); drop --model_free")
+    if num_hidden_layers is not None:
+        raise ModelFreeError("num_hidden_layers is not supported with model_free")
+
+
+def check_model_free_layers(layer_schemes: Mapping[str, QuantScheme], is_gguf: bool) -> None:
+    """After the layers are resolved: GGUF tensor types (the embedding is quantized, the writer needs the
+    architecture) and static activation ranges (calibrated by running the model) are refused."""
+    from .algorithms.act_quant import needs_act_calibration
+    from .model.checkpoint_skeleton import ModelFreeError
+
+    if is_gguf:
+        raise ModelFreeError("model_free writes auto_round, auto_gptq, auto_awq, llm_compressor, fp8 and fake "
+                             "checkpoints; GGUF files are made without --model_free")
+    static = [n for n, s in layer_schemes.items() if needs_act_calibration(s)]
+    if static:
+        raise ModelFreeError(f"model_free runs no model, so it cannot calibrate the static activation ranges of "
+                             f"{static[0]} ({scheme_label(layer_schemes[static[0]])}, {len(static)} layers); use a "
+                             "weight-only or dynamic-activation scheme, or drop --model_free")

@@ -50,6 +50,7 @@ def export_context(ar: "AutoRound") -> ExportContext:
         "seed": ar.seed, "scheme": ar.scheme.to_dict(), "tuning": tuning,
         "amp_dtype": str(t.amp_dtype) if t.iters and t.amp_dtype is not None else None,
         "scale_dtype": SCALE_DTYPES[ar.scale_dtype], "device_type": torch.device(ar.device).type,
+        "model_free": ar.model_free,
         "calibration": ar.calibration_info,
         "layers": {"quantized": sum(s.is_quantized for s in ar.layer_schemes.values()),
                    "kept_in_fp": sum(not s.is_quantized for s in ar.layer_schemes.values())},
@@ -141,6 +142,10 @@ def adopt_gguf_format(ar: "AutoRound", formats: list[str]) -> None:
     mix = gguf_mix_of(formats[0])  # parse_formats lets a gguf format only come alone
     if mix is None:
         return  # a non-GGUF format of GGUF layers is refused by check_format
+    if ar.model_free:
+        from .model.checkpoint_skeleton import ModelFreeError
+
+        raise ModelFreeError(f"format {formats[0]!r}: GGUF files are made without model_free")
     if ar.auto_scheme is not None and not ar.auto_scheme.is_gguf:
         raise ExportError(f"format {formats[0]!r} needs GGUF tensor types; these AutoScheme options are int / float "
                           "schemes for the auto_round, gptq, llm_compressor and fake formats (give gguf:* options "

@@ -135,6 +135,13 @@ def build_parser(prog: str = "auto-round") -> argparse.ArgumentParser:
     r.add_argument("--model_dtype", help="fp32 / fp16 / bf16 (default fp32 on CPU)")
     r.add_argument("--num_hidden_layers", "--debug_layer_num", type=int,
                    help="debugging: load, quantize and export only the model's first N layers")
+    mf = r.add_mutually_exclusive_group()
+    mf.add_argument("--model_free", dest="model_free", action="store_true", default=False,
+                    help="plain RTN (--iters 0) straight from the checkpoint's safetensors, without building the "
+                         "model: layers found from the tensor names, blocks read one at a time, the same export "
+                         "as the regular RTN run; needs no transformers support for the architecture")
+    mf.add_argument("--disable_model_free", dest="model_free", action="store_false",
+                    help="build the model (the default here; the reference's flag, accepted)")
     r.add_argument("--disable_trust_remote_code", action="store_true")
     r.add_argument("--allow_pickle_checkpoint", action="store_true",
                    help="load a model whose weights are only pickle files (pytorch_model.bin); unpickling can run code")
@@ -264,7 +271,8 @@ def main(argv: Optional[Sequence[str]] = None, recipe: str = "default", prog: st
     model = args.model or args.model_pos
     if not model:
         parser.error("a model is required (positional MODEL or --model)")
-    _apply_recipe(args, recipe)
+    # --model_free is plain RTN: its run takes the rtn recipe's settings where none were given
+    _apply_recipe(args, "rtn" if args.model_free else recipe)
     try:
         auto_scheme = _auto_scheme(args)
     except ValueError as err:
@@ -307,7 +315,7 @@ def main(argv: Optional[Sequence[str]] = None, recipe: str = "default", prog: st
             scale_dtype=args.scale_dtype, model_dtype=args.model_dtype, device=args.device,
             trust_remote_code=not args.disable_trust_remote_code, max_shard_size=args.max_shard_size,
             low_cpu_mem_usage=args.low_cpu_mem_usage, low_gpu_mem_usage=args.low_gpu_mem_usage,
-            num_hidden_layers=args.num_hidden_layers,
+            num_hidden_layers=args.num_hidden_layers, model_free=args.model_free,
             allow_pickle_checkpoint=args.allow_pickle_checkpoint,
             resume=args.resume, checkpoint=not args.disable_checkpoint, disable_progress=args.disable_progress,
             run_report=not args.disable_run_report,

@@ -53,7 +53,7 @@ def target_dtypes(model: nn.Module, wanted: torch.dtype) -> dict[str, torch.dtyp
 SLICE_ELEMENTS = 1 << 20  # elements converted at a time (4 MiB of fp32)
 
 
-def _converted(old: torch.Tensor, target: torch.dtype) -> torch.Tensor:
+def converted_tensor(old: torch.Tensor, target: torch.dtype) -> torch.Tensor:
     """`old` in `target`, converted slice by slice with each slice's file pages handed back as soon as it is
     read: a 113 MB embedding then adds 4 MiB of source pages to the peak, not all of them."""
     if not old.is_contiguous() or old.numel() <= SLICE_ELEMENTS:
@@ -99,7 +99,7 @@ class PendingConversion:
                             or tensor.dtype == target:
                         continue
                     self._done.add(id(tensor))
-                    new = _converted(tensor.detach(), target)
+                    new = converted_tensor(tensor.detach(), target)
                     if kind == "_parameters":
                         tensor.data = new  # the Parameter object stays: ties (embedding / lm_head) hold
                     else:

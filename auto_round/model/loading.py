@@ -116,6 +116,51 @@ def load_model_deferred(
     return model, tokenizer, PendingConversion(model, torch_dtype) if convert else None
 
 
+def load_model_free(
+    name_or_path: str,
+    *,
+    dtype: "str | torch.dtype | None" = None,
+    trust_remote_code: bool = True,
+    device: str = "cpu",
+) -> tuple[torch.nn.Module, Any, Any]:
+    """(skeleton, tokenizer, pending) for model-free RTN (model/checkpoint_skeleton.py): the module tree of the
+    checkpoint's tensor names on the meta device, and a PendingLoad that reads each module's tensors when asked,
+    in the dtype load_model_deferred would give them (dtype None: fp32 on CPU, the checkpoint's own elsewhere)."""
+    from transformers import AutoTokenizer
+
+    from .checkpoint_skeleton import ModelFreeError, PendingLoad, build_skeleton, known_layout, load_config
+    from .source_dtypes import read_source_dtypes
+
+    path = Path(name_or_path).expanduser()
+    if not path.exists():
+        if not _HUB_ID.match(str(name_or_path)):
+            raise ModelLoadError(f"model path {name_or_path!r} does not exist (and is not a hub id like 'org/name')")
+        from huggingface_hub import snapshot_download
+
+        path = Path(snapshot_download(str(name_or_path), allow_patterns=["*.json", "*.safetensors", "*.model",
+                                                                          "*.txt", "*.jinja", "*.tiktoken"]))
+    if not (path / "config.json").is_file():
+        raise ModelLoadError(f"{path} has no config.json; pass a Hugging Face model directory")
+    config, generation = load_config(path, trust_remote_code)
+    if getattr(config, "quantization_config", None):
+        raise ModelFreeError(f"{path} is already quantized ({config.quantization_config.get('quant_method', '?')}); "
+                             "model_free quantizes float checkpoints")
+    skeleton = build_skeleton(path, config, generation, known_layout(config, trust_remote_code))
+    wanted = parse_dtype(dtype)
+    if wanted is None:
+        source = read_source_dtypes(path)
+        wanted = torch.float32 if device == "cpu" or source is None else source.config_dtype
+    config.dtype = wanted  # as from_pretrained(dtype=wanted) leaves it
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(str(path), trust_remote_code=trust_remote_code)
+    except (OSError, ValueError) as err:
+        raise ModelLoadError(f"could not load the tokenizer of {path}: {err}") from err
+    n_params = sum(p.numel() for p in skeleton.parameters())
+    logger.info("model_free: %s read from its tensor names (%.1f M parameters, loaded block by block as %s)",
+                path, n_params / 1e6, wanted)
+    return skeleton, tokenizer, PendingLoad(skeleton, path, wanted)
+
+
 def truncated_config(source: str, n_layers: int, trust_remote_code: bool = True):
     """The model's config cut to its first `n_layers` blocks: num_hidden_layers and every per-layer list
     (layer_types, no_rope_layers, ...) of the text config. ModelLoadError when n_layers is not in [1, layers]."""
@@ -181,7 +226,7 @@ def check_finite(model: torch.nn.Module, limit: int = 3) -> None:
     bad = []
     for name, tensor in model.state_dict().items():
         if tensor.is_floating_point() and tensor.device.type != "meta":
-            if not _all_finite(tensor):
+            if not all_finite(tensor):
                 bad.append(name)
                 if len(bad) >= limit:
                     break
@@ -191,7 +236,7 @@ def check_finite(model: torch.nn.Module, limit: int = 3) -> None:
                              "give a broken checkpoint: fix or re-download the model")
 
 
-def _all_finite(tensor: torch.Tensor) -> bool:
+def all_finite(tensor: torch.Tensor) -> bool:
     """True when no element is NaN or Inf; a contiguous tensor is read `FINITE_CHECK_CHUNK` elements at a
     time and each slice's clean file pages are handed back as soon as it is read."""
     if not tensor.is_contiguous() or tensor.numel() <= FINITE_CHECK_CHUNK:

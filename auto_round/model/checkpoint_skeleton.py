@@ -1,0 +1,358 @@
+"""Model-free loading: a module tree rebuilt from a checkpoint's tensor names, weights read block by block.
+
+Plain RTN needs no forward pass, so it needs no modeling code: the layers to quantize, their shapes and the
+blocks they sit in can be read from the safetensors headers alone (the reference's `--model_free`). That
+makes RTN independent of transformers' support for the architecture (a model newer than the installed
+transformers, remote code that breaks with it) and skips building the model.
+
+`build_skeleton` turns every tensor name into a module path on the meta device:
+
+    model.layers.3.self_attn.q_proj.weight [out, in]  ->  ModuleList `model.layers`, nn.Linear `...q_proj`
+    model.embed_tokens.weight [vocab, hidden]         ->  nn.Embedding (a name with embed / wte / wpe)
+    model.layers.3.input_layernorm.weight [hidden]    ->  a plain Parameter holder
+
+so block discovery, layer_config / fp_layers matching, the shape rules and every exporter work on it as on a
+transformers model, and the export keeps the checkpoint's own tensor names (what vLLM reads). `PendingLoad`
+reads a module's tensors from the files when the walk reaches it, in the dtype the regular load would give
+them, so the result equals the regular RTN path's (tested byte for byte).
+
+What names cannot say: GPT-2 style Conv1D layers store [in, out] (such model types are refused), and which
+2-D weights are Linear layers is inferred (every 2-D float `.weight` that is not an embedding).
+"""
+
+from __future__ import annotations
+
+import copy
+import functools
+import json
+import logging
+from pathlib import Path
+from typing import Any, Optional
+
+import numpy as np
+import torch
+from torch import nn
+
+from .dtype_convert import SAFETENSORS_FLOAT, converted_tensor
+from .memory import evict_clean_file_pages
+from .safetensors_header import TensorEntry, checkpoint_tensors
+
+logger = logging.getLogger("auto_round")
+
+# model types whose checkpoints hold transformers' Conv1D ([in, out]) weights: the names cannot tell them apart
+CONV1D_MODEL_TYPES = frozenset({"gpt2", "openai-gpt", "imagegpt", "decision_transformer"})
+_EMBEDDING_WORDS = ("embed", "wte", "wpe")
+_HEAD_NAMES = ("lm_head", "embed_out", "output")
+_STORED_DTYPES = {**SAFETENSORS_FLOAT, "F64": torch.float64, "I64": torch.int64, "I32": torch.int32, "I16": torch.int16,
+                  "I8": torch.int8, "U8": torch.uint8, "BOOL": torch.bool}
+
+
+class ModelFreeError(ValueError):
+    """A model-free run cannot be made from this checkpoint or with these settings."""
+
+
+class CheckpointSkeleton(nn.Module):
+    """The module tree of a checkpoint's tensor names (meta tensors until loaded); `config` and
+    `generation_config` are the checkpoint's, for the exporters."""
+
+    def __init__(self, config: Any, generation_config: Any = None):
+        super().__init__()
+        self.config = config
+        self.generation_config = generation_config
+
+    def get_input_embeddings(self) -> Optional[nn.Module]:
+        return next((m for n, m in self.named_modules() if isinstance(m, nn.Embedding) and not _numbered(n)), None)
+
+    def get_output_embeddings(self) -> Optional[nn.Module]:
+        for name in _HEAD_NAMES:
+            module = getattr(self, name, None)
+            if isinstance(module, nn.Linear):
+                return module
+        return None
+
+
+def _numbered(name: str) -> bool:
+    return any(part.isdigit() for part in name.split("."))
+
+
+def _child(parent: nn.Module, part: str, next_part: Optional[str]) -> nn.Module:
+    """parent's child `part`, created as a ModuleList when the name goes on with an index, else a Module."""
+    if part in parent._modules:
+        return parent._modules[part]
+    if isinstance(parent, nn.ModuleList):
+        while len(parent) <= int(part):  # indices in any order: the gaps are filled as the names arrive
+            parent.append(nn.Module())
+        child = parent[int(part)]
+        if next_part is not None and next_part.isdigit() and not isinstance(child, nn.ModuleList):
+            parent[int(part)] = child = nn.ModuleList()
+        return child
+    child = nn.ModuleList() if next_part is not None and next_part.isdigit() else nn.Module()
+    parent.add_module(part, child)
+    return child
+
+
+class KnownLayout:
+    """What transformers' own class for the config says, where it has one: the state-dict order of its
+    tensors (so shards split where the regular export's do) and the kind of each module (so a 2-D weight that
+    is not a Linear layer is not taken for one). Built on the meta device: no memory, no weights."""
+
+    def __init__(self, model: nn.Module):
+        self.order = {name: i for i, name in enumerate(model.state_dict(keep_vars=True))}
+        self.kinds: dict[str, str] = {}
+        conv1d = _conv1d_type()
+        for name, module in model.named_modules():
+            self.kinds[name] = ("conv1d" if conv1d is not None and isinstance(module, conv1d) else
+                                "linear" if isinstance(module, nn.Linear) else
+                                "embedding" if isinstance(module, nn.Embedding) else "other")
+
+    def sort_key(self, name: str) -> tuple:
+        return (self.order.get(name, len(self.order)), _natural_key(name))
+
+
+def _conv1d_type() -> Optional[type]:
+    try:
+        from transformers.pytorch_utils import Conv1D
+
+        return Conv1D
+    except ImportError:
+        return None
+
+
+def known_layout(config: Any, trust_remote_code: bool = True) -> Optional[KnownLayout]:
+    """The KnownLayout of the config's transformers class on the meta device; None where transformers has no
+    class for it (the names alone decide then)."""
+    from transformers import AutoModelForCausalLM
+
+    try:
+        with torch.device("meta"):
+            model = AutoModelForCausalLM.from_config(copy.deepcopy(config), trust_remote_code=trust_remote_code)
+    except Exception as err:  # unknown model type, remote code that fails: the model-free case it is for
+        logger.info("model_free: no transformers class for this config (%s); layers from the names alone",
+                    str(err).splitlines()[0][:160] if str(err) else type(err).__name__)
+        return None
+    return KnownLayout(model)
+
+
+def _leaf(entries: dict[str, TensorEntry], name: str, kind: Optional[str] = None) -> nn.Module:
+    """The module holding tensors `name.*`: Linear / Embedding for a 2-D float weight, else a Parameter holder.
+    `kind` (KnownLayout's) decides where given; the name's words otherwise."""
+    weight, bias = entries.get(f"{name}.weight"), entries.get(f"{name}.bias")
+    is_float_2d = weight is not None and weight.dtype in SAFETENSORS_FLOAT and len(weight.shape) == 2
+    if kind == "conv1d":
+        raise ModelFreeError(f"model_free: {name} is a Conv1D layer ([in, out] weight); quantize this model without "
+                             "model_free")
+    last = name.rpartition(".")[2].lower()
+    embedding = (kind == "embedding") if kind is not None else \
+        (name not in _HEAD_NAMES and any(w in last for w in _EMBEDDING_WORDS))
+    if kind not in (None, "linear", "embedding"):
+        is_float_2d = False
+    with torch.device("meta"):
+        if is_float_2d and embedding:
+            return nn.Embedding(*weight.shape, dtype=SAFETENSORS_FLOAT[weight.dtype])
+        if is_float_2d:
+            has_bias = bias is not None and tuple(bias.shape) == (weight.shape[0],)
+            return nn.Linear(weight.shape[1], weight.shape[0], bias=has_bias, dtype=SAFETENSORS_FLOAT[weight.dtype])
+    return nn.Module()
+
+
+def build_skeleton(folder: "str | Path", config: Any, generation_config: Any = None,
+                   layout: Optional[KnownLayout] = None) -> CheckpointSkeleton:
+    """The CheckpointSkeleton of a local safetensors checkpoint (see the module docstring); ModelFreeError for
+    a folder without safetensors weights or a Conv1D model type. `layout` (known_layout) orders the tensors and
+    types the modules transformers' class has under the same names."""
+    folder = Path(folder)
+    model_type = str(getattr(config, "model_type", "") or "")
+    if model_type in CONV1D_MODEL_TYPES:
+        raise ModelFreeError(f"model_free: {model_type} stores its layers as Conv1D ([in, out]), which tensor names "
+                             "cannot tell from Linear ones; quantize it without model_free")
+    entries = checkpoint_tensors(folder)
+    if not entries:
+        raise ModelFreeError(f"model_free reads safetensors weights; {folder} has none")
+    root = CheckpointSkeleton(config, generation_config)
+    modules: dict[str, nn.Module] = {"": root}
+    kinds = layout.kinds if layout is not None else {}
+    for full_name in sorted(entries, key=layout.sort_key if layout is not None else _natural_key):
+        module_name, _, tensor_name = full_name.rpartition(".")
+        parent = _module_at(root, modules, module_name, entries, kinds)
+        if tensor_name in parent._parameters and parent._parameters[tensor_name] is not None:
+            continue  # made with its Linear / Embedding
+        entry = entries[full_name]
+        if entry.dtype not in _STORED_DTYPES:
+            raise ModelFreeError(f"model_free: tensor {full_name} is stored as {entry.dtype}; an already quantized "
+                                 "checkpoint cannot be quantized model-free")
+        tensor = torch.empty(tuple(entry.shape), dtype=_STORED_DTYPES[entry.dtype], device="meta")
+        parent.register_parameter(tensor_name, nn.Parameter(tensor, requires_grad=False))
+    _tie_head(root, config)
+    return root
+
+
+def _module_at(root: nn.Module, modules: dict[str, nn.Module], name: str, entries: dict[str, TensorEntry],
+               kinds: dict[str, str]) -> nn.Module:
+    """The module at dotted `name`, created (with its ancestors) on first use."""
+    if name in modules:
+        return modules[name]
+    parts = name.split(".")
+    parent = root
+    for i, part in enumerate(parts):
+        prefix = ".".join(parts[: i + 1])
+        if prefix in modules:
+            parent = modules[prefix]
+            continue
+        if i == len(parts) - 1:
+            leaf = _leaf(entries, prefix, kinds.get(prefix))
+            if isinstance(parent, nn.ModuleList):
+                while len(parent) <= int(part):
+                    parent.append(nn.Module())
+                parent[int(part)] = leaf
+            else:
+                parent.add_module(part, leaf)
+            parent = leaf
+        else:
+            parent = _child(parent, part, parts[i + 1])
+        modules[prefix] = parent
+    return parent
+
+
+def _natural_key(name: str) -> list:
+    """Sort key that puts layers.2 before layers.10 (module order = execution order of the blocks)."""
+    return [(0, int(p), "") if p.isdigit() else (1, 0, p) for p in name.split(".")]
+
+
+def _tie_head(root: CheckpointSkeleton, config: Any) -> None:
+    """A checkpoint that stores lm_head.weight although the config ties it to the embedding: transformers ties
+    them on load, and an export writes the embedding only; so the skeleton drops the stored head."""
+    head, embedding = root.get_output_embeddings(), root.get_input_embeddings()
+    if head is None or embedding is None or not _ties_embeddings(config):
+        return
+    if tuple(head.weight.shape) == tuple(embedding.weight.shape):
+        name = next(n for n in _HEAD_NAMES if getattr(root, n, None) is head)
+        logger.info("model_free: %s.weight is stored but tied to the embedding by the config; it is not written", name)
+        delattr(root, name)
+
+
+class PendingLoad:
+    """Reads a CheckpointSkeleton's tensors from the files when asked, with PendingConversion's interface:
+    `convert(prefix)` before a module is used, `convert(skip=...)` for all but some modules, `convert()` for
+    the rest. Float tensors come in `wanted` (what from_pretrained(dtype=wanted) gives; None = as stored); a
+    NaN or Inf is a ModelFreeError naming the tensor. Tied parameters stay tied."""
+
+    def __init__(self, root: CheckpointSkeleton, folder: "str | Path", wanted: Optional[torch.dtype]):
+        self.root, self.folder, self.wanted = root, Path(folder), wanted
+        self.entries = checkpoint_tensors(self.folder)
+        self._owners: dict[int, list[tuple[nn.Module, str, str]]] = {}  # id(meta param) -> (module, attr, name)
+        for module_name, module in root.named_modules(remove_duplicate=False):
+            for attr, param in module._parameters.items():
+                if param is not None and param.is_meta:
+                    full = f"{module_name}.{attr}" if module_name else attr
+                    self._owners.setdefault(id(param), []).append((module, attr, full))
+        self._data_start: dict[str, int] = {}  # file -> offset of its data region (8 + header length)
+
+    def _mapped(self, name: str) -> torch.Tensor:
+        """The stored tensor as a copy-on-write memory map of its bytes (nothing is read until used; its clean
+        pages can be handed back, model/memory.py), as transformers' own zero-copy load gives it."""
+        entry = self.entries[name]
+        dtype = _STORED_DTYPES[entry.dtype]
+        if entry.end == entry.begin:
+            return torch.empty(tuple(entry.shape), dtype=dtype)
+        start = self._data_start.get(entry.file)
+        if start is None:
+            with open(self.folder / entry.file, "rb") as f:
+                start = self._data_start[entry.file] = 8 + int.from_bytes(f.read(8), "little")
+        raw = np.memmap(self.folder / entry.file, dtype=np.uint8, mode="c", offset=start + entry.begin,
+                        shape=(entry.end - entry.begin,))
+        return torch.from_numpy(raw).view(dtype).reshape(tuple(entry.shape))
+
+    def _read(self, name: str) -> torch.Tensor:
+        from .loading import all_finite
+
+        tensor = self._mapped(name)
+        if tensor.is_floating_point():
+            if not all_finite(tensor):
+                raise ModelFreeError(f"the checkpoint's tensor {name} holds NaN or Inf values; quantizing it would give "
+                                     "a broken checkpoint: fix or re-download the model")
+            if self.wanted is not None and tensor.dtype != self.wanted:
+                tensor = converted_tensor(tensor, self.wanted)  # slice by slice, the file pages handed back
+            else:
+                evict_clean_file_pages(tensor)  # read again from the page cache when used
+        return tensor
+
+    @torch.no_grad()
+    def convert(self, prefix: str = "", *, skip: tuple[str, ...] = ()) -> int:
+        """Load the tensors of module `prefix` ("" = everything) not under the modules `skip`; returns how many."""
+        root = self.root.get_submodule(prefix) if prefix else self.root
+        skipped = {id(p) for name in skip for p in self.root.get_submodule(name).parameters()}
+        loaded = 0
+        for param in list(root.parameters()):
+            owners = self._owners.pop(id(param), None) if param.is_meta and id(param) not in skipped else None
+            if not owners:
+                continue
+            new = nn.Parameter(self._read(owners[0][2]), requires_grad=False)
+            for module, attr, _ in owners:  # every module holding it: ties stay ties
+                module._parameters[attr] = new
+            loaded += 1
+        return loaded
+
+
+def _ties_embeddings(config: Any) -> bool:
+    """Whether the config ties lm_head to the embedding; for a config transformers does not know, only an
+    explicit `tie_word_embeddings: true` counts (PretrainedConfig's default True is no model's word)."""
+    if isinstance(config, raw_config_class()):
+        return any(bool(d.get("tie_word_embeddings", False)) for d in (config.raw, config.raw.get("text_config") or {}))
+    text = config.get_text_config() if hasattr(config, "get_text_config") else config
+    return bool(getattr(text, "tie_word_embeddings", False))
+
+
+@functools.cache
+def raw_config_class() -> type:
+    """RawConfig, made on first use (transformers is imported only by the loaders)."""
+    from transformers import PretrainedConfig
+
+    class RawConfig(PretrainedConfig):
+        """config.json of a model type transformers does not know, written back as it was read, with what an
+        export sets (quantization_config, dtype): a round trip through PretrainedConfig would drop its
+        model_type and the keys equal to PretrainedConfig's defaults, which need not be the model's."""
+
+        def __init__(self, raw: Optional[dict] = None, **kwargs):
+            raw = dict(raw or kwargs)
+            super().__init__(**{k: v for k, v in raw.items() if k not in ("model_type",)})
+            self.raw = raw
+
+        def to_dict(self) -> dict:
+            out = copy.deepcopy(self.raw)
+            qconfig = getattr(self, "quantization_config", None)
+            if qconfig is not None:
+                out["quantization_config"] = qconfig.to_dict() if hasattr(qconfig, "to_dict") else qconfig
+            else:
+                out.pop("quantization_config", None)
+            dtype = getattr(self, "dtype", None)
+            if dtype is not None:
+                name = str(dtype).replace("torch.", "")
+                out["dtype"] = name
+                if "torch_dtype" in out:
+                    out["torch_dtype"] = name
+            return out
+
+        def to_diff_dict(self) -> dict:
+            return self.to_dict()
+
+    return RawConfig
+
+
+
+
+def load_config(folder: "str | Path", trust_remote_code: bool = True) -> tuple[Any, Any]:
+    """(config, generation_config) of a checkpoint folder: transformers' classes where it knows the model type
+    (their defaults fill what config.json leaves out), else a plain PretrainedConfig of the file's values."""
+    from transformers import AutoConfig, GenerationConfig
+
+    folder = Path(folder)
+    try:
+        config = AutoConfig.from_pretrained(folder, trust_remote_code=trust_remote_code)
+    except (ValueError, KeyError, OSError, ImportError) as err:
+        logger.warning("model_free: transformers does not know this config (%s); using config.json as it is",
+                       str(err).splitlines()[0][:160])
+        config = raw_config_class()(json.loads((folder / "config.json").read_text()))
+    generation = None
+    if (folder / "generation_config.json").is_file():
+        generation = GenerationConfig.from_pretrained(folder)
+    return config, generation
