@@ -214,3 +214,16 @@ def test_cli_model_free_defaults_to_plain_rtn(tmp_path):
     bad = subprocess.run([sys.executable, "-m", "auto_round", "--model", str(src), "--model_free", "--iters", "5",
                           "--output_dir", str(tmp_path / "bad")], capture_output=True, text=True)
     assert bad.returncode == 2 and "iters must be 0" in bad.stderr
+
+
+def test_names_alone_find_the_token_embedding(tmp_path):
+    """Without transformers' class (layout None), OPT's embed_positions must not be taken for the token
+    embedding, and GPT-NeoX's embed_out is its head, not an embedding."""
+    for arch, embedding, head in [("opt", "model.decoder.embed_tokens", None), ("gpt_neox", "gpt_neox.embed_in", "embed_out")]:
+        src = saved_tiny_model(tmp_path / arch, arch)
+        config, _ = load_config(src)
+        skeleton = build_skeleton(src, config, layout=None)
+        names = {m: n for n, m in skeleton.named_modules()}
+        assert names[skeleton.get_input_embeddings()] == embedding
+        got_head = skeleton.get_output_embeddings()
+        assert (names[got_head] if got_head is not None else None) == head

@@ -16,8 +16,10 @@ transformers model, and the export keeps the checkpoint's own tensor names (what
 reads a module's tensors from the files when the walk reaches it, in the dtype the regular load would give
 them, so the result equals the regular RTN path's (tested byte for byte).
 
-What names cannot say: GPT-2 style Conv1D layers store [in, out] (such model types are refused), and which
-2-D weights are Linear layers is inferred (every 2-D float `.weight` that is not an embedding).
+What names cannot say, transformers' class for the config says where it has one (`known_layout`, built on the
+meta device): the tensor order of the regular export and which modules are Linear layers; Conv1D layers
+(GPT-2 style, [in, out] weights) are refused. Without such a class every 2-D float `.weight` that is not an
+embedding is taken for a Linear layer.
 """
 
 from __future__ import annotations
@@ -43,6 +45,7 @@ logger = logging.getLogger("auto_round")
 CONV1D_MODEL_TYPES = frozenset({"gpt2", "openai-gpt", "imagegpt", "decision_transformer"})
 _EMBEDDING_WORDS = ("embed", "wte", "wpe")
 _HEAD_NAMES = ("lm_head", "embed_out", "output")
+_TOKEN_EMBEDDING_NAMES = ("embed_tokens", "wte", "word_embeddings", "embed_in", "tok_embeddings", "embeddings")
 _STORED_DTYPES = {**SAFETENSORS_FLOAT, "F64": torch.float64, "I64": torch.int64, "I32": torch.int32, "I16": torch.int16,
                   "I8": torch.int8, "U8": torch.uint8, "BOOL": torch.bool}
 
@@ -61,7 +64,11 @@ class CheckpointSkeleton(nn.Module):
         self.generation_config = generation_config
 
     def get_input_embeddings(self) -> Optional[nn.Module]:
-        return next((m for n, m in self.named_modules() if isinstance(m, nn.Embedding) and not _numbered(n)), None)
+        """The token embedding: an Embedding outside the blocks, a token-embedding name first (OPT also has
+        embed_positions, GPT-2 style models wpe)."""
+        found = [(n, m) for n, m in self.named_modules() if isinstance(m, nn.Embedding) and not _numbered(n)]
+        tokens = [m for n, m in found if n.rpartition(".")[2] in _TOKEN_EMBEDDING_NAMES]
+        return (tokens or [m for _, m in found] or [None])[0]
 
     def get_output_embeddings(self) -> Optional[nn.Module]:
         for name in _HEAD_NAMES:
