@@ -115,3 +115,27 @@ def test_source_dtypes_reading(tmp_path):
     config.pop("dtype", None), config.pop("torch_dtype", None)
     (src / "config.json").write_text(json.dumps(config))
     assert read_source_dtypes(src).config_dtype == torch.bfloat16
+
+
+@pytest.mark.parametrize("scheme", ["MXFP4", "NVFP4"])
+def test_bf16_only_compressed_tensors_exports_are_declared_bf16(tmp_path, scheme):
+    """compressed-tensors decompresses MX / NVFP4 weights to bf16 only: the export is declared bf16, so a plain
+    from_pretrained(dir) runs (it failed with "expected m1 and m2 to have the same dtype" when an fp32 source was
+    declared fp32) and gives the logits of loading it in bf16 explicitly; the other tensors keep the source's fp32."""
+    import transformers as tf
+
+    src = tmp_path / "src"
+    tiny_model("llama").save_pretrained(src)  # fp32 source
+    tiny_tokenizer().save_pretrained(src)
+    ar = AutoRound(str(src), scheme=scheme, iters=0, disable_opt_rtn=True, dataset=random_ids(4, 16))
+    ar.quantize_and_save(str(tmp_path / "out"), format="llm_compressor")
+    state = load_file(tmp_path / "out" / "model.safetensors")
+    config = json.loads((tmp_path / "out" / "config.json").read_text())
+    assert config_dtype(config) == "bfloat16"
+    assert state["model.embed_tokens.weight"].dtype == torch.float32
+    ids = random_ids(2, 12)
+    with torch.no_grad():
+        plain = tf.AutoModelForCausalLM.from_pretrained(tmp_path / "out")
+        got = plain(ids).logits
+        want = tf.AutoModelForCausalLM.from_pretrained(tmp_path / "out", dtype=torch.bfloat16)(ids).logits
+    assert plain.dtype == torch.bfloat16 and torch.equal(got, want)

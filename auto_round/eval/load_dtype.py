@@ -11,6 +11,8 @@ from typing import Optional
 
 import torch
 
+from ..export.llm_compressor_float import BF16_ONLY_FORMATS
+
 logger = logging.getLogger("auto_round")
 
 
@@ -23,11 +25,6 @@ def quantization_config(folder: Path) -> dict:
     return config.get("quantization_config") or {}
 
 
-# compressed-tensors formats whose decompressor hands back bf16 weights whatever the model's dtype (0.20): an
-# fp32 model then fails at its first matmul ("expected m1 and m2 to have the same dtype")
-_BF16_DECOMPRESSED = ("mxfp4-pack-quantized", "mxfp6-pack-quantized", "nvfp4-pack-quantized", "mxfp8-quantized")
-
-
 def _compressed_tensors_config(folder: Path) -> dict:
     """quantization_config of a compressed-tensors checkpoint ({} for any other)."""
     qc = quantization_config(folder)
@@ -35,11 +32,12 @@ def _compressed_tensors_config(folder: Path) -> dict:
 
 
 def _bf16_decompressed_format(folder: Path) -> Optional[str]:
-    """The compressed-tensors format of `folder` that only runs in bf16 (_BF16_DECOMPRESSED), else None."""
+    """The compressed-tensors format of `folder` that only runs in bf16 (BF16_ONLY_FORMATS: an fp32 model fails
+    at its first matmul), else None."""
     qc = _compressed_tensors_config(folder)
     groups = qc.get("config_groups") or {}
     formats = [qc.get("format")] + [g.get("format") for g in groups.values() if isinstance(g, dict)]
-    return next((f for f in formats if f in _BF16_DECOMPRESSED), None)
+    return next((f for f in formats if f in BF16_ONLY_FORMATS), None)
 
 
 def eval_dtype(path: Path, dtype, device: str):

@@ -35,7 +35,7 @@ from ..packing.bitstream import pack_last_dim
 from ..schemes import QuantScheme
 from .checkpoint import quantized_state_dict, scales_and_zeros, write_checkpoint
 from .context import ExportContext
-from .llm_compressor_float import (ct_format, ct_misfit, input_args, pack_float_layer,
+from .llm_compressor_float import (BF16_ONLY_FORMATS, ct_format, ct_misfit, input_args, pack_float_layer,
                                    pack_int_quantized_layer, weights_args)
 from .writer import ExportError
 
@@ -112,7 +112,11 @@ def save_llm_compressor(ctx: ExportContext, directory: Path) -> dict:
     scale_dtype = torch.float16 if ctx.scale_dtype_name == "torch.float16" else torch.float32
     state = quantized_state_dict(ctx, lambda name, res: pack_ct_layer(name, res, scale_dtype))
     qconfig = ct_config(ctx)
-    write_checkpoint(ctx, directory, state, qconfig)
+    # MX / NVFP4 weights decompress to bf16 only, so the model runs in bf16: the config says so (a plain
+    # from_pretrained(dir) then works), as the reference declares bf16 for 4/8-bit activations; the other
+    # tensors keep the source's dtype (an fp32 source stays exact for a decompressed fp32 load)
+    bf16_only = any(ct_format(r.scheme) in BF16_ONLY_FORMATS for r in ctx.results.values())
+    write_checkpoint(ctx, directory, state, qconfig, dtype=torch.bfloat16 if bf16_only else None)
     logger.info("packed %d quantized layers as compressed-tensors %s", len(ctx.results), qconfig["format"])
     return qconfig
 

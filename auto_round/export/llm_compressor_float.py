@@ -93,6 +93,11 @@ def _act_misfit(scheme: QuantScheme, in_features: int) -> Optional[str]:
 # ---------------------------------------------------------------------------------------------- config args
 
 
+# formats whose decompressor (compressed-tensors 0.20) hands back bf16 weights whatever the model's dtype: a
+# model in another dtype fails at its first matmul, so such a checkpoint is written and declared bf16
+BF16_ONLY_FORMATS = (MXFP4_PACK_QUANTIZED, MXFP6_PACK_QUANTIZED, NVFP4_PACK_QUANTIZED, MXFP8_QUANTIZED)
+
+
 def ct_format(scheme: QuantScheme) -> str:
     """The compressed-tensors format name of a layer's config group."""
     dt = scheme.data_type
