@@ -227,3 +227,28 @@ def test_names_alone_find_the_token_embedding(tmp_path):
         assert names[skeleton.get_input_embeddings()] == embedding
         got_head = skeleton.get_output_embeddings()
         assert (names[got_head] if got_head is not None else None) == head
+
+
+def test_experts_transformers_fuses_are_named_in_a_warning(tmp_path, caplog):
+    """transformers 5 saves Mixtral's experts one Linear each but fuses them into 3-D parameters when loading:
+    model_free quantizes them under the checkpoint's names (vLLM's layout) and warns that transformers cannot
+    load them; our loader then refuses the export with a clear error rather than random experts."""
+    import transformers as tf
+
+    from auto_round.inference.checkpoint_check import CheckpointError
+
+    config = tf.MixtralConfig(vocab_size=260, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+                              num_attention_heads=4, num_key_value_heads=2, num_local_experts=4,
+                              num_experts_per_tok=2, max_position_embeddings=128)
+    src = tmp_path / "src"
+    tf.AutoModelForCausalLM.from_config(config).save_pretrained(src)
+    saved_tiny_model(tmp_path / "tok", "llama")
+    for name in ("tokenizer.json", "tokenizer_config.json"):
+        shutil.copy(tmp_path / "tok" / name, src / name)
+    with caplog.at_level("WARNING", logger="auto_round"):
+        out = export(src, tmp_path / "out", model_free=True)
+    assert "26 Linear layers of the checkpoint are not modules of transformers' class" in caplog.text  # 24 experts, 2 routers
+    state = load_file(out / "model.safetensors")
+    assert "model.layers.1.block_sparse_moe.experts.3.w2.qweight" in state
+    with pytest.raises((CheckpointError, ValueError), match="missing"):
+        load_for_eval(out)

@@ -140,6 +140,19 @@ def known_layout(config: Any, trust_remote_code: bool = True) -> Optional[KnownL
     return KnownLayout(model)
 
 
+def warn_unknown_to_transformers(root: nn.Module, layout: KnownLayout) -> list[str]:
+    """Warn about the Linear layers of the checkpoint that transformers' class holds under no such name (MoE
+    experts it fuses into 3-D parameters, tensors it renames): quantized under the checkpoint's names they are
+    what vLLM reads, but transformers cannot load them. Returns their names."""
+    unknown = [n for n, m in root.named_modules() if isinstance(m, nn.Linear) and n not in layout.kinds]
+    if unknown:
+        logger.warning("model_free: %d Linear layers of the checkpoint are not modules of transformers' class for "
+                       "this model (e.g. %s: experts it fuses, or names it changes); they are quantized under the "
+                       "checkpoint's names, which vLLM reads, but transformers cannot load such an export",
+                       len(unknown), ", ".join(unknown[:3]))
+    return unknown
+
+
 def _leaf(entries: dict[str, TensorEntry], name: str, kind: Optional[str] = None) -> nn.Module:
     """The module holding tensors `name.*`: Linear / Embedding for a 2-D float weight, else a Parameter holder.
     `kind` (KnownLayout's) decides where given; the name's words otherwise."""

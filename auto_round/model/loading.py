@@ -128,7 +128,8 @@ def load_model_free(
     in the dtype load_model_deferred would give them (dtype None: fp32 on CPU, the checkpoint's own elsewhere)."""
     from transformers import AutoTokenizer
 
-    from .checkpoint_skeleton import ModelFreeError, PendingLoad, build_skeleton, known_layout, load_config
+    from .checkpoint_skeleton import (ModelFreeError, PendingLoad, build_skeleton, known_layout, load_config,
+                                      warn_unknown_to_transformers)
     from .source_dtypes import read_source_dtypes
 
     path = Path(name_or_path).expanduser()
@@ -145,7 +146,10 @@ def load_model_free(
     if getattr(config, "quantization_config", None):
         raise ModelFreeError(f"{path} is already quantized ({config.quantization_config.get('quant_method', '?')}); "
                              "model_free quantizes float checkpoints")
-    skeleton = build_skeleton(path, config, generation, known_layout(config, trust_remote_code))
+    layout = known_layout(config, trust_remote_code)
+    skeleton = build_skeleton(path, config, generation, layout)
+    if layout is not None:
+        warn_unknown_to_transformers(skeleton, layout)
     wanted = parse_dtype(dtype)
     if wanted is None:
         source = read_source_dtypes(path)
