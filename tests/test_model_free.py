@@ -252,3 +252,57 @@ def test_experts_transformers_fuses_are_named_in_a_warning(tmp_path, caplog):
     assert "model.layers.1.block_sparse_moe.experts.3.w2.qweight" in state
     with pytest.raises((CheckpointError, ValueError), match="missing"):
         load_for_eval(out)
+
+
+def fp8_block_source(tmp_path) -> Path:
+    """A tiny Llama (dims multiples of 128) written in the fp8 format: DeepSeek-V3's layout, fp8 weights with
+    128x128 weight_scale_inv blocks and quant_method 'fp8'."""
+    import transformers as tf
+
+    from tiny_models import VOCAB, tiny_tokenizer
+
+    torch.manual_seed(0)
+    config = tf.LlamaConfig(vocab_size=VOCAB, hidden_size=128, intermediate_size=256, num_hidden_layers=2,
+                            num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=128)
+    plain = tmp_path / "plain"
+    tf.AutoModelForCausalLM.from_config(config).save_pretrained(plain)
+    tiny_tokenizer().save_pretrained(plain)
+    return export(plain, tmp_path / "fp8src", "FP8_BLOCK", "fp8")
+
+
+def test_fp8_block_source_is_dequantized_then_quantized(tmp_path):
+    """model_free on an FP8 block-quantized checkpoint gives the export of the regular RTN run on its
+    dequantized weights (W = fp8 * weight_scale_inv per 128x128 block, computed here independently)."""
+    src = fp8_block_source(tmp_path)
+    stored = load_file(src / "model.safetensors")
+    assert stored["model.layers.0.mlp.down_proj.weight"].dtype == torch.float8_e4m3fn
+    dequantized = tmp_path / "dequantized"
+    shutil.copytree(src, dequantized)
+    state = {}
+    for name, tensor in stored.items():
+        if name.endswith(".weight_scale_inv"):
+            continue
+        scale = stored.get(name[: -len("weight")] + "weight_scale_inv")
+        if scale is not None:
+            rows, cols = tensor.shape
+            full = scale.repeat_interleave(128, 0)[:rows].repeat_interleave(128, 1)[:, :cols]
+            tensor = tensor.float() * full
+        state[name] = tensor
+    save_file(state, str(dequantized / "model.safetensors"), metadata={"format": "pt"})
+    config = json.loads((dequantized / "config.json").read_text())
+    del config["quantization_config"]
+    (dequantized / "config.json").write_text(json.dumps(config))
+    (dequantized / "quantization_config.json").unlink()
+    regular = export(dequantized, tmp_path / "regular")
+    free = export(src, tmp_path / "free", model_free=True)
+    assert_same_export(regular, free)
+    assert "model.layers.0.mlp.down_proj.weight_scale_inv" not in load_file(free / "model.safetensors")
+
+
+def test_other_quantized_sources_are_refused(tmp_path):
+    src = fp8_block_source(tmp_path)
+    config = json.loads((src / "config.json").read_text())
+    config["quantization_config"] = {"quant_method": "gptq", "bits": 4}
+    (src / "config.json").write_text(json.dumps(config))
+    with pytest.raises(ModelFreeError, match=r"already quantized \(gptq\)"):
+        AutoRound(str(src), iters=0, model_free=True)

@@ -36,6 +36,7 @@ import torch
 from torch import nn
 
 from .dtype_convert import SAFETENSORS_FLOAT, converted_tensor
+from .fp8_source import dequantize_fp8_blocks, fp8_pairs, logical_entries
 from .memory import evict_clean_file_pages
 from .safetensors_header import TensorEntry, checkpoint_tensors
 
@@ -47,7 +48,8 @@ _EMBEDDING_WORDS = ("embed", "wte", "wpe")
 _HEAD_NAMES = ("lm_head", "embed_out", "output")
 _TOKEN_EMBEDDING_NAMES = ("embed_tokens", "wte", "word_embeddings", "embed_in", "tok_embeddings", "embeddings")
 _STORED_DTYPES = {**SAFETENSORS_FLOAT, "F64": torch.float64, "I64": torch.int64, "I32": torch.int32, "I16": torch.int16,
-                  "I8": torch.int8, "U8": torch.uint8, "BOOL": torch.bool}
+                  "I8": torch.int8, "U8": torch.uint8, "BOOL": torch.bool, "F8_E4M3": torch.float8_e4m3fn,
+                  "F8_E5M2": torch.float8_e5m2}
 
 
 class ModelFreeError(ValueError):
@@ -176,10 +178,12 @@ def _leaf(entries: dict[str, TensorEntry], name: str, kind: Optional[str] = None
 
 
 def build_skeleton(folder: "str | Path", config: Any, generation_config: Any = None,
-                   layout: Optional[KnownLayout] = None) -> CheckpointSkeleton:
+                   layout: Optional[KnownLayout] = None, fp8_block: Optional[tuple[int, int]] = None
+                   ) -> CheckpointSkeleton:
     """The CheckpointSkeleton of a local safetensors checkpoint (see the module docstring); ModelFreeError for
     a folder without safetensors weights or a Conv1D model type. `layout` (known_layout) orders the tensors and
-    types the modules transformers' class has under the same names."""
+    types the modules transformers' class has under the same names. `fp8_block`: an FP8 block-quantized source
+    (model/fp8_source.py), whose fp8 weights stand as float weights of the config's dtype."""
     folder = Path(folder)
     model_type = str(getattr(config, "model_type", "") or "")
     if model_type in CONV1D_MODEL_TYPES:
@@ -188,6 +192,8 @@ def build_skeleton(folder: "str | Path", config: Any, generation_config: Any = N
     entries = checkpoint_tensors(folder)
     if not entries:
         raise ModelFreeError(f"model_free reads safetensors weights; {folder} has none")
+    if fp8_block is not None:
+        entries = logical_entries(entries, fp8_pairs(entries), _dequantized_dtype_name(config))
     root = CheckpointSkeleton(config, generation_config)
     modules: dict[str, nn.Module] = {"": root}
     kinds = layout.kinds if layout is not None else {}
@@ -204,6 +210,15 @@ def build_skeleton(folder: "str | Path", config: Any, generation_config: Any = N
         parent.register_parameter(tensor_name, nn.Parameter(tensor, requires_grad=False))
     _tie_head(root, config)
     return root
+
+
+def _dequantized_dtype_name(config: Any) -> str:
+    """The safetensors dtype name fp8 source weights stand as: the config's declared float dtype, else BF16."""
+    dtype = getattr(config, "dtype", None) or getattr(config, "torch_dtype", None)
+    names = {torch.float32: "F32", torch.float16: "F16", torch.bfloat16: "BF16"}
+    if isinstance(dtype, str):
+        dtype = getattr(torch, dtype.replace("torch.", ""), None)
+    return names.get(dtype, "BF16")
 
 
 def _module_at(root: nn.Module, modules: dict[str, nn.Module], name: str, entries: dict[str, TensorEntry],
@@ -256,9 +271,13 @@ class PendingLoad:
     the rest. Float tensors come in `wanted` (what from_pretrained(dtype=wanted) gives; None = as stored); a
     NaN or Inf is a ModelFreeError naming the tensor. Tied parameters stay tied."""
 
-    def __init__(self, root: CheckpointSkeleton, folder: "str | Path", wanted: Optional[torch.dtype]):
+    def __init__(self, root: CheckpointSkeleton, folder: "str | Path", wanted: Optional[torch.dtype],
+                 fp8_block: Optional[tuple[int, int]] = None):
         self.root, self.folder, self.wanted = root, Path(folder), wanted
         self.entries = checkpoint_tensors(self.folder)
+        # an FP8 block-quantized source: its fp8 weights are dequantized with their scales when read
+        self.fp8_block = fp8_block
+        self.fp8_scales = fp8_pairs(self.entries) if fp8_block is not None else {}
         self._owners: dict[int, list[tuple[nn.Module, str, str]]] = {}  # id(meta param) -> (module, attr, name)
         for module_name, module in root.named_modules(remove_duplicate=False):
             for attr, param in module._parameters.items():
@@ -286,6 +305,11 @@ class PendingLoad:
         from .loading import all_finite
 
         tensor = self._mapped(name)
+        if name in self.fp8_scales:
+            try:
+                tensor = dequantize_fp8_blocks(tensor, self._mapped(self.fp8_scales[name]), self.fp8_block)
+            except ValueError as err:
+                raise ModelFreeError(f"{name}: {err}") from err
         if tensor.is_floating_point():
             if not all_finite(tensor):
                 raise ModelFreeError(f"the checkpoint's tensor {name} holds NaN or Inf values; quantizing it would give "

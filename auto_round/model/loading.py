@@ -128,6 +128,7 @@ def load_model_free(
     in the dtype load_model_deferred would give them (dtype None: fp32 on CPU, the checkpoint's own elsewhere)."""
     from transformers import AutoTokenizer
 
+    from .fp8_source import fp8_block_size
     from .checkpoint_skeleton import (ModelFreeError, PendingLoad, build_skeleton, known_layout, load_config,
                                       warn_unknown_to_transformers)
     from .source_dtypes import read_source_dtypes
@@ -143,11 +144,17 @@ def load_model_free(
     if not (path / "config.json").is_file():
         raise ModelLoadError(f"{path} has no config.json; pass a Hugging Face model directory")
     config, generation = load_config(path, trust_remote_code)
-    if getattr(config, "quantization_config", None):
-        raise ModelFreeError(f"{path} is already quantized ({config.quantization_config.get('quant_method', '?')}); "
-                             "model_free quantizes float checkpoints")
+    source_qc = getattr(config, "quantization_config", None)
+    fp8_block = fp8_block_size(source_qc) if source_qc else None
+    if source_qc and fp8_block is None:
+        method = source_qc.get("quant_method", "?") if isinstance(source_qc, dict) else type(source_qc).__name__
+        raise ModelFreeError(f"{path} is already quantized ({method}); model_free quantizes float checkpoints and "
+                             "FP8 block-quantized ones (quant_method 'fp8' with weight_block_size)")
+    if fp8_block is not None:
+        del config.quantization_config  # the source's: the export writes its own
+        logger.info("model_free: FP8 source with %dx%d blocks: its weights are dequantized as they are read", *fp8_block)
     layout = known_layout(config, trust_remote_code)
-    skeleton = build_skeleton(path, config, generation, layout)
+    skeleton = build_skeleton(path, config, generation, layout, fp8_block)
     if layout is not None:
         warn_unknown_to_transformers(skeleton, layout)
     wanted = parse_dtype(dtype)
@@ -162,7 +169,7 @@ def load_model_free(
     n_params = sum(p.numel() for p in skeleton.parameters())
     logger.info("model_free: %s read from its tensor names (%.1f M parameters, loaded block by block as %s)",
                 path, n_params / 1e6, wanted)
-    return skeleton, tokenizer, PendingLoad(skeleton, path, wanted)
+    return skeleton, tokenizer, PendingLoad(skeleton, path, wanted, fp8_block)
 
 
 def truncated_config(source: str, n_layers: int, trust_remote_code: bool = True):
