@@ -238,8 +238,8 @@ def test_experts_transformers_fuses_are_named_in_a_warning(tmp_path, caplog):
     from auto_round.inference.checkpoint_check import CheckpointError
 
     config = tf.MixtralConfig(vocab_size=260, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
-                              num_attention_heads=4, num_key_value_heads=2, num_local_experts=4,
-                              num_experts_per_tok=2, max_position_embeddings=128)
+                              num_attention_heads=4, num_key_value_heads=2, num_local_experts=32,
+                              num_experts_per_tok=2, max_position_embeddings=128)  # a router of 32 rows fits packing
     src = tmp_path / "src"
     tf.AutoModelForCausalLM.from_config(config).save_pretrained(src)
     saved_tiny_model(tmp_path / "tok", "llama")
@@ -247,9 +247,10 @@ def test_experts_transformers_fuses_are_named_in_a_warning(tmp_path, caplog):
         shutil.copy(tmp_path / "tok" / name, src / name)
     with caplog.at_level("WARNING", logger="auto_round"):
         out = export(src, tmp_path / "out", model_free=True)
-    assert "26 Linear layers of the checkpoint are not modules of transformers' class" in caplog.text  # 24 experts, 2 routers
+    assert "192 Linear layers of the checkpoint are not modules of transformers' class" in caplog.text  # the experts
     state = load_file(out / "model.safetensors")
-    assert "model.layers.1.block_sparse_moe.experts.3.w2.qweight" in state
+    assert "model.layers.1.block_sparse_moe.experts.31.w2.qweight" in state
+    assert "model.layers.1.block_sparse_moe.gate.weight" in state  # the router stays in floating point
     with pytest.raises((CheckpointError, ValueError), match="missing"):
         load_for_eval(out)
 

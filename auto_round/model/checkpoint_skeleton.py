@@ -46,6 +46,7 @@ logger = logging.getLogger("auto_round")
 CONV1D_MODEL_TYPES = frozenset({"gpt2", "openai-gpt", "imagegpt", "decision_transformer"})
 _EMBEDDING_WORDS = ("embed", "wte", "wpe")
 _HEAD_NAMES = ("lm_head", "embed_out", "output")
+_ROUTER_NAMES = ("gate", "router", "shared_expert_gate")
 _TOKEN_EMBEDDING_NAMES = ("embed_tokens", "wte", "word_embeddings", "embed_in", "tok_embeddings", "embeddings")
 _STORED_DTYPES = {**SAFETENSORS_FLOAT, "F64": torch.float64, "I64": torch.int64, "I32": torch.int32, "I16": torch.int16,
                   "I8": torch.int8, "U8": torch.uint8, "BOOL": torch.bool, "F8_E4M3": torch.float8_e4m3fn,
@@ -155,9 +156,11 @@ def warn_unknown_to_transformers(root: nn.Module, layout: KnownLayout) -> list[s
     return unknown
 
 
-def _leaf(entries: dict[str, TensorEntry], name: str, kind: Optional[str] = None) -> nn.Module:
+def _leaf(entries: dict[str, TensorEntry], name: str, kind: Optional[str] = None, moe: bool = False) -> nn.Module:
     """The module holding tensors `name.*`: Linear / Embedding for a 2-D float weight, else a Parameter holder.
-    `kind` (KnownLayout's) decides where given; the name's words otherwise."""
+    `kind` (KnownLayout's) decides where given; the name's words otherwise, where an MoE router (`gate`,
+    `router`, `shared_expert_gate` in a checkpoint with experts) is no Linear layer: routers stay in floating
+    point, as transformers 5 (its TopKRouter modules), the reference and vLLM (an unquantized router) keep them."""
     weight, bias = entries.get(f"{name}.weight"), entries.get(f"{name}.bias")
     is_float_2d = weight is not None and weight.dtype in SAFETENSORS_FLOAT and len(weight.shape) == 2
     if kind == "conv1d":
@@ -166,7 +169,7 @@ def _leaf(entries: dict[str, TensorEntry], name: str, kind: Optional[str] = None
     last = name.rpartition(".")[2].lower()
     embedding = (kind == "embedding") if kind is not None else \
         (name not in _HEAD_NAMES and any(w in last for w in _EMBEDDING_WORDS))
-    if kind not in (None, "linear", "embedding"):
+    if kind not in (None, "linear", "embedding") or (kind is None and moe and last in _ROUTER_NAMES):
         is_float_2d = False
     with torch.device("meta"):
         if is_float_2d and embedding:
@@ -197,9 +200,10 @@ def build_skeleton(folder: "str | Path", config: Any, generation_config: Any = N
     root = CheckpointSkeleton(config, generation_config)
     modules: dict[str, nn.Module] = {"": root}
     kinds = layout.kinds if layout is not None else {}
+    moe = any(".experts." in name for name in entries)
     for full_name in sorted(entries, key=layout.sort_key if layout is not None else _natural_key):
         module_name, _, tensor_name = full_name.rpartition(".")
-        parent = _module_at(root, modules, module_name, entries, kinds)
+        parent = _module_at(root, modules, module_name, entries, kinds, moe)
         if tensor_name in parent._parameters and parent._parameters[tensor_name] is not None:
             continue  # made with its Linear / Embedding
         entry = entries[full_name]
@@ -222,7 +226,7 @@ def _dequantized_dtype_name(config: Any) -> str:
 
 
 def _module_at(root: nn.Module, modules: dict[str, nn.Module], name: str, entries: dict[str, TensorEntry],
-               kinds: dict[str, str]) -> nn.Module:
+               kinds: dict[str, str], moe: bool = False) -> nn.Module:
     """The module at dotted `name`, created (with its ancestors) on first use."""
     if name in modules:
         return modules[name]
@@ -234,7 +238,7 @@ def _module_at(root: nn.Module, modules: dict[str, nn.Module], name: str, entrie
             parent = modules[prefix]
             continue
         if i == len(parts) - 1:
-            leaf = _leaf(entries, prefix, kinds.get(prefix))
+            leaf = _leaf(entries, prefix, kinds.get(prefix), moe)
             if isinstance(parent, nn.ModuleList):
                 while len(parent) <= int(part):
                     parent.append(nn.Module())
