@@ -34,6 +34,7 @@ from .export import BlockPacker, block_packer, export
 from .model.blocks import iter_blocks
 from .model.calib_batches import ids_from_batches
 from .model.layer_config import LayerConfig, resolve_layer_schemes
+from .model.scheme_recipes import expand_scheme_recipe, recipe_layer_config
 from .model.dtype_convert import PendingConversion, lazy_embedding_name
 from .model.checkpoint_skeleton import ModelFreeError
 from .model.loading import check_finite, load_model_deferred, load_model_free, parse_dtype
@@ -59,6 +60,8 @@ class AutoRound:
         Or AutoScheme(avg_bits, options): mixed precision, one option per layer under a bit budget, chosen
         before quantization (a forward/backward on calibration text) and saved as autoscheme_plan.json.
     layer_config: {layer name or regex: {"bits": 8, ...} | scheme}; fp_layers: "name1,name2" kept fp.
+    scheme "W4A16_MIXED" (the reference's MoE recipe): routed experts W4A16, every other layer W8A16 (shared
+        experts included); layer_config entries win over it.
     dataset: None (pile-10k, or bundled offline Wikipedia text when the hub is unreachable), a local
         .txt/.json/.jsonl path, "a.json,b.jsonl:num=64", a list of strings, token ids [n, T] (LongTensor), or a
         torch DataLoader (or a list) of token batches (tensors, dicts with input_ids / attention_mask; model/calib_batches.py).
@@ -195,6 +198,7 @@ class AutoRound:
             # GGUF options: the layers start as the first option's llama.cpp mix (embedding / output types)
             auto = self.auto_scheme
             scheme = f"gguf:{auto.mixes[0]}" if auto.is_gguf else auto.schemes[0]
+        scheme, recipe_layers = expand_scheme_recipe(scheme)  # W4A16_MIXED: W8A16 with routed experts at W4A16
         self.scheme = resolve_scheme(scheme, **overrides)
         check_positive(iters=iters, nsamples=nsamples, seqlen=seqlen, batch_size=8 if batch_size is None else batch_size,
                        gradient_accumulate_steps=gradient_accumulate_steps, allow_zero=("iters",))
@@ -277,6 +281,7 @@ class AutoRound:
             lazy = [name for name, _ in iter_blocks(self.model, self.block_groups)]
             lazy += [n for n in [lazy_embedding_name(self.model)] if n is not None]
             self._pending.convert(skip=tuple(lazy))
+        layer_config = recipe_layer_config(recipe_layers, layer_config, self.model, self.block_groups)
         self._layer_choices = dict(layer_config=layer_config, fp_layers=fp_layers, quant_lm_head=quant_lm_head)
         self.gguf: Optional[GGUFPlan] = None
         self._resolve_layers(gguf_mix_of(scheme) if isinstance(scheme, str) else None)

@@ -307,3 +307,32 @@ def test_other_quantized_sources_are_refused(tmp_path):
     (src / "config.json").write_text(json.dumps(config))
     with pytest.raises(ModelFreeError, match=r"already quantized \(gptq\)"):
         AutoRound(str(src), iters=0, model_free=True)
+
+
+def test_w4a16_mixed_recipe(tmp_path, caplog):
+    """The reference's W4A16_MIXED: routed experts 4-bit, everything else 8-bit (model_free reaches the experts
+    transformers 5 fuses); on a dense model it is W8A16 with a warning."""
+    import transformers as tf
+
+    config = tf.MixtralConfig(vocab_size=260, hidden_size=64, intermediate_size=128, num_hidden_layers=1,
+                              num_attention_heads=4, num_key_value_heads=2, num_local_experts=4,
+                              num_experts_per_tok=2, max_position_embeddings=128)
+    src = tmp_path / "src"
+    tf.AutoModelForCausalLM.from_config(config).save_pretrained(src)
+    saved_tiny_model(tmp_path / "tok", "llama")
+    for name in ("tokenizer.json", "tokenizer_config.json"):
+        shutil.copy(tmp_path / "tok" / name, src / name)
+    ar = AutoRound(str(src), scheme="W4A16_MIXED", iters=0, model_free=True,
+                   layer_config={"model.layers.0.block_sparse_moe.experts.2.w1": "W2A16"})  # the user's key wins
+    bits = {n: s.bits for n, s in ar.layer_schemes.items() if s.is_quantized}
+    assert bits["model.layers.0.self_attn.q_proj"] == 8
+    assert bits["model.layers.0.block_sparse_moe.experts.3.w2"] == 4
+    assert bits["model.layers.0.block_sparse_moe.experts.2.w1"] == 2
+    ar.quantize_and_save(str(tmp_path / "out"))
+    qconfig = json.loads((tmp_path / "out" / "quantization_config.json").read_text())
+    assert qconfig["bits"] == 8
+    dense = saved_tiny_model(tmp_path / "dense", "llama")
+    with caplog.at_level("WARNING", logger="auto_round"):
+        mixed = export(dense, tmp_path / "mixed", "W4A16_MIXED")
+    assert "no layer matches" in caplog.text
+    assert_same_export(export(dense, tmp_path / "w8", "W8A16"), mixed)

@@ -33,7 +33,8 @@ def build_parser(prog: str = "auto-round") -> argparse.ArgumentParser:
     p.add_argument("--model", "--model_name", "--model_name_or_path", dest="model", help="model directory or hub id")
     s = p.add_argument_group("scheme")
     s.add_argument("--scheme", help="preset: W2A16..W8A16, W*A16G64, W*A16G32, gguf:q4_k_m, ... (default W4A16, "
-                                     "or the format's when --format is a gguf:* preset)")
+                                     "or the format's when --format is a gguf:* preset); W4A16_MIXED: routed MoE "
+                                     "experts W4A16, the rest W8A16")
     s.add_argument("--bits", "--bit", type=_bits_value,
                    help="weight bits (overrides the scheme); with --schemes the target average bits, e.g. 3.0")
     s.add_argument("--group_size", type=int, help="group size along in_features; -1 per channel, 0 per tensor")
