@@ -118,7 +118,8 @@ class AutoRound:
         (model/checkpoint_skeleton.py; the reference's `--model_free`): the layers are found from the tensor names,
         each block's tensors are read when it is quantized, and the export equals the regular RTN run's byte for
         byte. No transformers support for the architecture is needed. Needs iters=0 and plain RTN
-        (disable_opt_rtn None or True), weight-only or dynamic-activation schemes, a non-GGUF format, a model path.
+        (disable_opt_rtn None or True; GGUF k-quants then search their scales without an imatrix), weight-only or
+        dynamic-activation schemes, a model path.
     The remaining arguments are SignRound's (reference defaults).
     """
 
@@ -286,7 +287,7 @@ class AutoRound:
         self.gguf: Optional[GGUFPlan] = None
         self._resolve_layers(gguf_mix_of(scheme) if isinstance(scheme, str) else None)
         if model_free:
-            check_model_free_layers(self.layer_schemes, self.gguf is not None)
+            check_model_free_layers(self.layer_schemes)
         self.results: dict[str, LayerQuantResult] = {}
         self.block_stats: dict[str, Any] = {}
         self.calibration_info: Optional[dict] = None  # hash of the calibration tokens, once built

@@ -128,15 +128,11 @@ def check_model_free_args(iters: int, disable_opt_rtn: Optional[bool], num_hidde
         raise ModelFreeError("num_hidden_layers is not supported with model_free")
 
 
-def check_model_free_layers(layer_schemes: Mapping[str, QuantScheme], is_gguf: bool) -> None:
-    """After the layers are resolved: GGUF tensor types (the embedding is quantized, the writer needs the
-    architecture) and static activation ranges (calibrated by running the model) are refused."""
+def check_model_free_layers(layer_schemes: Mapping[str, QuantScheme]) -> None:
+    """After the layers are resolved: static activation ranges (calibrated by running the model) are refused."""
     from .algorithms.act_quant import needs_act_calibration
     from .model.checkpoint_skeleton import ModelFreeError
 
-    if is_gguf:
-        raise ModelFreeError("model_free writes auto_round, auto_gptq, auto_awq, llm_compressor, fp8 and fake "
-                             "checkpoints; GGUF files are made without --model_free")
     static = [n for n, s in layer_schemes.items() if needs_act_calibration(s)]
     if static:
         raise ModelFreeError(f"model_free runs no model, so it cannot calibrate the static activation ranges of "

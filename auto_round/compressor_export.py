@@ -142,10 +142,6 @@ def adopt_gguf_format(ar: "AutoRound", formats: list[str]) -> None:
     mix = gguf_mix_of(formats[0])  # parse_formats lets a gguf format only come alone
     if mix is None:
         return  # a non-GGUF format of GGUF layers is refused by check_format
-    if ar.model_free:
-        from .model.checkpoint_skeleton import ModelFreeError
-
-        raise ModelFreeError(f"format {formats[0]!r}: GGUF files are made without model_free")
     if ar.auto_scheme is not None and not ar.auto_scheme.is_gguf:
         raise ExportError(f"format {formats[0]!r} needs GGUF tensor types; these AutoScheme options are int / float "
                           "schemes for the auto_round, gptq, llm_compressor and fake formats (give gguf:* options "

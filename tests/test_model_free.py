@@ -165,7 +165,6 @@ def test_tied_head_stored_twice_is_written_once(tmp_path):
     ({"iters": 2}, "iters must be 0"),
     ({"disable_opt_rtn": False}, "opt-RTN"),
     ({"scheme": "FP8_STATIC"}, "static activation"),
-    ({"scheme": "gguf:q4_k_m"}, "GGUF"),
     ({"num_hidden_layers": 1}, "num_hidden_layers"),
 ])
 def test_settings_that_need_the_model_are_refused(tmp_path, kwargs, match):
@@ -185,10 +184,6 @@ def test_refusals_of_inputs(tmp_path):
     quantized = export(llama, tmp_path / "quantized", model_free=True)
     with pytest.raises(ModelFreeError, match="already quantized"):
         AutoRound(str(quantized), iters=0, model_free=True)
-    ar = AutoRound(str(llama), iters=0, model_free=True)
-    with pytest.raises(ModelFreeError, match="GGUF"):
-        ar.quantize_and_save(str(tmp_path / "gguf"), format="gguf:q4_0")
-    assert not (tmp_path / "gguf").exists()
 
 
 def test_nan_weight_is_named_and_no_output_is_left(tmp_path):
@@ -218,15 +213,17 @@ def test_cli_model_free_defaults_to_plain_rtn(tmp_path):
 
 def test_names_alone_find_the_token_embedding(tmp_path):
     """Without transformers' class (layout None), OPT's embed_positions must not be taken for the token
-    embedding, and GPT-NeoX's embed_out is its head, not an embedding."""
-    for arch, embedding, head in [("opt", "model.decoder.embed_tokens", None), ("gpt_neox", "gpt_neox.embed_in", "embed_out")]:
+    embedding (its tied head holds the token embedding's weight), and GPT-NeoX's embed_out is its head, not an
+    embedding."""
+    for arch, embedding, head in [("opt", "model.decoder.embed_tokens", "lm_head"), ("gpt_neox", "gpt_neox.embed_in", "embed_out")]:
         src = saved_tiny_model(tmp_path / arch, arch)
         config, _ = load_config(src)
         skeleton = build_skeleton(src, config, layout=None)
         names = {m: n for n, m in skeleton.named_modules()}
         assert names[skeleton.get_input_embeddings()] == embedding
         got_head = skeleton.get_output_embeddings()
-        assert (names[got_head] if got_head is not None else None) == head
+        assert names[got_head] == head
+        assert (got_head.weight is skeleton.get_input_embeddings().weight) == (arch == "opt")
 
 
 def test_experts_transformers_fuses_are_named_in_a_warning(tmp_path, caplog):
@@ -336,3 +333,15 @@ def test_w4a16_mixed_recipe(tmp_path, caplog):
         mixed = export(dense, tmp_path / "mixed", "W4A16_MIXED")
     assert "no layer matches" in caplog.text
     assert_same_export(export(dense, tmp_path / "w8", "W8A16"), mixed)
+
+
+@pytest.mark.parametrize("arch,scheme", [("llama", "gguf:q4_k_m"), ("qwen2", "gguf:q4_0"), ("gemma3", "gguf:q2_k_s")])
+def test_gguf_file_equals_the_regular_rtn_run(tmp_path, arch, scheme):
+    """GGUF files too: the embedding and every block layer from the files, llama.cpp's scale search without an
+    imatrix (no forward pass), the same file as the regular plain-RTN run."""
+    src = saved_tiny_model(tmp_path / "src", arch)
+    regular = export(src, tmp_path / "regular", scheme, None)
+    free = export(src, tmp_path / "free", scheme, None, model_free=True)
+    files = sorted(regular.glob("*.gguf"))
+    assert len(files) == 1 and [p.name for p in free.glob("*.gguf")] == [files[0].name]
+    assert files[0].read_bytes() == (free / files[0].name).read_bytes()

@@ -258,15 +258,23 @@ def _natural_key(name: str) -> list:
 
 
 def _tie_head(root: CheckpointSkeleton, config: Any) -> None:
-    """A checkpoint that stores lm_head.weight although the config ties it to the embedding: transformers ties
-    them on load, and an export writes the embedding only; so the skeleton drops the stored head."""
-    head, embedding = root.get_output_embeddings(), root.get_input_embeddings()
-    if head is None or embedding is None or not _ties_embeddings(config):
+    """A config that ties lm_head to the token embedding: the skeleton's head is a Linear holding the embedding's
+    own weight, as transformers builds it (checkpoints usually do not store it; one that does has it replaced),
+    so the GGUF plan sees the tie and an export writes the embedding only."""
+    embedding = root.get_input_embeddings()
+    if embedding is None or not _ties_embeddings(config):
         return
-    if tuple(head.weight.shape) == tuple(embedding.weight.shape):
-        name = next(n for n in _HEAD_NAMES if getattr(root, n, None) is head)
+    head = root.get_output_embeddings()
+    if head is not None and tuple(head.weight.shape) != tuple(embedding.weight.shape):
+        return
+    name = next((n for n in _HEAD_NAMES if getattr(root, n, None) is head), "lm_head") if head is not None else "lm_head"
+    if head is not None:
         logger.info("model_free: %s.weight is stored but tied to the embedding by the config; it is not written", name)
-        delattr(root, name)
+    vocab, hidden = embedding.weight.shape
+    with torch.device("meta"):
+        tied = nn.Linear(hidden, vocab, bias=False, dtype=embedding.weight.dtype)
+    tied.weight = embedding.weight
+    setattr(root, name, tied)
 
 
 class PendingLoad:
