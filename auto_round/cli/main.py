@@ -27,6 +27,14 @@ RECIPES = {
 }
 
 
+
+def _switch(parent: "argparse._ActionsContainer", dest: str, default: Optional[bool], *, on: Sequence[str],
+            off: Sequence[str], on_help: str, off_help: str) -> None:
+    """Two exclusive flags setting `dest` to True (`on`) or False (`off`); `default` when neither is given."""
+    group = parent.add_mutually_exclusive_group()
+    group.add_argument(*on, dest=dest, action="store_true", default=default, help=on_help)
+    group.add_argument(*off, dest=dest, action="store_false", help=off_help)
+
 def build_parser(prog: str = "auto-round") -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog=prog, description="Quantize a causal LM with SignRound and export it.")
     p.add_argument("model_pos", nargs="?", metavar="MODEL", help="model directory or hub id")
@@ -88,25 +96,21 @@ def build_parser(prog: str = "auto-round") -> argparse.ArgumentParser:
     t.add_argument("--enable_deterministic_algorithms", action="store_true",
                    help="torch.use_deterministic_algorithms while quantizing: an op with no deterministic "
                         "implementation fails instead of running (CPU runs are reproducible without it)")
-    minmax = t.add_mutually_exclusive_group()
-    minmax.add_argument("--disable_minmax_tuning", "--no-enable_minmax_tuning", action="store_true",
-                        help="tune rounding only, not clip scales")
-    minmax.add_argument("--enable_minmax_tuning", dest="disable_minmax_tuning", action="store_false",
-                        help="tune the clip scales too (the default; the reference's spelling)")
+    _switch(t, "disable_minmax_tuning", False, on=("--disable_minmax_tuning", "--no-enable_minmax_tuning"),
+            off=("--enable_minmax_tuning",),
+            on_help="tune rounding only, not clip scales",
+            off_help="tune the clip scales too (the default; the reference's spelling)")
     t.add_argument("--enable_fp8_clip_tuning", action="store_true",
                    help="also tune the clip scales of fp8 weights (FP8_*, MXFP8), as the reference does (off: with "
                         "fp8 a smaller scale only clips; measured worse on held-out text)")
-    quanted = t.add_mutually_exclusive_group()
-    quanted.add_argument("--disable_quanted_input", "--no-enable_quanted_input", action="store_true",
-                         help="tune on fp-chain inputs")
-    quanted.add_argument("--enable_quanted_input", dest="disable_quanted_input", action="store_false",
-                         help="tune each block on the previous quantized blocks' outputs (the default)")
+    _switch(t, "disable_quanted_input", False, on=("--disable_quanted_input", "--no-enable_quanted_input"),
+            off=("--enable_quanted_input",),
+            on_help="tune on fp-chain inputs",
+            off_help="tune each block on the previous quantized blocks' outputs (the default)")
     t.add_argument("--not_use_best_mse", action="store_true", help="keep the last iteration, not the best")
-    opt = t.add_mutually_exclusive_group()
-    opt.add_argument("--disable_opt_rtn", dest="disable_opt_rtn", action="store_true", default=None,
-                     help="iters 0: plain round-to-nearest instead of the imatrix-weighted scale search")
-    opt.add_argument("--enable_opt_rtn", dest="disable_opt_rtn", action="store_false",
-                     help="iters 0: force the opt-RTN scale search (default for sym int below 8 bits)")
+    _switch(t, "disable_opt_rtn", None, on=("--disable_opt_rtn",), off=("--enable_opt_rtn",),
+            on_help="iters 0: plain round-to-nearest instead of the imatrix-weighted scale search",
+            off_help="iters 0: force the opt-RTN scale search (default for sym int below 8 bits)")
     t.add_argument("--enable_alg_ext", action="store_true",
                    help="SignRoundV2 additions (iters > 0; sym int, MXFP4/MXFP8, NVFP4): start from the opt-RTN "
                         "imatrix scale search, clip scales in [0, 2], and below 4 bits or with 4-bit activations "
@@ -115,34 +119,29 @@ def build_parser(prog: str = "auto-round") -> argparse.ArgumentParser:
                    help="tokens whose fp block output norm is more than this many times the median token norm "
                         "(attention sinks with massive activations) count in the loss with their relative error at "
                         "that norm (default 4); 0 = the reference's plain MSE")
-    amp = t.add_mutually_exclusive_group()
-    amp.add_argument("--amp", dest="amp", action="store_true", default=None,
-                     help="run the tuning matmuls in --amp_dtype (torch.autocast; targets stay full precision). "
-                          "Default: on where bf16 is fast (CUDA, CPUs with AVX512-BF16/AMX)")
-    amp.add_argument("--disable_amp", dest="amp", action="store_false", help="tune in the model's dtype")
+    _switch(t, "amp", None, on=("--amp",), off=("--disable_amp",),
+            on_help="run the tuning matmuls in --amp_dtype (torch.autocast; targets stay full precision). "
+            "Default: on where bf16 is fast (CUDA, CPUs with AVX512-BF16/AMX)",
+            off_help="tune in the model's dtype")
     t.add_argument("--amp_dtype", default="bf16", choices=["bf16", "bfloat16", "fp16", "float16"])
     t.add_argument("--amp_attention", action="store_true",
                    help="with --amp on CPU, also run attention in the amp dtype: ~8%% faster tuning steps, "
                         "slightly worse accuracy (SmolLM2 W2A16G64: ppl 77.8 instead of 75.8)")
-    tc = t.add_mutually_exclusive_group()
-    tc.add_argument("--enable_torch_compile", dest="enable_torch_compile", action="store_true", default=None,
-                    help="torch.compile the MX / NVFP4 activation qdq of the tuning forward (needs a C++ compiler "
-                         "on CPU, triton on CUDA). Off by default: on CPU a one-block step got 3-20 %% faster but a whole "
-                         "SmolLM2 run did not, and its gradient equals eager's only up to fp32 rounding")
-    tc.add_argument("--disable_torch_compile", dest="enable_torch_compile", action="store_false",
-                    help="never compile (eager activation qdq; the default)")
+    _switch(t, "enable_torch_compile", None, on=("--enable_torch_compile",), off=("--disable_torch_compile",),
+            on_help="torch.compile the MX / NVFP4 activation qdq of the tuning forward (needs a C++ compiler "
+            "on CPU, triton on CUDA). Off by default: on CPU a one-block step got 3-20 %% faster but a whole "
+            "SmolLM2 run did not, and its gradient equals eager's only up to fp32 rounding",
+            off_help="never compile (eager activation qdq; the default)")
     r = p.add_argument_group("runtime and output")
     r.add_argument("--device", "--device_map", dest="device", help="cpu, cuda, cuda:0, ... (default: cuda if present)")
     r.add_argument("--model_dtype", help="fp32 / fp16 / bf16 (default fp32 on CPU)")
     r.add_argument("--num_hidden_layers", "--debug_layer_num", type=int,
                    help="debugging: load, quantize and export only the model's first N layers")
-    mf = r.add_mutually_exclusive_group()
-    mf.add_argument("--model_free", dest="model_free", action="store_true", default=False,
-                    help="plain RTN (--iters 0) straight from the checkpoint's safetensors, without building the "
-                         "model: layers found from the tensor names, blocks read one at a time, the same export "
-                         "as the regular RTN run; needs no transformers support for the architecture")
-    mf.add_argument("--disable_model_free", dest="model_free", action="store_false",
-                    help="build the model (the default here; the reference's flag, accepted)")
+    _switch(r, "model_free", False, on=("--model_free",), off=("--disable_model_free",),
+            on_help="plain RTN (--iters 0) straight from the checkpoint's safetensors, without building the "
+            "model: layers found from the tensor names, blocks read one at a time, the same export "
+            "as the regular RTN run; needs no transformers support for the architecture",
+            off_help="build the model (the default here; the reference's flag, accepted)")
     r.add_argument("--disable_trust_remote_code", action="store_true")
     r.add_argument("--allow_pickle_checkpoint", action="store_true",
                    help="load a model whose weights are only pickle files (pytorch_model.bin); unpickling can run code")
@@ -163,16 +162,12 @@ def build_parser(prog: str = "auto-round") -> argparse.ArgumentParser:
                    help="do not write events.jsonl / report.md / the PNG plots into the output directory")
     r.add_argument("--disable_checkpoint", action="store_true",
                    help="do not write per-block checkpoints while tuning (no --resume possible)")
-    mem = r.add_mutually_exclusive_group()
-    mem.add_argument("--low_cpu_mem_usage", dest="low_cpu_mem_usage", action="store_true", default=True,
-                     help="pack each block's layers as soon as it is tuned and release their weights (default)")
-    mem.add_argument("--disable_low_cpu_mem_usage", dest="low_cpu_mem_usage", action="store_false",
-                     help="keep the whole fake-quantized model in memory until the export")
-    gpu = r.add_mutually_exclusive_group()
-    gpu.add_argument("--low_gpu_mem_usage", dest="low_gpu_mem_usage", action="store_true", default=True,
-                     help="keep the cached block inputs in host memory while tuning on an accelerator (default)")
-    gpu.add_argument("--disable_low_gpu_mem_usage", dest="low_gpu_mem_usage", action="store_false",
-                     help="keep them on the accelerator when they fit there (no copy per step; same results)")
+    _switch(r, "low_cpu_mem_usage", True, on=("--low_cpu_mem_usage",), off=("--disable_low_cpu_mem_usage",),
+            on_help="pack each block's layers as soon as it is tuned and release their weights (default)",
+            off_help="keep the whole fake-quantized model in memory until the export")
+    _switch(r, "low_gpu_mem_usage", True, on=("--low_gpu_mem_usage",), off=("--disable_low_gpu_mem_usage",),
+            on_help="keep the cached block inputs in host memory while tuning on an accelerator (default)",
+            off_help="keep them on the accelerator when they fit there (no copy per step; same results)")
     r.add_argument("--memory_limit", help="memory the tuning may use, e.g. 12GB (default: the free host memory, "
                                           "or the free device memory on CUDA); the predicted peak is checked against it")
     r.add_argument("--recompute_qdq", action="store_true",
