@@ -16,6 +16,12 @@ def __getattr__(name):
         from .compressor import AutoRound
 
         return AutoRound
+    if name == "AutoRoundAdam":  # the reference's deprecated entry point: AutoRound with enable_adam=True
+        from functools import partial
+
+        from .compressor import AutoRound
+
+        return partial(AutoRound, enable_adam=True)
     if name == "AutoScheme":
         from .algorithms.autoscheme import AutoScheme
 

@@ -28,11 +28,13 @@ def check_cap(massive_token_cap: float) -> float:
     return float(massive_token_cap)
 
 
-def check_momentum(momentum: float) -> float:
-    """SignSGD momentum as a float: finite, in [0, 1) (1 and above never forget a gradient)."""
+def check_momentum(momentum: float, enable_adam: bool = False) -> float:
+    """SignSGD momentum as a float: finite, in [0, 1) (1 and above never forget a gradient); AdamW has its own."""
     if isinstance(momentum, bool) or not isinstance(momentum, (int, float)) or not math.isfinite(momentum) \
             or not 0 <= momentum < 1:
         raise ValueError(f"momentum must be a number in [0, 1) (0 = plain signed steps; CLI --momentum), got {momentum!r}")
+    if momentum and enable_adam:
+        raise ValueError("momentum is SignSGD's; enable_adam tunes with AdamW, whose moments replace it (drop one)")
     return float(momentum)
 
 

@@ -39,6 +39,7 @@ def export_context(ar: "AutoRound") -> ExportContext:
         # ours only: whether fp8 weight clips were tuned too (the reference always does)
         "fp8_clip_tuning": t.fp8_clip_tuning and t.enable_minmax_tuning if t.iters else None,
         "enable_alg_ext": t.enable_alg_ext and t.iters > 0,
+        "enable_adam": t.enable_adam and t.iters > 0,
         # ours only (the reference always tunes on the plain MSE): recorded so a checkpoint says how it was made
         "massive_token_cap": t.massive_token_cap if t.iters else None,
         # RTN feeds no quantized inputs anywhere; the reference records that too

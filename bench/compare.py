@@ -76,6 +76,9 @@ for _base in ("fp8static_sr50", "fp8static_sr50_fp32", "mxfp8_sr50_fp32"):
 # --no-enable_minmax_tuning): no weight clip, no static activation clip
 for _base in ("mxfp6_sr50_fp32", "mxfp4_sr50_fp32", "mxfp8_sr50_fp32"):
     SETTINGS[f"{_base}_noclip"] = SETTINGS[_base]
+# "<setting>_adam": both sides with --enable_adam (AdamRound: AdamW steps instead of signed ones)
+for _base in ("w4_sr50", "w2g64_sr200"):
+    SETTINGS[f"{_base}_adam"] = SETTINGS[_base]
 # Ours keeps the model fp32 and autocasts the tuning matmuls to bf16 where bf16 is fast; "*_bf16" settings
 # load ours in bf16 instead (--model_dtype bf16), as the reference does with its whole model on CPU; "*_fp32"
 # pass --disable_amp to both (on a CPU without bf16 both tune in fp32 anyway). The reference's CLI ignores that
@@ -144,6 +147,8 @@ def write_calibration(work: Path, nsamples: int) -> Path:
 def cli_command(impl: str, model: Path, setting: str, calib: Path, out: Path, args) -> list[str]:
     scheme, iters, lr = SETTINGS[setting]
     setting, _, cap = setting.partition("_cap")
+    adam = setting.endswith("_adam")
+    setting = setting.removesuffix("_adam")
     noreuse = setting.endswith("_noreuse")
     setting = setting.removesuffix("_noreuse")
     compiled = setting.endswith("_compiled")
@@ -178,6 +183,8 @@ def cli_command(impl: str, model: Path, setting: str, calib: Path, out: Path, ar
         cmd.append("--enable_fp8_clip_tuning")
     if noclip:
         cmd.append("--disable_minmax_tuning" if impl == "ours" else "--no-enable_minmax_tuning")
+    if adam:
+        cmd.append("--enable_adam")  # both CLIs take the same flag
     return cmd + (["--lr", str(lr)] if lr is not None else [])
 
 

@@ -74,6 +74,10 @@ class SignRoundConfig:
     # buf = momentum * buf + grad (buf = grad at the first step); 0 = plain signed gradient steps (the default).
     # One buffer per tuned tensor, for the block being tuned: 4 bytes per weight more.
     momentum: float = 0.0
+    # The reference's AdamRound (`enable_adam`, AutoRoundAdam): torch's AdamW (its defaults: betas 0.9 / 0.999,
+    # weight decay 0.01) instead of signed steps, with the same learning rates and linear decay. Two fp32 states
+    # per tuned tensor, for the block being tuned: 8 bytes per weight more.
+    enable_adam: bool = False
 
     @property
     def resolved_lr(self) -> float:
@@ -305,6 +309,9 @@ def tune_block(
     lr0, mm_lr0 = config.resolved_lr, config.resolved_minmax_lr
     device_type, amp_dtype = torch.device(device).type, config.amp_dtype or torch.bfloat16
     token_scale = token_loss_scale(targets, loss_mask, config.massive_token_cap) if config.massive_token_cap > 0 else None
+    groups = [(ps, lr) for ps, lr in ((round_params, lr0), (minmax_params, mm_lr0)) if ps]
+    group_lrs = [lr for _, lr in groups]
+    adam = torch.optim.AdamW([{"params": ps, "lr": lr} for ps, lr in groups]) if config.enable_adam and groups else None
 
     for t in tunables.values():
         t.attach()
@@ -347,8 +354,14 @@ def tune_block(
             if config.dynamic_max_gap > 0 and it - best_iter >= config.dynamic_max_gap:
                 break
             decay = 1.0 - it / config.iters  # LinearLR(1 -> 0): factor used at step `it`
-            _signed_step(round_params, lr0 * decay, config.momentum, buffers)
-            _signed_step(minmax_params, mm_lr0 * decay, config.momentum, buffers)
+            if adam is not None:
+                for group, lr in zip(adam.param_groups, group_lrs):
+                    group["lr"] = lr * decay
+                adam.step()
+                adam.zero_grad(set_to_none=True)
+            else:
+                _signed_step(round_params, lr0 * decay, config.momentum, buffers)
+                _signed_step(minmax_params, mm_lr0 * decay, config.momentum, buffers)
     finally:
         for t in tunables.values():
             t.detach()

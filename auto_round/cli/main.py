@@ -93,6 +93,8 @@ def build_parser(prog: str = "auto-round") -> argparse.ArgumentParser:
     t.add_argument("--seed", type=int, default=42)
     t.add_argument("--momentum", type=float, default=0.0,
                    help="SignSGD momentum in [0, 1): steps follow the sign of a momentum buffer (default 0)")
+    t.add_argument("--enable_adam", action="store_true",
+                   help="AdamRound: tune with AdamW (torch defaults) instead of signed steps, same lr and decay")
     t.add_argument("--enable_deterministic_algorithms", action="store_true",
                    help="torch.use_deterministic_algorithms while quantizing: an op with no deterministic "
                         "implementation fails instead of running (CPU runs are reproducible without it)")
@@ -304,7 +306,8 @@ def main(argv: Optional[Sequence[str]] = None, recipe: str = "default", prog: st
             gradient_accumulate_steps=args.gradient_accumulate_steps,
             enable_minmax_tuning=not args.disable_minmax_tuning, fp8_clip_tuning=args.enable_fp8_clip_tuning,
             enable_quanted_input=not args.disable_quanted_input, not_use_best_mse=args.not_use_best_mse,
-            seed=args.seed, momentum=args.momentum, enable_deterministic_algorithms=args.enable_deterministic_algorithms,
+            seed=args.seed, momentum=args.momentum, enable_adam=args.enable_adam,
+            enable_deterministic_algorithms=args.enable_deterministic_algorithms,
             disable_opt_rtn=args.disable_opt_rtn, enable_alg_ext=args.enable_alg_ext,
             massive_token_cap=args.massive_token_cap, amp=args.amp, amp_dtype=args.amp_dtype,
             amp_attention=args.amp_attention, enable_torch_compile=args.enable_torch_compile,

@@ -20,6 +20,7 @@ SCHEME_KEYS = ("bits", "group_size", "sym", "data_type")
 _TUNING_DEFAULTS: dict[str, Any] = {
     "amp": True,
     "batch_size": 8,
+    "enable_adam": False,
     "enable_alg_ext": False,
     "enable_minmax_tuning": True,
     "enable_norm_bias_tuning": False,

@@ -20,7 +20,7 @@ What the walk keeps alive at its peak (compressor_walk.py `quantize_signround`, 
                     snapshots. With recompute_qdq the MX / NVFP4 / FP8 layers keep nothing; only the largest of
                     them has its graph, while its backward rebuilds it. Signed SGD keeps no optimizer moments, so
                     there is no optimizer state beyond the grad (and its sign, transient), unless momentum > 0:
-                    then one fp32 buffer per weight.
+                    then one fp32 buffer per weight (two with enable_adam: AdamW's moments).
     activations     one micro-batch forward + backward of one block: `ACT_PER_HIDDEN` tensors of [b, T, H] and
                     `ACT_PER_INTERMEDIATE` of [b, T, I] in fp32 (plus an amp-dtype copy when autocast is on), and
                     with eager attention the scores and probabilities [b, heads, T, T] (x `ACT_SCORES`).
@@ -81,7 +81,7 @@ class MemoryShape:
     block_qdq_graph_bytes: Optional[int] = None
     block_recomputable_graph_bytes: int = 0
     largest_recomputable_graph_bytes: int = 0
-    momentum_bytes_per_weight: int = 0  # SignSGD momentum buffers (4 with momentum > 0)
+    momentum_bytes_per_weight: int = 0  # optimizer state: SignSGD momentum 4 (momentum > 0), AdamW 8 (enable_adam)
 
 
 @dataclass(frozen=True)
@@ -315,6 +315,12 @@ def memory_shape(model: nn.Module, layer_schemes: Mapping[str, Any], blocks: lis
     )
 
 
+def optimizer_state_bytes(tuning: Any) -> int:
+    """Optimizer state per tuned weight: AdamW's two fp32 moments (enable_adam) 8, SignSGD's momentum buffer 4,
+    plain signed steps 0."""
+    return 8 if tuning.enable_adam else 4 if tuning.momentum else 0
+
+
 def plan_signround_memory(model: nn.Module, layer_schemes: Mapping[str, Any], blocks: list[tuple[str, nn.Module]],
                           tuning: Any, *, nsamples: int, seqlen: int, device: str, enable_quanted_input: bool,
                           memory_limit: "int | str | None" = None, auto_adjust: bool = True,
@@ -328,8 +334,7 @@ def plan_signround_memory(model: nn.Module, layer_schemes: Mapping[str, Any], bl
     """
     shape = memory_shape(model, layer_schemes, blocks, nsamples=nsamples, seqlen=seqlen,
                          enable_quanted_input=enable_quanted_input, amp=tuning.amp_dtype is not None)
-    if tuning.momentum:
-        shape = dataclasses.replace(shape, momentum_bytes_per_weight=4)
+    shape = dataclasses.replace(shape, momentum_bytes_per_weight=optimizer_state_bytes(tuning))
     limit = parse_memory(memory_limit)
     dev_free = device_free(device)
     if dev_free is not None:
