@@ -36,7 +36,7 @@ from .model.calib_batches import ids_from_batches
 from .model.layer_config import LayerConfig, resolve_layer_schemes
 from .model.scheme_recipes import expand_scheme_recipe, recipe_layer_config
 from .model.dtype_convert import PendingConversion, lazy_embedding_name
-from .model.checkpoint_skeleton import ModelFreeError
+from .model.checkpoint_config import ModelFreeError
 from .model.loading import check_finite, load_model_deferred, load_model_free, parse_dtype
 from .model.memory import freed_memory_reused, release_weight
 from .model.packed_spill import PackedSpill, spill_dir_for

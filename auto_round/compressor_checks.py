@@ -116,7 +116,7 @@ def check_model_free_args(iters: int, disable_opt_rtn: Optional[bool], num_hidde
     """model_free is plain RTN from the files: no tuning, no opt-RTN search, no AutoScheme scoring (all need
     the model's forward), and no truncated config. ModelFreeError naming the setting."""
     from .algorithms.autoscheme import AutoScheme
-    from .model.checkpoint_skeleton import ModelFreeError
+    from .model.checkpoint_config import ModelFreeError
 
     if iters != 0:
         raise ModelFreeError(f"model_free is plain RTN and runs no model: iters must be 0, got {iters} "
@@ -133,7 +133,7 @@ def check_model_free_args(iters: int, disable_opt_rtn: Optional[bool], num_hidde
 def check_model_free_layers(layer_schemes: Mapping[str, QuantScheme]) -> None:
     """After the layers are resolved: static activation ranges (calibrated by running the model) are refused."""
     from .algorithms.act_quant import needs_act_calibration
-    from .model.checkpoint_skeleton import ModelFreeError
+    from .model.checkpoint_config import ModelFreeError
 
     static = [n for n, s in layer_schemes.items() if needs_act_calibration(s)]
     if static:

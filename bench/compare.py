@@ -40,6 +40,7 @@ SETTINGS = {  # name: (scheme, iters, lr)
     "w2g64_sr200_bf16": ("W2A16G64", 200, None),
     "w2g64_sr50": ("W2A16G64", 50, None),
     "w2g64_sr50_bf16": ("W2A16G64", 50, None),
+    "w4_sr50_bf16": ("W4A16", 50, 5e-3),
     # "*_algext": the same with --enable_alg_ext on both sides (SignRoundV2: opt-RTN init scales, clip scales
     # in [0, 2], top-0.1 % outlier-masked loss); compare each with its plain setting at the same iters
     "w2g64_sr200_algext": ("W2A16G64", 200, None),

@@ -17,7 +17,8 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from auto_round import AutoRound
-from auto_round.model.checkpoint_skeleton import ModelFreeError, build_skeleton, load_config
+from auto_round.model.checkpoint_config import ModelFreeError, load_config
+from auto_round.model.checkpoint_skeleton import build_skeleton
 from auto_round.eval.lm_eval_runner import load_for_eval
 from tiny_models import random_ids, saved_tiny_model, tiny_model
 
@@ -146,7 +147,8 @@ def test_skeleton_of_names(tmp_path):
     assert isinstance(skeleton.get_input_embeddings(), torch.nn.Embedding)
     assert skeleton.get_output_embeddings() is skeleton.embed_out
     state = load_file(src / "model.safetensors")
-    assert {k: tuple(v.shape) for k, v in skeleton.state_dict().items()} == {k: tuple(v.shape) for k, v in state.items()}
+    shapes = {k: tuple(v.shape) for k, v in skeleton.state_dict().items()}
+    assert shapes == {k: tuple(v.shape) for k, v in state.items()}
 
 
 def test_tied_head_stored_twice_is_written_once(tmp_path):
@@ -215,7 +217,8 @@ def test_names_alone_find_the_token_embedding(tmp_path):
     """Without transformers' class (layout None), OPT's embed_positions must not be taken for the token
     embedding (its tied head holds the token embedding's weight), and GPT-NeoX's embed_out is its head, not an
     embedding."""
-    for arch, embedding, head in [("opt", "model.decoder.embed_tokens", "lm_head"), ("gpt_neox", "gpt_neox.embed_in", "embed_out")]:
+    cases = [("opt", "model.decoder.embed_tokens", "lm_head"), ("gpt_neox", "gpt_neox.embed_in", "embed_out")]
+    for arch, embedding, head in cases:
         src = saved_tiny_model(tmp_path / arch, arch)
         config, _ = load_config(src)
         skeleton = build_skeleton(src, config, layout=None)
@@ -345,3 +348,21 @@ def test_gguf_file_equals_the_regular_rtn_run(tmp_path, arch, scheme):
     files = sorted(regular.glob("*.gguf"))
     assert len(files) == 1 and [p.name for p in free.glob("*.gguf")] == [files[0].name]
     assert files[0].read_bytes() == (free / files[0].name).read_bytes()
+
+
+def test_fp8_block_dequantization_formula():
+    """W = fp8 * weight_scale_inv per (bm, bn) block, ragged edge blocks included; a scale grid of the wrong
+    shape is an error naming both shapes."""
+    from auto_round.model.fp8_source import dequantize_fp8_blocks
+
+    gen = torch.Generator().manual_seed(0)
+    for shape in [(256, 384), (200, 300)]:  # whole blocks, ragged blocks
+        codes = (torch.randn(shape, generator=gen) * 100).to(torch.float8_e4m3fn)
+        rows, cols = -(-shape[0] // 128), -(-shape[1] // 128)
+        scale = torch.rand(rows, cols, generator=gen) + 0.5
+        got = dequantize_fp8_blocks(codes, scale, (128, 128))
+        for r in range(shape[0]):
+            for c in (0, shape[1] // 2, shape[1] - 1):
+                assert got[r, c] == codes[r, c].float() * scale[r // 128, c // 128]  # fp32 product
+    with pytest.raises(ValueError, match=r"\(2, 3\).*expected \[2, 2\]"):
+        dequantize_fp8_blocks(codes[:, :256], torch.ones(2, 3), (128, 128))

@@ -16,17 +16,14 @@ transformers model, and the export keeps the checkpoint's own tensor names (what
 reads a module's tensors from the files when the walk reaches it, in the dtype the regular load would give
 them, so the result equals the regular RTN path's (tested byte for byte).
 
-What names cannot say, transformers' class for the config says where it has one (`known_layout`, built on the
-meta device): the tensor order of the regular export and which modules are Linear layers; Conv1D layers
+What names cannot say, transformers' class for the config says where it has one
+(`checkpoint_config.known_layout`, built on the meta device): the tensor order of the regular export and which modules are Linear layers; Conv1D layers
 (GPT-2 style, [in, out] weights) are refused. Without such a class every 2-D float `.weight` that is not an
 embedding is taken for a Linear layer.
 """
 
 from __future__ import annotations
 
-import copy
-import functools
-import json
 import logging
 from pathlib import Path
 from typing import Any, Optional
@@ -36,6 +33,7 @@ import torch
 from torch import nn
 
 from .dtype_convert import SAFETENSORS_FLOAT, converted_tensor
+from .checkpoint_config import KnownLayout, ModelFreeError, natural_key, ties_embeddings
 from .fp8_source import dequantize_fp8_blocks, fp8_pairs, logical_entries
 from .memory import evict_clean_file_pages
 from .safetensors_header import TensorEntry, checkpoint_tensors
@@ -51,10 +49,6 @@ _TOKEN_EMBEDDING_NAMES = ("embed_tokens", "wte", "word_embeddings", "embed_in", 
 _STORED_DTYPES = {**SAFETENSORS_FLOAT, "F64": torch.float64, "I64": torch.int64, "I32": torch.int32, "I16": torch.int16,
                   "I8": torch.int8, "U8": torch.uint8, "BOOL": torch.bool, "F8_E4M3": torch.float8_e4m3fn,
                   "F8_E5M2": torch.float8_e5m2}
-
-
-class ModelFreeError(ValueError):
-    """A model-free run cannot be made from this checkpoint or with these settings."""
 
 
 class CheckpointSkeleton(nn.Module):
@@ -99,61 +93,6 @@ def _child(parent: nn.Module, part: str, next_part: Optional[str]) -> nn.Module:
     child = nn.ModuleList() if next_part is not None and next_part.isdigit() else nn.Module()
     parent.add_module(part, child)
     return child
-
-
-class KnownLayout:
-    """What transformers' own class for the config says, where it has one: the state-dict order of its
-    tensors (so shards split where the regular export's do) and the kind of each module (so a 2-D weight that
-    is not a Linear layer is not taken for one). Built on the meta device: no memory, no weights."""
-
-    def __init__(self, model: nn.Module):
-        self.order = {name: i for i, name in enumerate(model.state_dict(keep_vars=True))}
-        self.kinds: dict[str, str] = {}
-        conv1d = _conv1d_type()
-        for name, module in model.named_modules():
-            self.kinds[name] = ("conv1d" if conv1d is not None and isinstance(module, conv1d) else
-                                "linear" if isinstance(module, nn.Linear) else
-                                "embedding" if isinstance(module, nn.Embedding) else "other")
-
-    def sort_key(self, name: str) -> tuple:
-        return (self.order.get(name, len(self.order)), _natural_key(name))
-
-
-def _conv1d_type() -> Optional[type]:
-    try:
-        from transformers.pytorch_utils import Conv1D
-
-        return Conv1D
-    except ImportError:
-        return None
-
-
-def known_layout(config: Any, trust_remote_code: bool = True) -> Optional[KnownLayout]:
-    """The KnownLayout of the config's transformers class on the meta device; None where transformers has no
-    class for it (the names alone decide then)."""
-    from transformers import AutoModelForCausalLM
-
-    try:
-        with torch.device("meta"):
-            model = AutoModelForCausalLM.from_config(copy.deepcopy(config), trust_remote_code=trust_remote_code)
-    except Exception as err:  # unknown model type, remote code that fails: the model-free case it is for
-        logger.info("model_free: no transformers class for this config (%s); layers from the names alone",
-                    str(err).splitlines()[0][:160] if str(err) else type(err).__name__)
-        return None
-    return KnownLayout(model)
-
-
-def warn_unknown_to_transformers(root: nn.Module, layout: KnownLayout) -> list[str]:
-    """Warn about the Linear layers of the checkpoint that transformers' class holds under no such name (MoE
-    experts it fuses into 3-D parameters, tensors it renames): quantized under the checkpoint's names they are
-    what vLLM reads, but transformers cannot load them. Returns their names."""
-    unknown = [n for n, m in root.named_modules() if isinstance(m, nn.Linear) and n not in layout.kinds]
-    if unknown:
-        logger.warning("model_free: %d Linear layers of the checkpoint are not modules of transformers' class for "
-                       "this model (e.g. %s: experts it fuses, or names it changes); they are quantized under the "
-                       "checkpoint's names, which vLLM reads, but transformers cannot load such an export",
-                       len(unknown), ", ".join(unknown[:3]))
-    return unknown
 
 
 def _leaf(entries: dict[str, TensorEntry], name: str, kind: Optional[str] = None, moe: bool = False) -> nn.Module:
@@ -201,7 +140,7 @@ def build_skeleton(folder: "str | Path", config: Any, generation_config: Any = N
     modules: dict[str, nn.Module] = {"": root}
     kinds = layout.kinds if layout is not None else {}
     moe = any(".experts." in name for name in entries)
-    for full_name in sorted(entries, key=layout.sort_key if layout is not None else _natural_key):
+    for full_name in sorted(entries, key=layout.sort_key if layout is not None else natural_key):
         module_name, _, tensor_name = full_name.rpartition(".")
         parent = _module_at(root, modules, module_name, entries, kinds, moe)
         if tensor_name in parent._parameters and parent._parameters[tensor_name] is not None:
@@ -252,22 +191,17 @@ def _module_at(root: nn.Module, modules: dict[str, nn.Module], name: str, entrie
     return parent
 
 
-def _natural_key(name: str) -> list:
-    """Sort key that puts layers.2 before layers.10 (module order = execution order of the blocks)."""
-    return [(0, int(p), "") if p.isdigit() else (1, 0, p) for p in name.split(".")]
-
-
 def _tie_head(root: CheckpointSkeleton, config: Any) -> None:
     """A config that ties lm_head to the token embedding: the skeleton's head is a Linear holding the embedding's
     own weight, as transformers builds it (checkpoints usually do not store it; one that does has it replaced),
     so the GGUF plan sees the tie and an export writes the embedding only."""
     embedding = root.get_input_embeddings()
-    if embedding is None or not _ties_embeddings(config):
+    if embedding is None or not ties_embeddings(config):
         return
     head = root.get_output_embeddings()
     if head is not None and tuple(head.weight.shape) != tuple(embedding.weight.shape):
         return
-    name = next((n for n in _HEAD_NAMES if getattr(root, n, None) is head), "lm_head") if head is not None else "lm_head"
+    name = next((n for n in _HEAD_NAMES if head is not None and getattr(root, n, None) is head), "lm_head")
     if head is not None:
         logger.info("model_free: %s.weight is stored but tied to the embedding by the config; it is not written", name)
     vocab, hidden = embedding.weight.shape
@@ -324,8 +258,8 @@ class PendingLoad:
                 raise ModelFreeError(f"{name}: {err}") from err
         if tensor.is_floating_point():
             if not all_finite(tensor):
-                raise ModelFreeError(f"the checkpoint's tensor {name} holds NaN or Inf values; quantizing it would give "
-                                     "a broken checkpoint: fix or re-download the model")
+                raise ModelFreeError(f"the checkpoint's tensor {name} holds NaN or Inf values; quantizing it would "
+                                     "give a broken checkpoint: fix or re-download the model")
             if self.wanted is not None and tensor.dtype != self.wanted:
                 tensor = converted_tensor(tensor, self.wanted)  # slice by slice, the file pages handed back
             else:
@@ -347,68 +281,3 @@ class PendingLoad:
                 module._parameters[attr] = new
             loaded += 1
         return loaded
-
-
-def _ties_embeddings(config: Any) -> bool:
-    """Whether the config ties lm_head to the embedding; for a config transformers does not know, only an
-    explicit `tie_word_embeddings: true` counts (PretrainedConfig's default True is no model's word)."""
-    if isinstance(config, raw_config_class()):
-        return any(bool(d.get("tie_word_embeddings", False)) for d in (config.raw, config.raw.get("text_config") or {}))
-    text = config.get_text_config() if hasattr(config, "get_text_config") else config
-    return bool(getattr(text, "tie_word_embeddings", False))
-
-
-@functools.cache
-def raw_config_class() -> type:
-    """RawConfig, made on first use (transformers is imported only by the loaders)."""
-    from transformers import PretrainedConfig
-
-    class RawConfig(PretrainedConfig):
-        """config.json of a model type transformers does not know, written back as it was read, with what an
-        export sets (quantization_config, dtype): a round trip through PretrainedConfig would drop its
-        model_type and the keys equal to PretrainedConfig's defaults, which need not be the model's."""
-
-        def __init__(self, raw: Optional[dict] = None, **kwargs):
-            raw = dict(raw or kwargs)
-            super().__init__(**{k: v for k, v in raw.items() if k not in ("model_type",)})
-            self.raw = raw
-
-        def to_dict(self) -> dict:
-            out = copy.deepcopy(self.raw)
-            qconfig = getattr(self, "quantization_config", None)
-            if qconfig is not None:
-                out["quantization_config"] = qconfig.to_dict() if hasattr(qconfig, "to_dict") else qconfig
-            else:
-                out.pop("quantization_config", None)
-            dtype = getattr(self, "dtype", None)
-            if dtype is not None:
-                name = str(dtype).replace("torch.", "")
-                out["dtype"] = name
-                if "torch_dtype" in out:
-                    out["torch_dtype"] = name
-            return out
-
-        def to_diff_dict(self) -> dict:
-            return self.to_dict()
-
-    return RawConfig
-
-
-
-
-def load_config(folder: "str | Path", trust_remote_code: bool = True) -> tuple[Any, Any]:
-    """(config, generation_config) of a checkpoint folder: transformers' classes where it knows the model type
-    (their defaults fill what config.json leaves out), else a plain PretrainedConfig of the file's values."""
-    from transformers import AutoConfig, GenerationConfig
-
-    folder = Path(folder)
-    try:
-        config = AutoConfig.from_pretrained(folder, trust_remote_code=trust_remote_code)
-    except (ValueError, KeyError, OSError, ImportError) as err:
-        logger.warning("model_free: transformers does not know this config (%s); using config.json as it is",
-                       str(err).splitlines()[0][:160])
-        config = raw_config_class()(json.loads((folder / "config.json").read_text()))
-    generation = None
-    if (folder / "generation_config.json").is_file():
-        generation = GenerationConfig.from_pretrained(folder)
-    return config, generation

@@ -55,8 +55,8 @@ def dequantize_fp8_blocks(weight: torch.Tensor, scale_inv: torch.Tensor, block: 
     bm, bn = block
     rows, cols = -(-out_f // bm), -(-in_f // bn)
     if tuple(scale_inv.shape) != (rows, cols):
-        raise ValueError(f"weight_scale_inv of shape {tuple(scale_inv.shape)} does not match a [{out_f}, {in_f}] weight "
-                         f"in blocks of {bm}x{bn} (expected [{rows}, {cols}])")
+        raise ValueError(f"weight_scale_inv of shape {tuple(scale_inv.shape)} does not match a [{out_f}, {in_f}] "
+                         f"weight in blocks of {bm}x{bn} (expected [{rows}, {cols}])")
     if out_f % bm == 0 and in_f % bn == 0:  # block views: no full-size scale tensor
         blocks = weight.float().view(rows, bm, cols, bn)
         return blocks.mul_(scale_inv.float().view(rows, 1, cols, 1)).view(out_f, in_f)

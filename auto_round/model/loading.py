@@ -129,8 +129,8 @@ def load_model_free(
     from transformers import AutoTokenizer
 
     from .fp8_source import fp8_block_size
-    from .checkpoint_skeleton import (ModelFreeError, PendingLoad, build_skeleton, known_layout, load_config,
-                                      warn_unknown_to_transformers)
+    from .checkpoint_config import ModelFreeError, known_layout, load_config, warn_unknown_to_transformers
+    from .checkpoint_skeleton import PendingLoad, build_skeleton
     from .source_dtypes import read_source_dtypes
 
     path = Path(name_or_path).expanduser()

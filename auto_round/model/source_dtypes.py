@@ -38,7 +38,8 @@ class SourceDtypes:
     def of(self, name: str) -> torch.dtype:
         return self.per_tensor.get(name, self.config_dtype)
 
-    def cast(self, state: dict[str, torch.Tensor], skip: "set[str] | frozenset[str]" = frozenset()) -> dict[str, torch.Tensor]:
+    def cast(self, state: dict[str, torch.Tensor],
+             skip: "set[str] | frozenset[str]" = frozenset()) -> dict[str, torch.Tensor]:
         """`state` with every floating tensor not in `skip` in its stored dtype (a new dict; tensors already in
         it are the same objects)."""
         return {k: (v.to(self.of(k)) if k not in skip and v.is_floating_point() and v.dtype != self.of(k) else v)
