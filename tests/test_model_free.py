@@ -366,3 +366,13 @@ def test_fp8_block_dequantization_formula():
                 assert got[r, c] == codes[r, c].float() * scale[r // 128, c // 128]  # fp32 product
     with pytest.raises(ValueError, match=r"\(2, 3\).*expected \[2, 2\]"):
         dequantize_fp8_blocks(codes[:, :256], torch.ones(2, 3), (128, 128))
+
+
+def test_a_list_with_a_named_entry_is_refused(tmp_path):
+    src = saved_tiny_model(tmp_path / "src", "llama")
+    state = load_file(src / "model.safetensors")
+    state["model.layers.extra.weight"] = torch.ones(4)
+    save_file(state, str(src / "model.safetensors"), metadata={"format": "pt"})
+    config, _ = load_config(src)
+    with pytest.raises(ModelFreeError, match="model.layers.extra mixes numbered and named entries"):
+        build_skeleton(src, config)

@@ -176,6 +176,9 @@ def _module_at(root: nn.Module, modules: dict[str, nn.Module], name: str, entrie
         if prefix in modules:
             parent = modules[prefix]
             continue
+        if isinstance(parent, nn.ModuleList) and not part.isdigit():
+            raise ModelFreeError(f"model_free: {prefix} mixes numbered and named entries under "
+                                 f"{prefix.rpartition('.')[0]}; this checkpoint's layout cannot be read from its names")
         if i == len(parts) - 1:
             leaf = _leaf(entries, prefix, kinds.get(prefix), moe)
             if isinstance(parent, nn.ModuleList):
