@@ -10,6 +10,7 @@ from typing import Any, Callable, Optional
 import torch
 
 from ..algorithms.tunable import LayerQuantResult
+from ..model.source_dtypes import SourceDtypes
 from .context import ExportContext
 from .writer import ExportError, save_generation_config, save_tokenizer, tied_parameter_names, write_safetensors
 
@@ -61,13 +62,8 @@ def quantized_state_dict(ctx: ExportContext, pack: PackFn, float_dtype: Optional
         tensors = tensors if tensors is not None else pack(name, result)
         state.update(tensors)
         packed_keys.update(tensors)
-    if float_dtype is not None:
-        for key, tensor in state.items():
-            if key not in packed_keys and tensor.is_floating_point():
-                state[key] = tensor.to(float_dtype)
-    elif ctx.source_dtypes is not None:
-        state = ctx.source_dtypes.cast(state, skip=packed_keys)
-    return state
+    dtypes = SourceDtypes(float_dtype) if float_dtype is not None else ctx.source_dtypes
+    return dtypes.cast(state, skip=packed_keys) if dtypes is not None else state
 
 
 def write_checkpoint(ctx: ExportContext, directory: Path, state: dict[str, torch.Tensor], qconfig: dict[str, Any],

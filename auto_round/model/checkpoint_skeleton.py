@@ -79,14 +79,19 @@ def _numbered(name: str) -> bool:
     return any(part.isdigit() for part in name.split("."))
 
 
+def _slot(parent: nn.ModuleList, index: int) -> nn.Module:
+    """parent[index], the list grown with placeholder modules up to it (indices may arrive in any order)."""
+    while len(parent) <= index:
+        parent.append(nn.Module())
+    return parent[index]
+
+
 def _child(parent: nn.Module, part: str, next_part: Optional[str]) -> nn.Module:
     """parent's child `part`, created as a ModuleList when the name goes on with an index, else a Module."""
     if part in parent._modules:
         return parent._modules[part]
     if isinstance(parent, nn.ModuleList):
-        while len(parent) <= int(part):  # indices in any order: the gaps are filled as the names arrive
-            parent.append(nn.Module())
-        child = parent[int(part)]
+        child = _slot(parent, int(part))
         if next_part is not None and next_part.isdigit() and not isinstance(child, nn.ModuleList):
             parent[int(part)] = child = nn.ModuleList()
         return child
@@ -182,8 +187,7 @@ def _module_at(root: nn.Module, modules: dict[str, nn.Module], name: str, entrie
         if i == len(parts) - 1:
             leaf = _leaf(entries, prefix, kinds.get(prefix), moe)
             if isinstance(parent, nn.ModuleList):
-                while len(parent) <= int(part):
-                    parent.append(nn.Module())
+                _slot(parent, int(part))
                 parent[int(part)] = leaf
             else:
                 parent.add_module(part, leaf)
